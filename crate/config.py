@@ -1,0 +1,192 @@
+"""One way to configure everything: nested dataclasses, loaded from YAML, overridden from the command line,
+validated at load time.
+
+    cfg = load_config(PretrainConfig, "crate-2l-pile", ["train.max_steps=100", "model.ista_sparsity=0.05"])
+
+- A source is a YAML path or the name of a recipe shipped in `crate/recipes/` (`crate-2l-pile` ->
+  `crate/recipes/crate-2l-pile.yaml`). A YAML file may start from another with `base: <source>`.
+- Overrides are `dotted.key=value`; values are parsed as YAML scalars/lists (`1e-4`, `true`, `[a, b]`).
+- Unknown keys, wrong types and invalid values raise `ConfigError` naming the dotted field, before any work.
+- A dataclass may define `defaults_for(raw) -> dict` (e.g. ModelConfig's `preset`) and `__post_init__`
+  validation raising `ConfigError(field, message)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from crate.errors import ConfigError
+
+T = TypeVar("T")
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def load_config(cls: type[T], source: str | Path | Mapping[str, Any] | None = None,
+                overrides: Sequence[str] = ()) -> T:
+    """Build a validated `cls` from a YAML path, a recipe name or a dict, then dotted `key=value` overrides."""
+    raw = read_source(source) if not isinstance(source, Mapping) else dict(source)
+    for override in overrides:
+        raw = merge(raw, parse_override(override))
+    return from_dict(cls, raw)
+
+
+def read_source(source: str | Path | None) -> dict[str, Any]:
+    if source is None:
+        return {}
+    path = Path(source)
+    if not path.is_file():
+        recipe = RECIPES_DIR / f"{source}.yaml"
+        if not recipe.is_file():
+            raise ConfigError("config", f"{source!r} is neither a YAML file nor a recipe (recipes: {', '.join(list_recipes())})")
+        path = recipe
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError("config", f"{path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a mapping at the top level")
+    base = data.pop("base", None)
+    if base is not None:
+        base_path = path.parent / base if (path.parent / str(base)).is_file() else base
+        data = merge(read_source(base_path), data)
+    return data
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(text, "an override must look like dotted.key=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = parsed
+    return nested
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings merge key by key, anything else in `update` replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
+    """Strictly build dataclass `cls` from `data`; errors carry the dotted path of the field."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(path or cls.__name__, f"expected a mapping of {cls.__name__} fields, got {data!r}")
+    defaults_for = getattr(cls, "defaults_for", None)
+    if defaults_for is not None:
+        try:
+            data = merge(defaults_for(data), data)
+        except ConfigError as error:
+            raise error.under(path) from None
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(_join(path, unknown[0]), f"unknown field; {cls.__name__} has: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: coerce(value, hints[name], _join(path, name)) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        raise error.under(path) from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """{"train.lr": 6e-4, ...}: the resolved config as flat dotted keys (for tracking params)."""
+    data = to_dict(config) if dataclasses.is_dataclass(config) else config
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, _join(prefix, key)))
+        else:
+            flat[_join(prefix, key)] = value
+    return flat
+
+
+def dump_yaml(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def coerce(value: Any, type_: Any, path: str) -> Any:
+    """Check/convert one YAML value against a type annotation."""
+    origin, args = get_origin(type_), get_args(type_)
+    if type_ is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, option, path)
+            except ConfigError as error:
+                errors.append(error.message)
+        raise ConfigError(path, "; ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(path, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(type_):
+        return from_dict(type_, value if value is not None else {}, path)
+    if origin in (list, tuple, Sequence) or type_ in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            value = [value]
+        item = args[0] if args else Any
+        items = [coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple or type_ is tuple else items
+    if origin in (dict, Mapping) or type_ is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(path, f"expected a mapping, got {value!r}")
+        item = args[1] if len(args) == 2 else Any
+        return {str(k): coerce(v, item, f"{path}.{k}") for k, v in value.items()}
+    if type_ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true/false, got {value!r}")
+        return value
+    if type_ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(path, f"expected an integer, got {value!r}")
+        return value
+    if type_ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {value!r}")
+        return float(value)
+    if type_ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(path, f"expected a string, got {value!r}")
+        return str(value)
+    if isinstance(type_, type) and not isinstance(value, type_):
+        raise ConfigError(path, f"expected {type_.__name__}, got {value!r}")
+    return value
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key

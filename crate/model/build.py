@@ -1,0 +1,18 @@
+"""Model construction by preset name or config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from crate.model.config import ModelConfig, model_config
+from crate.model.crate import CRATE
+from crate.model.gpt import GPT
+from crate.model.lm import LanguageModel
+
+ARCHITECTURES: dict[str, type[LanguageModel]] = {"crate": CRATE, "gpt": GPT}
+
+
+def build_model(name: str | ModelConfig | None = None, **overrides: Any) -> LanguageModel:
+    """A freshly initialised model from a preset name (or a ModelConfig), with config fields as keyword overrides."""
+    config = model_config(name, **overrides)
+    return ARCHITECTURES[config.arch](config)

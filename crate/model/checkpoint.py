@@ -1,0 +1,104 @@
+"""Plain single-file checkpoints (config + fp32 weights), and the adapter for the paper's released layout.
+
+Our parameter names are nanoGPT's, which the paper's code also uses, so the adapter only has to undo what
+differs: CRATE's `prenorm_1/2` LayerNorm names, wrapper prefixes (`_orig_mod.` from torch.compile, `module.`
+from DDP) and the causal-mask buffers of the non-flash attention path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from crate.model.build import build_model
+from crate.model.config import ModelConfig
+from crate.model.lm import LanguageModel
+
+FORMAT = "crate-lm-checkpoint"
+VERSION = 1
+
+# The released small models are d=128 with 4 heads, the 6/12-layer ones d=768 with 12 (paper's model table).
+_RELEASED_HEADS_BY_WIDTH = {128: 4, 768: 12}
+
+
+def save_model(model: LanguageModel, path: str | os.PathLike, **metadata: Any) -> Path:
+    """Write config + fp32 state dict (+ metadata such as step or MLflow run id) atomically to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
+    payload = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(model.config), "model": state,
+               "metadata": metadata}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint under the final name
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw payload of a checkpoint file (ours or the released nanoGPT-style dict)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_model(path: str | os.PathLike, **overrides: Any) -> LanguageModel:
+    """A model from one of our checkpoint files, or from a file in the paper's released layout."""
+    payload = read_checkpoint(path)
+    if payload.get("format") != FORMAT:
+        return load_released(payload, **overrides)
+    model = build_model(ModelConfig(**payload["config"]), **overrides)
+    model.load_state_dict(payload["model"])
+    model.checkpoint_metadata = payload.get("metadata", {})
+    return model
+
+
+def load_released(source: str | os.PathLike | Mapping[str, Any], n_head: int | None = None, **overrides: Any) -> LanguageModel:
+    """A model from the paper's released code layout: a nanoGPT checkpoint dict (`model`, `model_args`) or a
+    bare state dict. The config is read from `model_args` where present, else inferred from tensor shapes."""
+    payload = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    state = payload["model"] if "model" in payload and isinstance(payload["model"], Mapping) else payload
+    model_args = payload.get("model_args", {}) if state is not payload else {}
+    state = _rename_released_keys(state)
+    config = _infer_config(state, n_head or model_args.get("n_head"), overrides)
+    model = build_model(config)
+    model.load_state_dict(state)
+    return model
+
+
+def _rename_released_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed = {}
+    for key, value in state.items():
+        key = re.sub(r"^(_orig_mod\.|module\.)+", "", key)
+        key = key.replace(".prenorm_1.", ".ln_1.").replace(".prenorm_2.", ".ln_2.")
+        if re.search(r"\.attn\.bias$", key):  # causal mask buffer of the non-flash path
+            continue
+        renamed[key] = value
+    if "lm_head.weight" not in renamed and "transformer.wte.weight" in renamed:
+        renamed["lm_head.weight"] = renamed["transformer.wte.weight"]
+    return renamed
+
+
+def _infer_config(state: Mapping[str, torch.Tensor], n_head: int | None, overrides: dict[str, Any]) -> ModelConfig:
+    try:
+        vocab_size, n_embd = state["transformer.wte.weight"].shape
+        block_size = state["transformer.wpe.weight"].shape[0]
+    except KeyError as missing:
+        raise ValueError(f"not a CRATE/GPT state dict in the released layout: {missing} is missing") from None
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+    arch = "crate" if "transformer.h.0.ista.weight" in state else "gpt"
+    if n_head is None:
+        n_head = _RELEASED_HEADS_BY_WIDTH.get(n_embd)
+        if n_head is None:
+            raise ValueError(f"cannot infer the number of heads for width {n_embd}: pass n_head=")
+    fields: dict[str, Any] = dict(arch=arch, n_layer=len(layers), n_head=n_head, n_embd=n_embd,
+                                  block_size=block_size, vocab_size=vocab_size)
+    if arch == "crate":
+        fields["ista_overcomplete"] = state["transformer.h.0.ista.weight"].shape[0] // n_embd
+    else:
+        fields["bias"] = "transformer.h.0.ln_1.bias" in state
+    return ModelConfig(**{**fields, **overrides})
