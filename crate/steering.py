@@ -1,0 +1,303 @@
+"""Neuron steering: clamp neurons at every position and watch the next-token distribution move.
+
+The paper's neuron editing (§4.4, its code's `enhanced_feature_id`): on the prompt "1 2 3 4 5", setting one
+ISTA neuron of CRATE-1L to a large value makes e.g. "-itely", "-ically" the most-increased next tokens. The
+same intervention on a GPT baseline clamps an MLP hidden unit. `model.steer` does the clamping; this module
+measures what it does:
+
+    effect = steering_effect(model, tokenizer, "1 2 3 4 5", layer=0, neurons=[2], value=10.0)
+    print(format_effect(effect))
+
+and `run_steering(config)` is the job: pick neurons (by hand, or the best-explained ones of an
+interpretability results table), sweep the clamp value, print, write `steering.json` + `steering.csv` and a
+sweep plot, and log them to MLflow.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from crate.errors import ConfigError
+from crate.tracking import Tracker, TrackingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SteerConfig:
+    checkpoint: str = ""  # a model checkpoint (`save_model` file or the paper's released layout)
+    layer: int | None = None  # required for hand-picked neurons; restricts --top-explained when set
+    neurons: list[int] = field(default_factory=list)  # clamped together
+    value: float | None = None  # the clamp value; the paper's magnitudes are not published
+    sweep: list[float] = field(default_factory=list)  # several clamp values, one effect each (overrides value)
+    prompt: str = "1 2 3 4 5"  # the paper's steering prompt
+    top_tokens: int = 10  # most-increased and most-decreased next tokens to report
+    new_tokens: int = 20  # greedy continuation length, with and without the clamp
+    top_explained: int = 0  # steer each of the K best-scored neurons of `results` instead of `neurons`
+    results: str | None = None  # an interpretability results table (parquet)
+    metric: str | None = None  # which metric ranks neurons for top_explained (default: the table's first)
+    output_dir: str = "steering"
+    device: str = "auto"  # auto: cuda when available
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("checkpoint", "a model checkpoint is required (--checkpoint PATH)")
+        if self.value is None and not self.sweep:
+            raise ConfigError("value", "give a clamp value (--value V) or several (--sweep V1,V2,...)")
+        if self.top_explained < 0:
+            raise ConfigError("top_explained", f"must be >= 0, got {self.top_explained}")
+        if self.top_explained and not self.results:
+            raise ConfigError("results", "--top-explained needs an interpretability results table (--results PATH)")
+        if self.top_explained and self.neurons:
+            raise ConfigError("neurons", "give either neurons or --top-explained, not both")
+        if not self.top_explained and not self.neurons:
+            raise ConfigError("neurons", "name the neurons to steer (--neuron I) or use --top-explained K")
+        if self.neurons and self.layer is None:
+            raise ConfigError("layer", "hand-picked neurons need their layer (--layer L)")
+        if self.top_tokens < 1 or self.new_tokens < 0:
+            raise ConfigError("top_tokens", "top_tokens must be >= 1 and new_tokens >= 0")
+
+    @property
+    def values(self) -> list[float]:
+        return list(self.sweep) if self.sweep else [float(self.value)]
+
+
+@dataclass
+class TokenShift:
+    """One token's next-token probability without and with the intervention."""
+
+    token: str
+    token_id: int
+    before: float
+    after: float
+
+    @property
+    def delta(self) -> float:
+        return self.after - self.before
+
+
+@dataclass
+class SteeringEffect:
+    layer: int
+    neurons: list[int]
+    value: float
+    prompt: str
+    increased: list[TokenShift]  # largest probability gains first
+    decreased: list[TokenShift]  # largest probability losses first
+    sweep_tokens: list[TokenShift]  # the tokens the sweep's strongest clamp raises most, at this clamp value
+    kl_divergence: float  # KL(steered ‖ original) of the next-token distribution, in nats
+    generation: str  # greedy continuation without the intervention
+    steered_generation: str  # ... and with it
+    explanation: str | None = None  # the neuron's explanation, when it was picked from a results table
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        for side in ("increased", "decreased", "sweep_tokens"):
+            for shift, row in zip(getattr(self, side), data[side]):
+                row["delta"] = shift.delta
+        return data
+
+
+@torch.no_grad()
+def next_token_probs(model, idx: torch.Tensor, n_vocab: int) -> torch.Tensor:
+    """(1, T) -> the last position's next-token distribution over the tokenizer's `n_vocab` real tokens."""
+    hidden = model.hidden_states(idx)[:, -1]
+    logits = model.lm_head(model.transformer.ln_f(hidden))[0, :n_vocab]  # drop the vocabulary padding
+    return F.softmax(logits.float(), dim=-1)
+
+
+def steering_effects(model, tokenizer, prompt: str, layer: int, neurons: Sequence[int], values: Sequence[float],
+                     top_tokens: int = 10, new_tokens: int = 20) -> list[SteeringEffect]:
+    """One effect per clamp value; the unsteered distribution and generation are computed once."""
+    model.eval()
+    device = next(model.parameters()).device
+    idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
+    if idx.numel() == 0:
+        raise ValueError("the prompt is empty")
+    base = next_token_probs(model, idx, tokenizer.n_vocab)
+    generation = _greedy(model, tokenizer, idx, new_tokens)
+    runs = []
+    for value in values:
+        with model.steer(layer, list(neurons), value):
+            runs.append((float(value), next_token_probs(model, idx, tokenizer.n_vocab),
+                         _greedy(model, tokenizer, idx, new_tokens)))
+    strongest = max(runs, key=lambda run: abs(run[0]))[1]
+    sweep_ids = torch.topk(strongest - base, top_tokens).indices.tolist()
+    return [SteeringEffect(
+        layer=layer, neurons=list(neurons), value=value, prompt=prompt,
+        increased=_shifts(tokenizer, base, steered, torch.topk(steered - base, top_tokens).indices.tolist()),
+        decreased=_shifts(tokenizer, base, steered, torch.topk(base - steered, top_tokens).indices.tolist()),
+        sweep_tokens=_shifts(tokenizer, base, steered, sweep_ids),
+        kl_divergence=float(torch.sum(steered * (torch.log(steered + 1e-30) - torch.log(base + 1e-30)))),
+        generation=generation, steered_generation=steered_generation)
+        for value, steered, steered_generation in runs]
+
+
+def steering_effect(model, tokenizer, prompt: str, layer: int, neurons: int | Sequence[int], value: float,
+                    top_tokens: int = 10, new_tokens: int = 20) -> SteeringEffect:
+    neurons = [neurons] if isinstance(neurons, int) else list(neurons)
+    return steering_effects(model, tokenizer, prompt, layer, neurons, [value], top_tokens, new_tokens)[0]
+
+
+def _shifts(tokenizer, base: torch.Tensor, steered: torch.Tensor, token_ids: list[int]) -> list[TokenShift]:
+    return [TokenShift(tokenizer.decode([t]), t, float(base[t]), float(steered[t])) for t in token_ids]
+
+
+def _greedy(model, tokenizer, idx: torch.Tensor, new_tokens: int) -> str:
+    if new_tokens == 0:
+        return ""
+    out = model.generate(idx, new_tokens, temperature=0)
+    return tokenizer.decode(out[0, idx.shape[1]:].tolist())
+
+
+def format_effect(effect: SteeringEffect) -> str:
+    """The paper's steering figure as text: token shifts side by side, then both generations."""
+    who = f"layer {effect.layer} neuron{'s' if len(effect.neurons) > 1 else ''} {','.join(map(str, effect.neurons))}"
+    lines = [f"{who} := {effect.value:g}   on {effect.prompt!r}   KL(steered‖original) = {effect.kl_divergence:.3f} nats"]
+    if effect.explanation:
+        lines.append(f"  explanation: {effect.explanation}")
+    lines.append(f"  {'most increased':<38}{'most decreased'}")
+    for up, down in zip(effect.increased, effect.decreased):
+        lines.append(f"  {_format_shift(up):<38}{_format_shift(down)}")
+    lines.append(f"  original: {effect.prompt}▏{effect.generation!r}")
+    lines.append(f"  steered:  {effect.prompt}▏{effect.steered_generation!r}")
+    return "\n".join(lines)
+
+
+def _format_shift(shift: TokenShift) -> str:
+    return f"{shift.token!r:<16} {shift.before:6.1%} → {shift.after:6.1%}"
+
+
+# --------------------------------------------------------------------------------------------------
+def run_steering(config: SteerConfig) -> list[SteeringEffect]:
+    """The steering job: every chosen neuron at every clamp value; printed, written, logged to MLflow."""
+    from crate.model import load_model
+    from crate.tokenizer import gpt2_tokenizer
+
+    targets = _chosen_neurons(config)  # reads the results table before the model loads
+    model = load_model(config.checkpoint).to(_device(config.device))
+    tokenizer = gpt2_tokenizer()
+    tracker = Tracker.start(config.tracking, run_name=config.tracking.run_name or f"steer-{Path(config.checkpoint).stem}",
+                            params=_params(config, model), tags=_tags(model))
+    effects: list[SteeringEffect] = []
+    try:
+        for layer, neurons, explanation in targets:
+            batch = steering_effects(model, tokenizer, config.prompt, layer, neurons, config.values,
+                                     config.top_tokens, config.new_tokens)
+            for effect in batch:
+                effect.explanation = explanation
+                print(format_effect(effect), end="\n\n", flush=True)
+            effects.extend(batch)
+        written = write_effects(effects, config.output_dir)
+        if len(config.values) > 1:
+            written.extend(plot_sweeps(effects, config.output_dir))
+        for path in written:
+            tracker.log_artifact(path, "steering")
+        tracker.log_metrics({"steering/max_kl": max(e.kl_divergence for e in effects)}, step=0)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()
+    log.info("steering results in %s", config.output_dir)
+    return effects
+
+
+def _chosen_neurons(config: SteerConfig) -> list[tuple[int, list[int], str | None]]:
+    if not config.top_explained:
+        return [(config.layer, list(config.neurons), None)]
+    from crate.results.tables import top_explained
+
+    best = top_explained(config.results, config.top_explained, metric=config.metric, layer=config.layer)
+    return [(row.layer, [row.neuron], row.explanation) for row in best]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _params(config: SteerConfig, model) -> dict:
+    from crate.config import flatten
+
+    params = {k: v for k, v in flatten(config).items() if not k.startswith("tracking.")}
+    params.update({f"model.{k}": v for k, v in dataclasses.asdict(model.config).items()})
+    return params
+
+
+def _tags(model) -> dict[str, str]:
+    metadata = getattr(model, "checkpoint_metadata", {}) or {}
+    tags = {"crate.job": "steer", "crate.arch": model.config.arch}
+    if metadata.get("mlflow_run_id"):
+        tags["crate.model_run_id"] = str(metadata["mlflow_run_id"])
+    return tags
+
+
+def write_effects(effects: Sequence[SteeringEffect], output_dir: str | os.PathLike) -> list[Path]:
+    """`steering.json` (everything, what the neuron viewer reads) and `steering.csv` (one row per token shift)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = out / "steering.json", out / "steering.csv"
+    _atomic_write(json_path, json.dumps([e.to_dict() for e in effects], indent=1, ensure_ascii=False))
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["layer", "neurons", "value", "direction", "rank", "token", "token_id", "p_before",
+                         "p_after", "delta", "kl_divergence"])
+        for e in effects:
+            for direction in ("increased", "decreased"):
+                for rank, s in enumerate(getattr(e, direction)):
+                    writer.writerow([e.layer, " ".join(map(str, e.neurons)), e.value, direction, rank, s.token,
+                                     s.token_id, f"{s.before:.6g}", f"{s.after:.6g}", f"{s.delta:.6g}",
+                                     f"{e.kl_divergence:.6g}"])
+    os.replace(tmp, csv_path)
+    return [json_path, csv_path]
+
+
+def plot_sweeps(effects: Sequence[SteeringEffect], output_dir: str | os.PathLike, n_tokens: int = 5) -> list[Path]:
+    """Per steered neuron set: the probabilities of the tokens the largest clamp raises most, and the KL,
+    against the clamp value — how the effect grows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[int, tuple[int, ...]], list[SteeringEffect]] = {}
+    for effect in effects:
+        groups.setdefault((effect.layer, tuple(effect.neurons)), []).append(effect)
+    paths = []
+    for (layer, neurons), sweep in groups.items():
+        sweep = sorted(sweep, key=lambda e: e.value)
+        fig, (ax_p, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.8))
+        values = [e.value for e in sweep]
+        for rank, token in enumerate(sweep[0].sweep_tokens[:n_tokens]):
+            ax_p.plot(values, [e.sweep_tokens[rank].after for e in sweep], marker="o", label=repr(token.token))
+        ax_p.set(xlabel="clamp value", ylabel="next-token probability", title="tokens the clamp raises most")
+        ax_p.legend(fontsize=8)
+        ax_kl.plot(values, [e.kl_divergence for e in sweep], marker="o", color="black")
+        ax_kl.set(xlabel="clamp value", ylabel="KL(steered ‖ original) [nats]", title="size of the effect")
+        name = "-".join(map(str, neurons))
+        fig.suptitle(f"layer {layer}, neuron {name}, prompt {sweep[0].prompt!r}")
+        fig.tight_layout()
+        path = Path(output_dir) / f"sweep-layer{layer}-neuron{name}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

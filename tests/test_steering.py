@@ -1,0 +1,103 @@
+"""Steering moves the next-token distribution the way a neuron's output weights say it must."""
+
+import json
+
+import pytest
+import torch
+
+from crate.errors import ConfigError
+from crate.config import load_config
+from crate.model import build_model, save_model
+from crate.steering import (SteerConfig, format_effect, next_token_probs, run_steering, steering_effect,
+                            steering_effects)
+from crate.tokenizer import gpt2_tokenizer
+
+PROMPT = "1 2 3 4 5"
+NEURON = 7
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return gpt2_tokenizer()
+
+
+def wired_model(arch: str, token_id: int) -> torch.nn.Module:
+    """A tiny model whose neuron NEURON of the last layer writes token `token_id`'s embedding direction:
+    GPT through its MLP output column, CRATE through its dictionary atom (D's column = Dᵀ's row). The token's
+    (tied) embedding gets norm 5 so that a residual stream along it makes the token likely (logit ≈ 5·√d)."""
+    torch.manual_seed(0)
+    model = build_model(f"{arch}-tiny").eval()
+    last = model.transformer.h[-1]
+    with torch.no_grad():
+        direction = model.transformer.wte.weight[token_id] / model.transformer.wte.weight[token_id].norm()
+        model.transformer.wte.weight[token_id] = 5 * direction
+        if arch == "gpt":
+            last.mlp.c_proj.weight[:, NEURON] = direction
+        else:
+            last.ista.weight[NEURON] = direction
+    return model
+
+
+@pytest.mark.parametrize("arch", ["crate", "gpt"])
+def test_clamping_a_neuron_that_writes_a_token_raises_that_token(arch, tokenizer):
+    target = tokenizer.encode(" banana")[0]
+    model = wired_model(arch, target)
+    layer = model.config.n_layer - 1
+    effect = steering_effect(model, tokenizer, PROMPT, layer, NEURON, value=50.0, top_tokens=5, new_tokens=4)
+    assert effect.increased[0].token_id == target
+    assert effect.increased[0].after > 0.5 > effect.increased[0].before
+    assert all(shift.delta < 0 for shift in effect.decreased)
+    assert effect.kl_divergence > 0.5
+    assert effect.steered_generation == " banana" * 4
+    # the clamp is gone afterwards: the distribution is the original one again
+    after = next_token_probs(model, torch.tensor([tokenizer.encode(PROMPT)]), tokenizer.n_vocab)
+    assert after[target].item() == pytest.approx(effect.increased[0].before, rel=1e-6)
+    text = format_effect(effect)
+    assert "' banana'" in text and "most increased" in text
+
+
+def test_a_sweep_shows_the_effect_growing_with_the_clamp_value(tokenizer):
+    target = tokenizer.encode(" banana")[0]
+    model = wired_model("gpt", target)
+    effects = steering_effects(model, tokenizer, PROMPT, 1, [NEURON], [0.0, 5.0, 20.0, 50.0], top_tokens=3,
+                               new_tokens=0)
+    kls = [e.kl_divergence for e in effects]
+    probs = [e.sweep_tokens[0].after for e in effects]
+    assert effects[0].sweep_tokens[0].token_id == target
+    assert kls == sorted(kls) and kls[0] == pytest.approx(0.0, abs=1e-6)
+    assert probs == sorted(probs)
+
+
+def test_the_job_writes_tables_and_a_sweep_plot(tmp_path, tokenizer, capsys):
+    target = tokenizer.encode(" banana")[0]
+    checkpoint = save_model(wired_model("crate", target), tmp_path / "crate.pt")
+    config = load_config(SteerConfig, {
+        "checkpoint": str(checkpoint), "layer": 1, "neurons": [NEURON], "sweep": [1.0, 50.0], "new_tokens": 3,
+        "output_dir": str(tmp_path / "out"), "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db",
+                                                         "system_metrics": False}})
+    effects = run_steering(config)
+    assert len(effects) == 2
+    printed = capsys.readouterr().out
+    assert "' banana'" in printed and "steered:" in printed
+    rows = json.loads((tmp_path / "out" / "steering.json").read_text())
+    assert rows[1]["increased"][0]["token_id"] == target and rows[1]["increased"][0]["delta"] > 0.5
+    assert (tmp_path / "out" / "steering.csv").read_text().count("\n") == 1 + 2 * 2 * 10
+    assert (tmp_path / "out" / f"sweep-layer1-neuron{NEURON}.png").stat().st_size > 0
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("crate-lm").experiment_id])[0]
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "steering")} >= {
+        "steering/steering.json", "steering/steering.csv", f"steering/sweep-layer1-neuron{NEURON}.png"}
+
+
+@pytest.mark.parametrize("fields, bad", [
+    ({"neurons": [1], "layer": 0}, "value"),
+    ({"value": 1.0, "layer": 0}, "neurons"),
+    ({"value": 1.0, "neurons": [1]}, "layer"),
+    ({"value": 1.0, "top_explained": 3}, "results"),
+])
+def test_incomplete_requests_fail_before_any_work(fields, bad):
+    with pytest.raises(ConfigError) as error:
+        load_config(SteerConfig, {"checkpoint": "model.pt", **fields})
+    assert error.value.field == bad
