@@ -1,0 +1,468 @@
+"""The local stack: a real Ray head and a real MLflow tracking server on loopback, for development.
+
+    platform/stack up                     # or: python -m crate.stack up [--config FILE] [key=value ...]
+    source .stack/env                     # RAY_ADDRESS, RAY_API_SERVER_ADDRESS, MLFLOW_TRACKING_URI, RAY_AUTH_MODE
+    ray job submit --working-dir . -- python jobs/pretrain.py --config smoke
+    platform/stack status
+    platform/stack down
+
+The same two services the cluster runs (k8s/), as local processes:
+- Ray: `ray start --head --block` with the dashboard and job server on loopback. Ray's token auth is
+  switched off (`RAY_AUTH_MODE=disabled`) because nothing listens beyond 127.0.0.1; the cluster keeps it on.
+  Ray gets its own short temp dir, so a plain `ray.init()` elsewhere on the machine never attaches to it.
+- MLflow: `mlflow server --workers 1` with job execution off (it would quadruple the server's memory);
+  backend SQLite in the stack dir by default or any SQLAlchemy URI (PostgreSQL), artifacts proxied by the
+  server into a local dir by default or an S3-compatible store (`MLFLOW_S3_ENDPOINT_URL` and AWS_* pass through).
+- Every process the stack starts carries `CRATE_STACK_ID` in its environment, `MLFLOW_TRACKING_URI` reaches
+  every Ray process (drivers and Train workers) the way the cluster injects it into every pod, and `down`
+  stops exactly those processes (never `ray stop`, which would kill every Ray instance on the machine).
+- `up` is idempotent: a healthy stack is left alone; a half-dead one is cleaned up and started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from crate.config import dump_yaml, load_config
+from crate.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STACK_ID_VAR = "CRATE_STACK_ID"
+STATE_FILE = "stack.json"
+ENV_FILE = "env"
+
+
+# Ray on one machine, reachable on loopback only: no token auth (nothing beyond 127.0.0.1 can connect), and
+# no multi-node support, which is what keeps Ray from swapping 127.0.0.1 for the host's network address.
+RAY_LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@dataclass
+class RayHeadConfig:
+    port: int = 6379  # GCS
+    dashboard_port: int = 8265  # dashboard + job submission server
+    client_port: int = 10001  # Ray Client (ray://)
+    dashboard_agent_port: int = 52365
+    num_cpus: int | None = None  # default: every core
+    num_gpus: int | None = None  # default: every visible GPU
+    object_store_memory_mb: int | None = None  # default: Ray's (30% of RAM)
+
+    def __post_init__(self) -> None:
+        for name in ("num_cpus", "num_gpus", "object_store_memory_mb"):
+            value = getattr(self, name)
+            if value is not None and value < (1 if name == "object_store_memory_mb" else 0):
+                raise ConfigError(name, f"must be positive, got {value}")
+
+
+@dataclass
+class MlflowServerConfig:
+    port: int = 5000
+    backend_store_uri: str | None = None  # default: sqlite:///<dir>/mlflow.db; or postgresql://user:pw@host/db
+    artifacts_destination: str | None = None  # default: <dir>/artifacts; or s3://bucket/prefix
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError("workers", f"must be >= 1, got {self.workers}")
+        scheme = (self.backend_store_uri or "sqlite:").split(":", 1)[0].split("+", 1)[0]
+        if scheme not in ("sqlite", "postgresql", "mysql"):
+            raise ConfigError("backend_store_uri", f"must be a sqlite://, postgresql:// or mysql:// URI, got "
+                                                   f"{self.backend_store_uri!r}")
+
+
+@dataclass
+class StackConfig:
+    dir: str = ".stack"  # state, logs, env file, SQLite store and artifacts
+    host: str = "127.0.0.1"
+    startup_timeout_s: float = 180.0
+    ray: RayHeadConfig = field(default_factory=RayHeadConfig)
+    mlflow: MlflowServerConfig = field(default_factory=MlflowServerConfig)
+
+    def __post_init__(self) -> None:
+        try:
+            loopback = ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError("host", f"must be a loopback address (Ray runs without auth here), got {self.host!r}")
+        if self.startup_timeout_s <= 0:
+            raise ConfigError("startup_timeout_s", f"must be > 0, got {self.startup_timeout_s}")
+        ports = {"ray.port": self.ray.port, "ray.dashboard_port": self.ray.dashboard_port,
+                 "ray.client_port": self.ray.client_port, "ray.dashboard_agent_port": self.ray.dashboard_agent_port,
+                 "mlflow.port": self.mlflow.port}
+        seen: dict[int, str] = {}
+        for name, port in ports.items():
+            if not 1 <= port <= 65535:
+                raise ConfigError(name, f"must be a TCP port (1-65535), got {port}")
+            if port in seen:
+                raise ConfigError(name, f"port {port} is already used by {seen[port]}")
+            seen[port] = name
+
+    @property
+    def root(self) -> Path:
+        return Path(self.dir).resolve()
+
+    @property
+    def ray_address(self) -> str:
+        return f"{self.host}:{self.ray.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.host}:{self.ray.dashboard_port}"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"http://{self.host}:{self.mlflow.port}"
+
+    @property
+    def backend_store_uri(self) -> str:
+        return self.mlflow.backend_store_uri or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def artifacts_destination(self) -> str:
+        return self.mlflow.artifacts_destination or str(self.root / "artifacts")
+
+    def exports(self) -> dict[str, str]:
+        """What a shell (or a test) exports to use the stack."""
+        return {
+            "RAY_ADDRESS": self.ray_address,  # drivers (ray.init) and the jobs CLI
+            "RAY_API_SERVER_ADDRESS": self.dashboard_url,  # the jobs CLI/SDK prefer it over RAY_ADDRESS
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+        } | RAY_LOCAL_ENV
+
+
+class StackError(RuntimeError):
+    """The stack could not be started or stopped; the message says why and where the logs are."""
+
+
+# --------------------------------------------------------------------------------------------------
+# State: what `up` started, so `status` and `down` need no config.
+
+@dataclass
+class StackState:
+    stack_id: str
+    config: dict
+    ray_temp_dir: str
+    pids: dict[str, int] = field(default_factory=dict)  # service -> pid of the process we spawned
+
+    @classmethod
+    def load(cls, root: Path) -> "StackState | None":
+        path = root / STATE_FILE
+        if not path.is_file():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+    def save(self, root: Path) -> None:
+        _write_atomic(root / STATE_FILE, json.dumps(dataclasses.asdict(self), indent=2))
+
+    def stack_config(self) -> StackConfig:
+        return load_config(StackConfig, self.config)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.") as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Health
+
+def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
+    import requests
+
+    try:
+        return requests.get(url, timeout=timeout_s).ok
+    except requests.RequestException:
+        return False
+
+
+HEALTH: dict[str, Callable[[StackConfig], str]] = {
+    "mlflow": lambda c: f"{c.tracking_uri}/health",
+    "ray": lambda c: f"{c.dashboard_url}/api/version",  # served by the dashboard that also hosts the job server
+}
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def service_status(state: StackState) -> dict[str, str]:
+    """service -> "running" | "unhealthy" | "stopped"."""
+    config = state.stack_config()
+    status = {}
+    for service, health_url in HEALTH.items():
+        pid = state.pids.get(service)
+        if pid is None or not _alive(pid):
+            status[service] = "stopped"
+        else:
+            status[service] = "running" if _http_ok(health_url(config)) else "unhealthy"
+    return status
+
+
+def stack_processes(stack_id: str) -> list:
+    """Every live process started by this stack: they all inherited its `CRATE_STACK_ID`."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get(STACK_ID_VAR) == stack_id and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# up / down
+
+def up(config: StackConfig) -> StackState:
+    """Start the stack, or leave a healthy one alone. Raises StackError (after cleaning up) on failure."""
+    root = config.root
+    state = StackState.load(root)
+    if state is not None:
+        if state.stack_config() == config and set(service_status(state).values()) == {"running"}:
+            log.info("the stack in %s is already running", root)
+            write_env_file(config)
+            return state
+        if state.stack_config() != config and stack_processes(state.stack_id):
+            raise StackError(f"a stack with another configuration is running from {root}: run `down` first")
+        log.info("cleaning up the previous, not fully running stack in %s", root)
+        down(root)
+    _check_startable(config)
+
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    stack_id = uuid.uuid4().hex[:8]
+    # Short on purpose: Ray puts unix sockets under it and their paths are limited to 107 bytes.
+    ray_temp_dir = tempfile.mkdtemp(prefix=f"crate-stack-{stack_id}-", dir="/tmp")
+    state = StackState(stack_id, dataclasses.asdict(config), ray_temp_dir)
+    env = _service_env(stack_id)
+    try:
+        state.pids["mlflow"] = _spawn(_mlflow_command(config), env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                                      root / "logs" / "mlflow.log")
+        state.save(root)
+        state.pids["ray"] = _spawn(_ray_command(config, ray_temp_dir), env | RAY_LOCAL_ENV
+                                   | {"MLFLOW_TRACKING_URI": config.tracking_uri}, root / "logs" / "ray.log")
+        state.save(root)
+        _wait_healthy(config, state)
+    except BaseException:
+        down(root)
+        raise
+    write_env_file(config)
+    return state
+
+
+def down(root: Path, timeout_s: float = 30.0) -> bool:
+    """Stop every process of the stack in `root`; True if one was running. Idempotent."""
+    import psutil
+
+    state = StackState.load(root)
+    if state is None:
+        return False
+    was_running = False
+    for service in ("ray", "mlflow"):  # Ray first: its jobs may still be logging to MLflow
+        pid = state.pids.get(service)
+        if pid is not None and _alive(pid):
+            was_running = True
+            _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while (procs := stack_processes(state.stack_id)) and time.monotonic() < deadline:
+        psutil.wait_procs(procs, timeout=1.0)
+    for proc in stack_processes(state.stack_id):  # did not stop on SIGTERM in time
+        was_running = True
+        log.warning("killing %s (pid %d): it did not stop on SIGTERM", proc.name(), proc.pid)
+        _signal(proc.pid, signal.SIGKILL)
+    psutil.wait_procs(stack_processes(state.stack_id), timeout=5.0)
+    shutil.rmtree(state.ray_temp_dir, ignore_errors=True)
+    (root / STATE_FILE).unlink(missing_ok=True)
+    (root / ENV_FILE).unlink(missing_ok=True)
+    return was_running
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _check_startable(config: StackConfig) -> None:
+    """Fail before starting anything: ports taken, drivers for the chosen stores missing."""
+    ports = {"ray.port": config.ray.port, "ray.dashboard_port": config.ray.dashboard_port,
+             "ray.client_port": config.ray.client_port, "ray.dashboard_agent_port": config.ray.dashboard_agent_port,
+             "mlflow.port": config.mlflow.port}
+    for name, port in ports.items():
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((config.host, port))
+            except OSError:
+                raise ConfigError(name, f"port {port} on {config.host} is in use; choose another "
+                                        f"(e.g. {name}={port + 1})") from None
+    needs = {"postgresql": ("psycopg2", "mlflow.backend_store_uri"), "mysql": ("pymysql", "mlflow.backend_store_uri"),
+             "s3": ("boto3", "mlflow.artifacts_destination")}
+    for uri in (config.backend_store_uri, config.artifacts_destination):
+        scheme = uri.split(":", 1)[0].split("+", 1)[0]
+        if scheme in needs:
+            module, name = needs[scheme]
+            try:
+                __import__(module)
+            except ImportError:
+                raise ConfigError(name, f"{scheme} needs the `{module}` package: pip install -e '.[platform]'") from None
+
+
+def _service_env(stack_id: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env[STACK_ID_VAR] = stack_id
+    # Job entrypoints say `python ...`: it must be this interpreter, with this package installed.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    for inherited in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):  # a stale shell export must not redirect Ray
+        env.pop(inherited, None)
+    return env
+
+
+def _mlflow_command(config: StackConfig) -> list[str]:
+    return [sys.executable, "-m", "mlflow", "server",
+            "--host", config.host, "--port", str(config.mlflow.port), "--workers", str(config.mlflow.workers),
+            "--backend-store-uri", config.backend_store_uri,
+            "--artifacts-destination", config.artifacts_destination]
+
+
+def _ray_command(config: StackConfig, temp_dir: str) -> list[str]:
+    ray = config.ray
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+               "--node-ip-address", config.host, "--port", str(ray.port),
+               "--include-dashboard", "true", "--dashboard-host", config.host,
+               "--dashboard-port", str(ray.dashboard_port), "--ray-client-server-port", str(ray.client_port),
+               "--dashboard-agent-listen-port", str(ray.dashboard_agent_port),
+               "--temp-dir", temp_dir, "--disable-usage-stats"]
+    for flag, value in (("--num-cpus", ray.num_cpus), ("--num-gpus", ray.num_gpus),
+                        ("--object-store-memory", ray.object_store_memory_mb and ray.object_store_memory_mb << 20)):
+        if value is not None:
+            command += [flag, str(value)]
+    return command
+
+
+def _spawn(command: list[str], env: dict[str, str], log_path: Path) -> int:
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    return process.pid
+
+
+def _wait_healthy(config: StackConfig, state: StackState) -> None:
+    deadline = time.monotonic() + config.startup_timeout_s
+    pending = dict(HEALTH)
+    while pending:
+        for service, health_url in list(pending.items()):
+            if not _alive(state.pids[service]):
+                raise StackError(f"{service} exited during startup; its log:\n"
+                                 f"{_tail(config.root / 'logs' / f'{service}.log')}")
+            if _http_ok(health_url(config)):
+                log.info("%s is up", service)
+                del pending[service]
+        if pending and time.monotonic() > deadline:
+            raise StackError(f"{', '.join(pending)} not healthy after {config.startup_timeout_s:.0f} s; logs in "
+                             f"{config.root / 'logs'}")
+        time.sleep(0.5)
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def write_env_file(config: StackConfig) -> Path:
+    path = config.root / ENV_FILE
+    _write_atomic(path, "".join(f"export {key}={value}\n" for key, value in config.exports().items()))
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+def describe(root: Path) -> tuple[str, int]:
+    """A status report and its exit code: 0 all running, 1 degraded, 3 not running (as LSB init scripts)."""
+    state = StackState.load(root)
+    if state is None:
+        return f"no stack in {root}", 3
+    config = state.stack_config()
+    status = service_status(state)
+    lines = [
+        f"ray     {status['ray']:<9} pid {state.pids.get('ray')}  GCS {config.ray_address}, "
+        f"dashboard + jobs {config.dashboard_url}",
+        f"mlflow  {status['mlflow']:<9} pid {state.pids.get('mlflow')}  {config.tracking_uri}  "
+        f"(store {config.backend_store_uri}, artifacts {config.artifacts_destination})",
+        f"env     source {root / ENV_FILE}",
+    ]
+    values = set(status.values())
+    return "\n".join(lines), 0 if values == {"running"} else 3 if values == {"stopped"} else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="platform/stack",
+        description="A real Ray head and MLflow server on loopback (see README: Platform).",
+        epilog="overrides are dotted.key=value, e.g. mlflow.port=5001 ray.num_cpus=2 "
+               "mlflow.backend_store_uri=postgresql://user:pw@127.0.0.1/mlflow")
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("--config", help="YAML file with StackConfig fields")
+    parser.add_argument("--dir", help="stack directory (default .stack; same as dir=...)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    overrides = list(args.overrides) + ([f"dir={args.dir}"] if args.dir else [])
+    try:
+        config = load_config(StackConfig, args.config, overrides)
+    except ConfigError as error:
+        parser.exit(2, f"{parser.prog}: invalid config: {error}\n")
+    if args.print_config:
+        sys.stdout.write(dump_yaml(config))
+        return 0
+    if args.action == "status":
+        report, code = describe(config.root)
+        print(report)
+        return code
+    if args.action == "down":
+        print("stopped" if down(config.root) else f"no stack was running in {config.root}")
+        return 0
+    try:
+        up(config)
+    except ConfigError as error:
+        parser.exit(2, f"{parser.prog}: {error}\n")
+    except StackError as error:
+        print(f"{parser.prog}: {error}", file=sys.stderr)
+        return 1
+    print(describe(config.root)[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
