@@ -1,0 +1,86 @@
+"""The `data:` section of a training config: which corpus, how it is cut into blocks, how it is read.
+
+Corpus URIs (the same forms everywhere: training, `read_blocks`, the pretokenize and stats jobs):
+
+- `stdlib://train`, `stdlib://val`: the built-in offline corpus, the `.py` files of this Python's standard
+  library, labelled `Github` (code, not the Pile); the split is a fixed hash of each file's path.
+- `pile://train`, `pile://val`, `pile://test`: the uncopyrighted Pile under `pile_url` (by default the Hugging
+  Face hub, streamed shard by shard through fsspec).
+- a local path, a directory (searched recursively) or a glob of `.jsonl`, `.jsonl.zst`, `.jsonl.gz`, `.parquet`,
+  `.txt` files, or any fsspec URL of those (`hf://datasets/...`, `s3://...`, `file://...`);
+- a directory written by `jobs/pretokenize.py` (it holds `index.json`): uint16 token shards, memory-mapped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from crate.errors import ConfigError
+
+BUILTIN_TRAIN = "stdlib://train"
+BUILTIN_VAL = "stdlib://val"
+PILE_SPLITS = ("train", "val", "test")
+BUILTIN_SPLITS = ("train", "val")
+MiB = 2**20
+
+
+@dataclass
+class DataConfig:
+    train: str = BUILTIN_TRAIN  # corpus URI of the training stream (see the module docstring)
+    val: str = BUILTIN_VAL  # corpus URI of the validation stream; must not overlap `train`
+    context: int = 1024  # tokens per training example; a block holds context+1 tokens
+    text_field: str = "text"  # record field holding the document (JSON lines, Parquet)
+    include_sets: list[str] = field(default_factory=list)  # keep only these pile_set_names (empty: all)
+    exclude_sets: list[str] = field(default_factory=list)  # drop these pile_set_names
+    token_budget: int | None = None  # training tokens over all ranks (context per block); None: endless
+    seed: int = 0  # file order of every epoch (raw text), window order of every epoch (pretokenized)
+    engine: Literal["ray", "local"] = "ray"  # Ray Data read tasks, or the same core in-process; same blocks
+
+    # Reading raw text.
+    read_tasks: int = 4  # Ray engine: concurrent read+tokenize tasks per rank
+    read_cpus: float = 1.0  # Ray engine: CPUs reserved by each read task
+    task_bytes: int = 64 * MiB  # Ray engine: consecutive small files are grouped into tasks of this many bytes
+    prefetch_batches: int = 4  # Ray engine: tokenized batches buffered ahead of the consumer
+    max_document_bytes: int = 32 * MiB  # longer records are skipped (counted as too_long), never held in memory
+    retries: int = 5  # attempts per remote file operation before failing with the file's name
+    retry_backoff_s: float = 1.0  # first wait between attempts; doubles every attempt
+    pile_url: str = "hf://datasets/monology/pile-uncopyrighted"  # root that pile:// URIs resolve under
+
+    def __post_init__(self) -> None:
+        for name in ("train", "val"):
+            check_uri(name, getattr(self, name))
+        for name in ("context", "read_tasks", "task_bytes", "prefetch_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise ConfigError("token_budget", f"must be >= 1 (or null for an endless stream), got {self.token_budget}")
+        if not self.text_field:
+            raise ConfigError("text_field", "must name a record field")
+        both = sorted(set(self.include_sets) & set(self.exclude_sets))
+        if both:
+            raise ConfigError("exclude_sets", f"{both} are also in include_sets")
+        if self.read_cpus <= 0:
+            raise ConfigError("read_cpus", f"must be > 0, got {self.read_cpus}")
+        if self.max_document_bytes < 1024:
+            raise ConfigError("max_document_bytes", f"must be >= 1024, got {self.max_document_bytes}")
+        if self.retries < 0 or self.retry_backoff_s < 0:
+            raise ConfigError("retries", "retries and retry_backoff_s must be >= 0")
+        if "://" not in self.pile_url and not self.pile_url.startswith("/"):
+            raise ConfigError("pile_url", f"must be a URL or an absolute path, got {self.pile_url!r}")
+
+    @property
+    def block_length(self) -> int:
+        """Tokens per block: inputs are block[:-1], targets block[1:]."""
+        return self.context + 1
+
+
+def check_uri(name: str, uri: str) -> None:
+    """Syntax only (no I/O): the built-in and Pile schemes must name a split they have."""
+    if not uri or not uri.strip():
+        raise ConfigError(name, "must be a corpus URI, path or glob")
+    scheme, sep, rest = uri.partition("://")
+    if sep and scheme == "stdlib" and rest not in BUILTIN_SPLITS:
+        raise ConfigError(name, f"{uri!r}: the built-in corpus has splits {', '.join(BUILTIN_SPLITS)}")
+    if sep and scheme == "pile" and rest not in PILE_SPLITS:
+        raise ConfigError(name, f"{uri!r}: the Pile has splits {', '.join(PILE_SPLITS)}")
