@@ -1,0 +1,195 @@
+"""`jobs/train_sae.py`: train an SAE on one layer's neurons of a CRATE or GPT checkpoint, evaluate it inside
+the model, save it as one file and track it all in MLflow.
+
+Output directory (`output_dir`, default `sae-<checkpoint>-layer<L>`):
+    sae.pt                the SAE (crate.sae.load_sae; `--features sae:PATH` for the interpretability job)
+    train_state.pt        SAE + Adam + step + stream position, every `sae.checkpoint_every` steps: a rerun
+                          with the same output_dir resumes there (activations still in the shuffle buffer
+                          are not replayed; the stream continues with the next unread block)
+    metrics.json          the evaluation (reconstruction, L0, dead fraction, loss recovered)
+    feature_density.png   histogram of log10 feature firing frequency on the evaluation tokens
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crate.errors import ConfigError
+from crate.sae.activations import LayerActivations, shuffled_batches
+from crate.sae.evaluate import SAEEvaluation, evaluate_sae
+from crate.sae.model import SAESource, save_sae
+from crate.sae.train import SAETrainConfig, SAETrainer, train_sae
+from crate.tracking import Tracker, TrackingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SAEDataConfig:
+    train: str = "stdlib://train"  # corpus URI of the activation stream (see crate.data)
+    eval: str = "stdlib://val"  # held-out corpus for the evaluation; must not overlap `train`
+    context: int | None = None  # tokens per block fed to the model (default: the model's context)
+    text_field: str = "text"
+    batch_blocks: int = 4  # blocks per forward pass
+    eval_blocks: int = 64  # evaluation blocks (each context+1 tokens)
+
+    def __post_init__(self) -> None:
+        if self.context is not None and self.context < 1:
+            raise ConfigError("context", f"must be >= 1, got {self.context}")
+        if self.batch_blocks < 1 or self.eval_blocks < 1:
+            raise ConfigError("batch_blocks", "batch_blocks and eval_blocks must be >= 1")
+
+
+@dataclass
+class TrainSAEConfig:
+    checkpoint: str = ""  # the model whose neurons the SAE encodes
+    layer: int | None = None
+    sae: SAETrainConfig = field(default_factory=SAETrainConfig)
+    data: SAEDataConfig = field(default_factory=SAEDataConfig)
+    output_dir: str | None = None  # default: sae-<checkpoint stem>-layer<L>
+    device: str = "auto"  # auto: cuda when available
+    resume: bool = True  # continue from output_dir/train_state.pt when it exists
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("checkpoint", "a model checkpoint is required (--checkpoint PATH)")
+        if self.layer is None or self.layer < 0:
+            raise ConfigError("layer", "the layer whose neurons to encode is required (--layer L)")
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir or f"sae-{Path(self.checkpoint).stem}-layer{self.layer}")
+
+
+def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
+    """Train (or resume), evaluate, save; returns the SAE file and its evaluation."""
+    from crate.data import read_blocks
+    from crate.model import load_model
+
+    if not Path(config.checkpoint).is_file():
+        raise FileNotFoundError(f"no model checkpoint at {config.checkpoint}")
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if config.device == "auto" else config.device)
+    model = load_model(config.checkpoint).to(device).eval()
+    if config.layer >= model.config.n_layer:
+        raise ConfigError("layer", f"the model has {model.config.n_layer} layers (0..{model.config.n_layer - 1})")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    context = min(config.data.context or model.config.block_size, model.config.block_size)
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    source = _source(config, model)
+
+    trainer = SAETrainer(config.sae, model.config.n_neurons, device)
+    state_path = out / "train_state.pt"
+    skip = 0
+    if config.resume and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        trainer.load_state_dict(state["trainer"])
+        skip = state["blocks_read"]
+        log.info("resuming %s at step %d (block %d of the stream)", out, trainer.step, skip)
+    run_id = _read_run_id(out) if trainer.step else None
+    tracker = Tracker.start(config.tracking, run_name=config.tracking.run_name or f"sae-{out.name}",
+                            params=_params(config, model), tags=_tags(source), resume_run_id=run_id)
+    _write_run_id(out, tracker.run_id)
+    try:
+        blocks = read_blocks(config.data.train, block_length=context + 1, text_field=config.data.text_field)
+        stream = LayerActivations(model, config.layer, itertools.islice(blocks, skip, None),
+                                  config.data.batch_blocks, context)
+        shuffle = torch.Generator().manual_seed(config.sae.seed + trainer.step)  # a resumed run reshuffles anew
+        batches = shuffled_batches(stream, config.sae.buffer_size, config.sae.batch_size, shuffle)
+
+        def save_state(t: SAETrainer) -> None:
+            _atomic_save({"trainer": t.state_dict(), "blocks_read": skip + stream.blocks_read}, state_path)
+
+        train_sae(trainer, batches, log_metrics=tracker.log_metrics, on_checkpoint=save_state)
+        eval_blocks = read_blocks(config.data.eval, block_length=context + 1, max_blocks=config.data.eval_blocks,
+                                  text_field=config.data.text_field)
+        evaluation = evaluate_sae(model, config.layer, trainer.sae, eval_blocks, config.data.batch_blocks)
+        metrics = evaluation.metrics()
+        tracker.log_metrics(metrics, step=trainer.step)
+        sae_path = save_sae(trainer.sae, out / "sae.pt", source, metrics=metrics,
+                            training={**dataclasses.asdict(config.sae), "steps_done": trainer.step,
+                                      "mlflow_run_id": tracker.run_id})
+        (out / "metrics.json").write_text(json.dumps({"step": trainer.step, **metrics}, indent=1))
+        plot = _plot_density(evaluation, out / "feature_density.png", f"{out.name} (step {trainer.step})")
+        for path in (out / "metrics.json", plot):
+            tracker.log_artifact(path)
+        tracker.set_tags({"crate.sae_checkpoint": str(sae_path.resolve())})
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()
+    print(f"SAE {sae_path}: fvu {evaluation.fvu:.3f}, L0 {evaluation.l0:.1f}, dead {evaluation.dead_fraction:.1%}, "
+          f"loss recovered {evaluation.loss_recovered:.1%} (clean {evaluation.loss_clean:.3f}, spliced "
+          f"{evaluation.loss_spliced:.3f}, zero-ablated {evaluation.loss_zero_ablated:.3f})")
+    return sae_path, evaluation
+
+
+def _source(config: TrainSAEConfig, model) -> SAESource:
+    metadata = getattr(model, "checkpoint_metadata", {}) or {}
+    return SAESource(checkpoint=str(Path(config.checkpoint).resolve()), arch=model.config.arch, layer=config.layer,
+                     model_run_id=metadata.get("mlflow_run_id"), corpus=config.data.train,
+                     extra={"preset": model.config.preset, "n_layer": model.config.n_layer,
+                            "step": metadata.get("step")})
+
+
+def _params(config: TrainSAEConfig, model) -> dict:
+    from crate.config import flatten
+
+    params = {k: v for k, v in flatten(config).items() if not k.startswith("tracking.")}
+    params.update({"model.arch": model.config.arch, "model.n_layer": model.config.n_layer,
+                   "model.n_neurons": model.config.n_neurons, "sae.n_features": config.sae.expansion * model.config.n_neurons})
+    return params
+
+
+def _tags(source: SAESource) -> dict[str, str]:
+    tags = {"crate.job": "train_sae", "crate.arch": source.arch, "crate.layer": str(source.layer)}
+    if source.model_run_id:
+        tags["crate.model_run_id"] = str(source.model_run_id)
+    return tags
+
+
+def _read_run_id(out: Path) -> str | None:
+    path = out / "mlflow_run_id"
+    return path.read_text().strip() or None if path.is_file() else None
+
+
+def _write_run_id(out: Path, run_id: str | None) -> None:
+    if run_id:
+        (out / "mlflow_run_id").write_text(run_id)
+
+
+def _atomic_save(payload: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _plot_density(evaluation: SAEEvaluation, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    density = evaluation.feature_density
+    alive = density[density > 0]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if len(alive):
+        ax.hist(np.log10(alive), bins=50)
+    ax.set(xlabel="log10 firing frequency (alive features)", ylabel="features",
+           title=f"{title}: {(density == 0).mean():.1%} dead, L0 {evaluation.l0:.1f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
