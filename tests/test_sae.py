@@ -1,12 +1,21 @@
 """SAE baselines: dictionary recovery, dead-feature resampling, the spliced-in loss evaluation, checkpoints."""
 
+import importlib.util
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from crate.model import build_model
+from crate.errors import ConfigError
+from crate.model import build_model, save_model
 from crate.sae import (SAEConfig, SAESource, SAETrainConfig, SAETrainer, SparseAutoencoder, evaluate_sae,
                        load_sae, save_sae, shuffled_batches, train_sae)
+
+_spec = importlib.util.spec_from_file_location("train_sae_job", Path(__file__).parents[1] / "jobs" / "train_sae.py")
+train_sae_job = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_sae_job)
 
 
 def sparse_dictionary(n_atoms=64, d=32, k=3, batch=256, seed=0):
@@ -80,16 +89,16 @@ def identity_sae(d: int) -> SparseAutoencoder:
 def test_loss_recovered_is_one_for_an_exact_sae_and_zero_for_an_empty_one(arch):
     torch.manual_seed(0)
     model = build_model(f"{arch}-tiny")
-    blocks = [np.random.default_rng(i).integers(0, 50257, 17) for i in range(6)]
+    blocks = torch.tensor(np.random.default_rng(0).integers(0, 50257, (6, 17)))
     d = model.config.n_neurons
-    exact = evaluate_sae(model, 0, identity_sae(d), blocks, batch_blocks=4)
+    exact = evaluate_sae(model, 0, identity_sae(d), blocks.split(4))
     assert exact.loss_spliced == pytest.approx(exact.loss_clean, abs=1e-5)
     assert exact.loss_recovered == pytest.approx(1.0, abs=1e-4)
     assert exact.fvu == pytest.approx(0.0, abs=1e-9) and exact.tokens == 6 * 16
     empty = identity_sae(d)
     with torch.no_grad():
         empty.W_dec.zero_()
-    nothing = evaluate_sae(model, 0, empty, blocks, batch_blocks=4)
+    nothing = evaluate_sae(model, 0, empty, blocks.split(4))
     assert nothing.loss_spliced == pytest.approx(nothing.loss_zero_ablated, abs=1e-5)
     assert nothing.loss_recovered == pytest.approx(0.0, abs=1e-4)
     assert nothing.fvu == pytest.approx(1.0 + exact_mean_share(model, blocks), rel=1e-4)
@@ -98,7 +107,7 @@ def test_loss_recovered_is_one_for_an_exact_sae_and_zero_for_an_empty_one(arch):
 def exact_mean_share(model, blocks) -> float:
     """‖x‖² / ‖x − x̄‖² − 1: what a zero reconstruction's FVU exceeds 1 by (it also misses the mean)."""
     with torch.no_grad(), model.capture_neurons([0]) as captured:
-        model(torch.tensor(np.stack(blocks)[:, :-1]))
+        model(blocks[:, :-1])
     x = captured[0].flatten(0, 1).double()
     return float(x.pow(2).sum() / (x - x.mean(0)).pow(2).sum() - 1)
 
@@ -129,7 +138,7 @@ def test_a_trained_sae_recovers_most_of_the_loss_of_a_trained_tiny_model():
     rows = captured[1].flatten(0, 1)
     train_sae(trainer, shuffled_batches(iter([rows] * 300), 1024, 128, torch.Generator().manual_seed(0)),
               progress=False)
-    result = evaluate_sae(model, 1, trainer.sae, list(tokens[32:]), batch_blocks=4)
+    result = evaluate_sae(model, 1, trainer.sae, torch.tensor(tokens[32:]).split(4))
     assert result.loss_zero_ablated > result.loss_clean + 0.1  # the layer matters
     assert 0.8 < result.loss_recovered <= 1.0
     assert result.fvu < 0.2 and 0 < result.l0 < trainer.sae.config.n_features / 2
@@ -156,3 +165,49 @@ def test_the_shuffle_buffer_yields_every_row_once_and_mixes_chunks():
     rows = torch.cat(batches).flatten()
     assert sorted(rows.tolist()) == list(range(1000))
     assert len({int(v) // 100 for v in batches[0].flatten()}) >= 3  # the first batch mixes three chunks
+
+
+def write_corpus(path, n_docs, seed):
+    rng = np.random.default_rng(seed)
+    words = "the a neuron layer sparse code model token fires on digits and brackets while other units stay".split()
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, 40))}) + "\n" for _ in range(n_docs)))
+    return str(path)
+
+
+def test_the_job_trains_evaluates_saves_tracks_and_resumes(tmp_path):
+    checkpoint = save_model(build_model("gpt-tiny"), tmp_path / "gpt.pt", mlflow_run_id="pretrain-run")
+    train, val = write_corpus(tmp_path / "train.jsonl", 200, 0), write_corpus(tmp_path / "val.jsonl", 20, 1)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    argv = ["--checkpoint", str(checkpoint), "--layer", "1", "--output-dir", str(tmp_path / "sae"),
+            f"data.train={train}", f"data.val={val}", "data.context=16", "eval_blocks=4", "sae.expansion=2",
+            "sae.batch_size=64", "sae.buffer_size=256", "sae.log_every=5", "sae.checkpoint_every=10",
+            "sae.resample_at=[10]", "sae.dead_window=5", "sae.resample_inputs=128", f"tracking.uri={uri}",
+            "tracking.system_metrics=false"]
+    train_sae_job.main([*argv, "--steps", "20"])
+    state = torch.load(tmp_path / "sae" / "train_state.pt", weights_only=False)
+    assert state["trainer"]["step"] == 20 and state["data"] is not None
+    train_sae_job.main([*argv, "--steps", "30"])  # continues at step 20 in the same MLflow run
+    sae, source = load_sae(tmp_path / "sae" / "sae.pt")
+    assert (source.arch, source.layer, source.model_run_id) == ("gpt", 1, "pretrain-run")
+    assert sae.config.n_features == 2 * 128
+    metrics = json.loads((tmp_path / "sae" / "metrics.json").read_text())
+    assert metrics["step"] == 30 and metrics["eval/tokens"] == 4 * 16
+    assert set(sae.checkpoint_metrics) == {k for k in metrics if k != "step"}
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("crate-lm").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["crate.model_run_id"] == "pretrain-run"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/fvu")]
+    assert steps == [5, 10, 15, 20, 25, 30]
+    assert {"eval/loss_recovered", "eval/fvu", "eval/l0", "eval/dead_fraction"} <= set(run.data.metrics)
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"metrics.json", "feature_density.png"}
+
+
+def test_the_job_rejects_a_layer_the_model_does_not_have(tmp_path):
+    checkpoint = save_model(build_model("gpt-tiny"), tmp_path / "gpt.pt")
+    with pytest.raises(ConfigError, match="2 layers"):
+        train_sae_job.main(["--checkpoint", str(checkpoint), "--layer", "2", "tracking.enabled=false"])

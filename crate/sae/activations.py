@@ -6,41 +6,28 @@ from __future__ import annotations
 import contextlib
 from typing import Iterable, Iterator
 
-import numpy as np
 import torch
 
 
 class LayerActivations:
-    """Iterates (batch_blocks · T, n_neurons) float32 tensors of one layer's neurons; counts the blocks read,
-    so a resumed run can continue with the next unread block."""
+    """Iterates (B·T, n_neurons) float32 tensors of one layer's neurons, one per (B, T) token batch."""
 
-    def __init__(self, model, layer: int, blocks: Iterable[np.ndarray], batch_blocks: int, context: int):
+    def __init__(self, model, layer: int, token_batches: Iterable[torch.Tensor]):
         if not 0 <= layer < model.config.n_layer:
             raise ValueError(f"layer {layer} does not exist: the model has {model.config.n_layer} layers")
         self.model = model.eval()
         self.layer = layer
-        self.blocks = blocks
-        self.batch_blocks = batch_blocks
-        self.context = context  # tokens of each block fed to the model
-        self.blocks_read = 0
+        self.token_batches = token_batches
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         device = next(self.model.parameters()).device
-        chunk: list[np.ndarray] = []
-        for block in self.blocks:
-            chunk.append(np.asarray(block[: self.context]))
-            if len(chunk) == self.batch_blocks:
-                yield self._neurons(chunk, device)
-                chunk = []
-        if chunk:
-            yield self._neurons(chunk, device)
+        for tokens in self.token_batches:
+            yield self.neurons(torch.as_tensor(tokens, dtype=torch.long).to(device))
 
     @torch.no_grad()
-    def _neurons(self, chunk: list[np.ndarray], device: torch.device) -> torch.Tensor:
-        idx = torch.from_numpy(np.stack(chunk).astype(np.int64)).to(device)
-        with autocast(device), self.model.capture_neurons([self.layer]) as captured:
-            self.model.hidden_states(idx, self.layer + 1)  # the layers above are not needed
-        self.blocks_read += len(chunk)
+    def neurons(self, tokens: torch.Tensor) -> torch.Tensor:
+        with autocast(tokens.device), self.model.capture_neurons([self.layer]) as captured:
+            self.model.hidden_states(tokens, self.layer + 1)  # the layers above are not needed
         return captured[self.layer].flatten(0, 1).float()
 
 

@@ -1,6 +1,6 @@
 """How good an SAE is, measured inside the model: reconstruction, sparsity, and the loss with it spliced in.
 
-On held-out token blocks (each T+1 tokens: inputs and shifted targets), three forward passes per batch:
+On held-out token batches (B, T+1) (inputs and shifted targets), three forward passes per batch:
   clean         the model as it is                                         → L_clean
   spliced       the layer's neurons replaced by the SAE's reconstruction    → L_sae
   zero-ablated  the layer's neurons replaced by zeros                       → L_zero
@@ -50,8 +50,7 @@ def replaced_neurons(model, layer: int, replace: Callable[[torch.Tensor], torch.
 
 
 @torch.no_grad()
-def evaluate_sae(model, layer: int, sae: SparseAutoencoder, blocks: Iterable[np.ndarray],
-                 batch_blocks: int = 4) -> SAEEvaluation:
+def evaluate_sae(model, layer: int, sae: SparseAutoencoder, token_batches: Iterable[torch.Tensor]) -> SAEEvaluation:
     model.eval()
     device = next(model.parameters()).device
     sae = sae.to(device).eval()
@@ -64,8 +63,10 @@ def evaluate_sae(model, layer: int, sae: SparseAutoencoder, blocks: Iterable[np.
         return x_hat.to(neurons.dtype)
 
     losses = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
-    tokens = 0
-    for idx, targets in _batches(blocks, batch_blocks, device):
+    n_tokens = 0
+    for batch in token_batches:
+        batch = torch.as_tensor(batch, dtype=torch.long).to(device)
+        idx, targets = batch[:, :-1], batch[:, 1:]
         n = targets.numel()
         with autocast(device):
             losses["clean"] += model(idx, targets)[1].item() * n
@@ -73,13 +74,13 @@ def evaluate_sae(model, layer: int, sae: SparseAutoencoder, blocks: Iterable[np.
                 losses["spliced"] += model(idx, targets)[1].item() * n
             with replaced_neurons(model, layer, torch.zeros_like):
                 losses["zero"] += model(idx, targets)[1].item() * n
-        tokens += n
-    if tokens == 0:
+        n_tokens += n
+    if n_tokens == 0:
         raise ValueError("no evaluation blocks: the evaluation stream is empty")
-    clean, spliced, zero = (losses[k] / tokens for k in ("clean", "spliced", "zero"))
+    clean, spliced, zero = (losses[k] / n_tokens for k in ("clean", "spliced", "zero"))
     density = (stats.fired / stats.count).cpu().numpy()
     return SAEEvaluation(
-        tokens=tokens, mse=stats.squared_error / (stats.count * sae.config.d_in), fvu=stats.fvu(),
+        tokens=n_tokens, mse=stats.squared_error / (stats.count * sae.config.d_in), fvu=stats.fvu(),
         l0=stats.active / stats.count, dead_fraction=float((density == 0).mean()),
         loss_clean=clean, loss_spliced=spliced, loss_zero_ablated=zero,
         loss_recovered=(zero - spliced) / (zero - clean) if zero != clean else float("nan"),
@@ -117,19 +118,3 @@ class _Stats:
     def fvu(self) -> float:
         total_variance = float(self._sum_squares) - float(self._sum.pow(2).sum()) / self.count  # Σ‖x − x̄‖²
         return self.squared_error / total_variance if total_variance > 0 else float("nan")
-
-
-def _batches(blocks: Iterable[np.ndarray], batch_blocks: int, device: torch.device):
-    chunk: list[np.ndarray] = []
-    for block in blocks:
-        chunk.append(np.asarray(block))
-        if len(chunk) == batch_blocks:
-            yield _split(chunk, device)
-            chunk = []
-    if chunk:
-        yield _split(chunk, device)
-
-
-def _split(chunk: list[np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    tokens = torch.from_numpy(np.stack(chunk).astype(np.int64)).to(device)
-    return tokens[:, :-1], tokens[:, 1:]

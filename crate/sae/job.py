@@ -3,9 +3,10 @@ the model, save it as one file and track it all in MLflow.
 
 Output directory (`output_dir`, default `sae-<checkpoint>-layer<L>`):
     sae.pt                the SAE (crate.sae.load_sae; `--features sae:PATH` for the interpretability job)
-    train_state.pt        SAE + Adam + step + stream position, every `sae.checkpoint_every` steps: a rerun
-                          with the same output_dir resumes there (activations still in the shuffle buffer
-                          are not replayed; the stream continues with the next unread block)
+    train_state.pt        SAE + Adam + step + data-stream position, every `sae.checkpoint_every` steps: a
+                          rerun with the same output_dir resumes there (activations that were still in the
+                          shuffle buffer are not replayed: the stream continues with the next unread block)
+    mlflow_run_id         the run a resumed job keeps logging to
     metrics.json          the evaluation (reconstruction, L0, dead fraction, loss recovered)
     feature_density.png   histogram of log10 feature firing frequency on the evaluation tokens
 """
@@ -13,7 +14,6 @@ Output directory (`output_dir`, default `sae-<checkpoint>-layer<L>`):
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crate.data.config import DataConfig
 from crate.errors import ConfigError
 from crate.sae.activations import LayerActivations, shuffled_batches
 from crate.sae.evaluate import SAEEvaluation, evaluate_sae
@@ -34,37 +35,30 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SAEDataConfig:
-    train: str = "stdlib://train"  # corpus URI of the activation stream (see crate.data)
-    eval: str = "stdlib://val"  # held-out corpus for the evaluation; must not overlap `train`
-    context: int | None = None  # tokens per block fed to the model (default: the model's context)
-    text_field: str = "text"
-    batch_blocks: int = 4  # blocks per forward pass
-    eval_blocks: int = 64  # evaluation blocks (each context+1 tokens)
-
-    def __post_init__(self) -> None:
-        if self.context is not None and self.context < 1:
-            raise ConfigError("context", f"must be >= 1, got {self.context}")
-        if self.batch_blocks < 1 or self.eval_blocks < 1:
-            raise ConfigError("batch_blocks", "batch_blocks and eval_blocks must be >= 1")
-
-
-@dataclass
 class TrainSAEConfig:
     checkpoint: str = ""  # the model whose neurons the SAE encodes
     layer: int | None = None
     sae: SAETrainConfig = field(default_factory=SAETrainConfig)
-    data: SAEDataConfig = field(default_factory=SAEDataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(engine="local"))  # train: activation stream, val: evaluation
+    blocks_per_forward: int = 4  # token blocks per model forward pass
+    eval_blocks: int = 64  # held-out blocks (data.val) for the evaluation
     output_dir: str | None = None  # default: sae-<checkpoint stem>-layer<L>
     device: str = "auto"  # auto: cuda when available
     resume: bool = True  # continue from output_dir/train_state.pt when it exists
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @classmethod
+    def defaults_for(cls, raw: dict) -> dict:
+        """Config-loader hook: read the corpus in this process unless `data.engine` says otherwise (one consumer)."""
+        return {"data": {"engine": "local"}}
 
     def __post_init__(self) -> None:
         if not self.checkpoint:
             raise ConfigError("checkpoint", "a model checkpoint is required (--checkpoint PATH)")
         if self.layer is None or self.layer < 0:
             raise ConfigError("layer", "the layer whose neurons to encode is required (--layer L)")
+        if self.blocks_per_forward < 1 or self.eval_blocks < 1:
+            raise ConfigError("blocks_per_forward", "blocks_per_forward and eval_blocks must be >= 1")
 
     @property
     def out(self) -> Path:
@@ -73,49 +67,55 @@ class TrainSAEConfig:
 
 def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
     """Train (or resume), evaluate, save; returns the SAE file and its evaluation."""
-    from crate.data import read_blocks
+    from crate.data import check_sources, train_batches, val_batches
     from crate.model import load_model
 
     if not Path(config.checkpoint).is_file():
         raise FileNotFoundError(f"no model checkpoint at {config.checkpoint}")
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if config.device == "auto" else config.device)
-    model = load_model(config.checkpoint).to(device).eval()
+    model = load_model(config.checkpoint).to(_device(config.device)).eval().requires_grad_(False)
     if config.layer >= model.config.n_layer:
         raise ConfigError("layer", f"the model has {model.config.n_layer} layers (0..{model.config.n_layer - 1})")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    context = min(config.data.context or model.config.block_size, model.config.block_size)
+    if config.data.context > model.config.block_size:
+        raise ConfigError("data.context", f"{config.data.context} exceeds the model's context "
+                                          f"({model.config.block_size}); set data.context={model.config.block_size}")
+    check_sources(config.data)
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     source = _source(config, model)
+    device = next(model.parameters()).device
 
     trainer = SAETrainer(config.sae, model.config.n_neurons, device)
     state_path = out / "train_state.pt"
-    skip = 0
+    position = {"data": None}  # the stream position after the last batch read into the shuffle buffer
     if config.resume and state_path.is_file():
         state = torch.load(state_path, map_location=device, weights_only=False)
         trainer.load_state_dict(state["trainer"])
-        skip = state["blocks_read"]
-        log.info("resuming %s at step %d (block %d of the stream)", out, trainer.step, skip)
+        position["data"] = state["data"]
+        log.info("resuming %s at step %d", out, trainer.step)
     run_id = _read_run_id(out) if trainer.step else None
     tracker = Tracker.start(config.tracking, run_name=config.tracking.run_name or f"sae-{out.name}",
                             params=_params(config, model), tags=_tags(source), resume_run_id=run_id)
     _write_run_id(out, tracker.run_id)
     try:
-        blocks = read_blocks(config.data.train, block_length=context + 1, text_field=config.data.text_field)
-        stream = LayerActivations(model, config.layer, itertools.islice(blocks, skip, None),
-                                  config.data.batch_blocks, context)
+        stream = train_batches(config.data, config.blocks_per_forward, rank=0, world_size=1, state=position["data"])
+
+        def inputs():
+            for batch in stream:
+                position["data"] = batch.state
+                yield batch.tokens[:, :-1]
+
         shuffle = torch.Generator().manual_seed(config.sae.seed + trainer.step)  # a resumed run reshuffles anew
-        batches = shuffled_batches(stream, config.sae.buffer_size, config.sae.batch_size, shuffle)
+        batches = shuffled_batches(LayerActivations(model, config.layer, inputs()), config.sae.buffer_size,
+                                   config.sae.batch_size, shuffle)
 
         def save_state(t: SAETrainer) -> None:
-            _atomic_save({"trainer": t.state_dict(), "blocks_read": skip + stream.blocks_read}, state_path)
+            _atomic_save({"trainer": t.state_dict(), "data": position["data"]}, state_path)
 
         train_sae(trainer, batches, log_metrics=tracker.log_metrics, on_checkpoint=save_state)
-        eval_blocks = read_blocks(config.data.eval, block_length=context + 1, max_blocks=config.data.eval_blocks,
-                                  text_field=config.data.text_field)
-        evaluation = evaluate_sae(model, config.layer, trainer.sae, eval_blocks, config.data.batch_blocks)
+        stream.close()
+        held_out = (batch.tokens for batch in val_batches(config.data, config.blocks_per_forward, 0, 1,
+                                                          config.eval_blocks))
+        evaluation = evaluate_sae(model, config.layer, trainer.sae, held_out)
         metrics = evaluation.metrics()
         tracker.log_metrics(metrics, step=trainer.step)
         sae_path = save_sae(trainer.sae, out / "sae.pt", source, metrics=metrics,
@@ -134,6 +134,12 @@ def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
           f"loss recovered {evaluation.loss_recovered:.1%} (clean {evaluation.loss_clean:.3f}, spliced "
           f"{evaluation.loss_spliced:.3f}, zero-ablated {evaluation.loss_zero_ablated:.3f})")
     return sae_path, evaluation
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _source(config: TrainSAEConfig, model) -> SAESource:

@@ -1,0 +1,33 @@
+"""Clamp a neuron at every position and show what it does to the next token and to a generation (paper §4.4).
+
+    python jobs/steer.py --checkpoint crate-1l.pt --layer 0 --neuron 2 --value 10 --prompt "1 2 3 4 5"
+    python jobs/steer.py --checkpoint crate-1l.pt --layer 0 --neuron 2 --sweep 0,2,5,10,20      # how it grows
+    python jobs/steer.py --checkpoint crate-1l.pt --top-explained 5 --results interp/results.parquet --value 10
+"""
+
+import sys
+
+from crate.cli import setup_logging
+from crate.results.cli import Flag, parse_tool_config
+from crate.steering import SteerConfig, run_steering
+
+FLAGS = [
+    Flag("--checkpoint", "checkpoint", "model checkpoint (CRATE or GPT)", "text", "PATH"),
+    Flag("--layer", "layer", "layer of the neurons"),
+    Flag("--neuron", "neurons", "neuron index (repeat, or comma-separate, to clamp several together)", "list", "I"),
+    Flag("--value", "value", "clamp value"),
+    Flag("--sweep", "sweep", "comma-separated clamp values, one effect each", "list", "V1,V2,..."),
+    Flag("--prompt", "prompt", "prompt text", "text"),
+    Flag("--top-explained", "top_explained", "steer the K best-scored neurons of --results", metavar="K"),
+    Flag("--results", "results", "interpretability results table (results.parquet)", "text", "PATH"),
+    Flag("--metric", "metric", "metric that ranks neurons for --top-explained", "text"),
+]
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    run_steering(parse_tool_config(SteerConfig, __doc__, FLAGS, argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
