@@ -1,0 +1,256 @@
+"""The paper's Table 2 from interpretability results tables: per model and metric, the mean across layers and
+the population variance across layers of the per-layer mean scores, and CRATE's relative improvement over GPT.
+
+    per-layer score  s̄_l = mean of the layer's scores (NaN — undefined or failed — excluded, and counted)
+    mean             (1/|ℒ|) Σ_{l∈ℒ} s̄_l            variance  (1/|ℒ|) Σ_{l∈ℒ} (s̄_l − mean)²
+    ℒ                all layers, except the last one for models with ≥ 6 layers (the paper drops it for its
+                     6- and 12-layer models; both versions are reported)
+    improvement      (mean_CRATE − mean_GPT) / |mean_GPT|, per metric and averaged over metrics, for models of
+                     the same depth (the paper's "up to 103%")
+
+A series is one model's features under one protocol and backend: the model's neurons, or the features of its
+SAEs (one SAE per layer, from separate `--features sae:PATH` runs, pooled into one "+SAE" series as the paper's
+GPT-SAE rows). Scores are Pearson correlations; reports show them ×100 as the paper does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import polars as pl
+
+from crate.errors import ConfigError
+from crate.tracking import Tracker, TrackingConfig
+
+log = logging.getLogger(__name__)
+
+SERIES = ("model", "feature_kind", "arch", "n_layer", "protocol", "backend")
+PAPER_RULE, ALL_LAYERS = "paper", "all"
+
+
+@dataclass
+class CompareConfig:
+    results: list[str] = field(default_factory=list)  # results.parquet files, or interpretability output dirs
+    output_dir: str = "comparison"
+    metrics: list[str] = field(default_factory=list)  # restrict to these metrics (default: all present)
+    protocol: str | None = None  # restrict to one protocol (default: all present)
+    exclude_last_from: int = 6  # models with at least this many layers drop their last layer (the paper)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.results:
+            raise ConfigError("results", "give at least one results table: compare.py RESULTS...")
+        if self.exclude_last_from < 2:
+            raise ConfigError("exclude_last_from", f"must be >= 2, got {self.exclude_last_from}")
+
+
+@dataclass
+class Comparison:
+    layers: pl.DataFrame  # one row per series × metric × layer
+    summary: pl.DataFrame  # one row per series × metric × rule
+    improvements: pl.DataFrame  # one row per CRATE/GPT pair × metric × rule (+ metric "average")
+
+
+def results_path(path: str | Path) -> Path:
+    path = Path(path)
+    resolved = path / "results.parquet" if path.is_dir() else path
+    if not resolved.is_file():
+        raise FileNotFoundError(f"no results table at {path} (expected a results.parquet file or a directory "
+                                f"holding one, as jobs/interpret.py writes)")
+    return resolved
+
+
+def read_results(paths: Sequence[str | Path]) -> pl.DataFrame:
+    """The result rows of several tables; a key present in more than one is kept once (the first)."""
+    from crate.interp.schema import RESULT_KEY
+
+    frames = [pl.read_parquet(results_path(p)) for p in paths]
+    table = pl.concat(frames, how="diagonal_relaxed")
+    unique = table.unique(subset=list(RESULT_KEY), keep="first", maintain_order=True)
+    if len(unique) < len(table):
+        log.warning("%d result rows appear in more than one table; each is counted once", len(table) - len(unique))
+    return unique
+
+
+def layer_scores(results: pl.DataFrame) -> pl.DataFrame:
+    """Per series × metric × layer: mean and std of the finite scores, the number scored and the NaNs."""
+    finite = pl.col("score").is_not_null() & pl.col("score").is_finite()
+    return (results.group_by([*SERIES, "metric", "layer"])
+            .agg(mean=pl.col("score").filter(finite).mean(),
+                 std=pl.col("score").filter(finite).std(ddof=0),
+                 scored=finite.sum(),
+                 nan=(~finite).sum())
+            .sort([*SERIES, "metric", "layer"]))
+
+
+def summarise(layers: pl.DataFrame, exclude_last_from: int = 6) -> pl.DataFrame:
+    """Mean and population variance across layers of the per-layer means, under both layer rules."""
+    rows = []
+    for key, group in layers.group_by([*SERIES, "metric"], maintain_order=True):
+        series = dict(zip([*SERIES, "metric"], key))
+        for rule in (PAPER_RULE, ALL_LAYERS):
+            used = group
+            if rule == PAPER_RULE and series["n_layer"] >= exclude_last_from:
+                used = group.filter(pl.col("layer") != series["n_layer"] - 1)
+            means = [m for m in used["mean"].to_list() if m is not None and math.isfinite(m)]
+            mean = sum(means) / len(means) if means else float("nan")
+            variance = sum((m - mean) ** 2 for m in means) / len(means) if means else float("nan")
+            rows.append({**series, "rule": rule, "layers": ",".join(map(str, used["layer"].to_list())),
+                         "mean": mean, "variance": variance, "scored": int(used["scored"].sum()),
+                         "nan": int(used["nan"].sum())})
+    return pl.DataFrame(rows)
+
+
+def improvements(summary: pl.DataFrame) -> pl.DataFrame:
+    """CRATE's relative improvement over GPT, neuron against neuron, at equal depth, protocol and backend;
+    per metric and averaged over the metrics both have ("average": ratio of the metric-averaged means)."""
+    neurons = summary.filter(pl.col("feature_kind") == "neurons")
+    crate = neurons.filter(pl.col("arch") == "crate")
+    gpt = neurons.filter(pl.col("arch") == "gpt")
+    on = ["n_layer", "protocol", "backend", "metric", "rule"]
+    pairs = crate.join(gpt, on=on, suffix="_gpt").select(
+        *on, crate=pl.col("model"), gpt=pl.col("model_gpt"), crate_mean=pl.col("mean"), gpt_mean=pl.col("mean_gpt"))
+    if pairs.is_empty():
+        return pairs.with_columns(improvement=pl.lit(None, dtype=pl.Float64))
+    average = (pairs.group_by(["crate", "gpt", "n_layer", "protocol", "backend", "rule"], maintain_order=True)
+               .agg(crate_mean=pl.col("crate_mean").mean(), gpt_mean=pl.col("gpt_mean").mean())
+               .with_columns(metric=pl.lit("average")))
+    both = pl.concat([pairs, average.select(pairs.columns)])
+    return both.with_columns(improvement=(pl.col("crate_mean") - pl.col("gpt_mean")) / pl.col("gpt_mean").abs())
+
+
+def compare(results: pl.DataFrame, exclude_last_from: int = 6) -> Comparison:
+    layers = layer_scores(results)
+    summary = summarise(layers, exclude_last_from)
+    return Comparison(layers, summary, improvements(summary))
+
+
+def series_label(model: str, feature_kind: str, protocol: str, backend: str, several: dict[str, bool]) -> str:
+    label = model if feature_kind == "neurons" else f"{model}+{feature_kind.upper()}"
+    extra = [v for k, v in (("protocol", protocol), ("backend", backend)) if several[k]]
+    return f"{label} ({', '.join(extra)})" if extra else label
+
+
+# ---------------------------------------------------------------------------------------------------------
+def render_markdown(comparison: Comparison, exclude_last_from: int = 6) -> str:
+    summary = comparison.summary
+    several = {k: summary[k].n_unique() > 1 for k in ("protocol", "backend")}
+    metrics = list(dict.fromkeys(summary["metric"].to_list()))
+    ordered = summary.sort(["n_layer", "arch", "feature_kind", "model"])
+    lines = ["# Neuron-level interpretability across layers (the paper's Table 2)", "",
+             "Scores are Pearson correlations ×100: per layer the mean over its scored features (undefined and "
+             "failed scores excluded), then the mean and the population variance across layers of those "
+             f"per-layer means. Last layer excluded for models with ≥ {exclude_last_from} layers, as the paper "
+             "does; the same numbers over all layers follow.", ""]
+    for rule, title in ((PAPER_RULE, f"last layer excluded from {exclude_last_from} layers on"),
+                        (ALL_LAYERS, "all layers")):
+        rows = ordered.filter(pl.col("rule") == rule)
+        lines += [f"## Mean (variance) across layers — {title}", "",
+                  "| model | L | features | " + " | ".join(metrics) + " |",
+                  "|---|---|---|" + "---|" * len(metrics)]
+        for key, group in rows.group_by(["model", "feature_kind", "protocol", "backend", "n_layer"],
+                                        maintain_order=True):
+            model, kind, protocol, backend, n_layer = key
+            cells = {r["metric"]: f"{100 * r['mean']:.2f} ({1e4 * r['variance']:.2f})" for r in group.iter_rows(named=True)}
+            lines.append(f"| {series_label(model, kind, protocol, backend, several)} | {n_layer} | {kind} | "
+                         + " | ".join(cells.get(m, "—") for m in metrics) + " |")
+        lines.append("")
+    gains = comparison.improvements
+    if not gains.is_empty():
+        columns = [*metrics, "average"]
+        lines += ["## Relative improvement of CRATE over GPT (means, last-layer rule)", "",
+                  "| CRATE | GPT | L | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+        for key, group in gains.filter(pl.col("rule") == PAPER_RULE).sort("n_layer").group_by(
+                ["crate", "gpt", "n_layer", "protocol", "backend"], maintain_order=True):
+            cells = {r["metric"]: f"{100 * r['improvement']:+.1f}%" for r in group.iter_rows(named=True)}
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells.get(c, "—") for c in columns) + " |")
+        lines.append("")
+    lines += ["## Coverage", "", "| model | features | metric | layers | scored | NaN (undefined or failed) |",
+              "|---|---|---|---|---|---|"]
+    for r in ordered.filter(pl.col("rule") == ALL_LAYERS).iter_rows(named=True):
+        lines.append(f"| {r['model']} | {r['feature_kind']} | {r['metric']} | {r['layers']} | {r['scored']} | {r['nan']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_layers(comparison: Comparison, path: str | Path, exclude_last_from: int = 6) -> Path:
+    """One panel per metric, one line per series: the per-layer mean ×100 with ± its standard error; a layer
+    the last-layer rule drops is drawn hollow."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = comparison.layers
+    several = {k: layers[k].n_unique() > 1 for k in ("protocol", "backend")}
+    metrics = list(dict.fromkeys(layers["metric"].to_list()))
+    all_series = layers.select(SERIES).unique(maintain_order=True).sort(["n_layer", "arch", "feature_kind", "model"])
+    colors = {key: plt.cm.tab10(i % 10) for i, key in enumerate(all_series.iter_rows())}  # one colour per series
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for key, group in layers.filter(pl.col("metric") == metric).group_by(list(SERIES), maintain_order=True):
+            series = dict(zip(SERIES, key))
+            label = series_label(series["model"], series["feature_kind"], series["protocol"], series["backend"], several)
+            x = group["layer"].to_numpy()
+            y = 100 * group["mean"].to_numpy().astype(float)
+            sem = 100 * group["std"].to_numpy().astype(float) / group["scored"].clip(lower_bound=1).to_numpy() ** 0.5
+            color = colors[tuple(key)]
+            style = "--" if series["feature_kind"] != "neurons" else "-"
+            ax.plot(x, y, style, marker="o", color=color, label=label)
+            ax.fill_between(x, y - sem, y + sem, color=color, alpha=0.15)
+            if series["n_layer"] >= exclude_last_from:
+                last = x == series["n_layer"] - 1
+                ax.plot(x[last], y[last], "o", markerfacecolor="white", color=color)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set(title=metric, xlabel="layer", ylabel="score ×100 (mean over features)")
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_comparison(comparison: Comparison, output_dir: str | Path, exclude_last_from: int = 6) -> list[Path]:
+    """table2.md, table2.csv (summary), layers.csv (per-layer means), improvements.csv, layers.png."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "table2.md", out / "table2.csv", out / "layers.csv", out / "improvements.csv"]
+    paths[0].write_text(render_markdown(comparison, exclude_last_from), encoding="utf-8")
+    comparison.summary.write_csv(paths[1])
+    comparison.layers.write_csv(paths[2])
+    comparison.improvements.write_csv(paths[3])
+    paths.append(plot_layers(comparison, out / "layers.png", exclude_last_from))
+    return paths
+
+
+def run_compare(config: CompareConfig) -> Comparison:
+    """The compare job: read, compare, print the markdown, write the files, log them to MLflow."""
+    results = read_results(config.results)
+    if config.protocol:
+        results = results.filter(pl.col("protocol") == config.protocol)
+    if config.metrics:
+        results = results.filter(pl.col("metric").is_in(config.metrics))
+    if results.is_empty():
+        raise ValueError(f"no result rows left to compare in {config.results} (protocol={config.protocol}, "
+                         f"metrics={config.metrics or 'all'})")
+    comparison = compare(results, config.exclude_last_from)
+    paths = write_comparison(comparison, config.output_dir, config.exclude_last_from)
+    print(paths[0].read_text(encoding="utf-8"))
+    tracker = Tracker.start(config.tracking, run_name=config.tracking.run_name or "compare",
+                            params={"results": ",".join(config.results), "protocol": config.protocol,
+                                    "metrics": ",".join(config.metrics), "exclude_last_from": config.exclude_last_from},
+                            tags={"crate.job": "compare"})
+    for path in paths:
+        tracker.log_artifact(path, "comparison")
+    for row in comparison.summary.filter(pl.col("rule") == PAPER_RULE).iter_rows(named=True):
+        name = re.sub(r"[^\w\-. /]", "_", f"{row['model']}.{row['feature_kind']}.{row['metric']}")  # MLflow's charset
+        tracker.log_metrics({f"{name}.mean": 100 * row["mean"], f"{name}.variance": 1e4 * row["variance"]}, step=0)
+    tracker.end()
+    return comparison

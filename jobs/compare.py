@@ -1,0 +1,28 @@
+"""The paper's Table 2 from interpretability results: mean and variance across layers per model and metric
+(last layer excluded for 6- and 12-layer models, and all layers), CRATE's relative improvement over GPT, and
+the per-layer plot; markdown + CSV + PNG, logged to MLflow.
+
+    python jobs/compare.py interp-crate-12l/ interp-gpt-12l/ interp-gpt-12l-sae-*/results.parquet
+    python jobs/compare.py RESULTS... --metric tar --metric random output_dir=table2
+"""
+
+import sys
+
+from crate.cli import setup_logging
+from crate.results.cli import Flag, parse_tool_config
+from crate.results.compare import CompareConfig, run_compare
+
+FLAGS = [
+    Flag("--metric", "metrics", "only these metrics (repeat or comma-separate)", "list"),
+    Flag("--protocol", "protocol", "only this protocol", "text"),
+    Flag("--output-dir", "output_dir", "where table2.md/.csv and layers.png go", "text", "DIR"),
+]
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    run_compare(parse_tool_config(CompareConfig, __doc__, FLAGS, argv, positional="results"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
