@@ -100,6 +100,7 @@ class SteeringEffect:
     generation: str  # greedy continuation without the intervention
     steered_generation: str  # ... and with it
     explanation: str | None = None  # the neuron's explanation, when it was picked from a results table
+    checkpoint: str | None = None  # the steered model's checkpoint (absolute path): how the viewer matches it
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -186,6 +187,7 @@ def run_steering(config: SteerConfig) -> list[SteeringEffect]:
     from crate.tokenizer import gpt2_tokenizer
 
     targets = _chosen_neurons(config)  # reads the results table before the model loads
+    checkpoint = str(Path(config.checkpoint).resolve())
     model = load_model(config.checkpoint).to(_device(config.device))
     tokenizer = gpt2_tokenizer()
     tracker = Tracker.start(config.tracking, run_name=config.tracking.run_name or f"steer-{Path(config.checkpoint).stem}",
@@ -196,7 +198,7 @@ def run_steering(config: SteerConfig) -> list[SteeringEffect]:
             batch = steering_effects(model, tokenizer, config.prompt, layer, neurons, config.values,
                                      config.top_tokens, config.new_tokens)
             for effect in batch:
-                effect.explanation = explanation
+                effect.explanation, effect.checkpoint = explanation, checkpoint
                 print(format_effect(effect), end="\n\n", flush=True)
             effects.extend(batch)
         written = write_effects(effects, config.output_dir)

@@ -101,3 +101,26 @@ def test_incomplete_requests_fail_before_any_work(fields, bad):
     with pytest.raises(ConfigError) as error:
         load_config(SteerConfig, {"checkpoint": "model.pt", **fields})
     assert error.value.field == bad
+
+
+def test_top_explained_steers_the_best_scored_neurons_of_a_results_table(tmp_path, tokenizer):
+    from test_compare import write_results
+
+    target = tokenizer.encode(" banana")[0]
+    checkpoint = save_model(wired_model("gpt", target), tmp_path / "gpt.pt")
+    base = {"model": "gpt-tiny", "features": "neurons", "protocol": "crate-paper", "metric": "tar",
+            "backend": "token-set", "prompt_version": "v1", "seed": 0, "status": "scored", "feature_kind": "neurons",
+            "arch": "gpt", "n_layer": 2}
+    rows = [{**base, "layer": 1, "neuron": NEURON, "score": 0.9, "explanation": "bananas"},
+            {**base, "layer": 0, "neuron": 3, "score": 0.5, "explanation": "digits"},
+            {**base, "layer": 0, "neuron": 4, "score": float("nan"), "status": "undefined"},
+            {**base, "layer": 1, "neuron": 5, "score": 0.99, "feature_kind": "sae", "features": "sae:x.pt"},
+            {**base, "layer": 0, "neuron": 6, "score": 0.1}]
+    results = write_results(tmp_path / "results.parquet", rows)
+    config = load_config(SteerConfig, {"checkpoint": str(checkpoint), "top_explained": 2, "results": str(results),
+                                       "value": 50.0, "new_tokens": 0, "output_dir": str(tmp_path / "out"),
+                                       "tracking": {"enabled": False}})
+    effects = run_steering(config)
+    assert [(e.layer, e.neurons, e.explanation) for e in effects] == [(1, [NEURON], "bananas"), (0, [3], "digits")]
+    assert effects[0].increased[0].token_id == target
+    assert effects[0].checkpoint == str(checkpoint.resolve())

@@ -20,11 +20,10 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
-
 import polars as pl
 
 from crate.errors import ConfigError
+from crate.results.tables import read_results
 from crate.tracking import Tracker, TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -54,27 +53,6 @@ class Comparison:
     layers: pl.DataFrame  # one row per series × metric × layer
     summary: pl.DataFrame  # one row per series × metric × rule
     improvements: pl.DataFrame  # one row per CRATE/GPT pair × metric × rule (+ metric "average")
-
-
-def results_path(path: str | Path) -> Path:
-    path = Path(path)
-    resolved = path / "results.parquet" if path.is_dir() else path
-    if not resolved.is_file():
-        raise FileNotFoundError(f"no results table at {path} (expected a results.parquet file or a directory "
-                                f"holding one, as jobs/interpret.py writes)")
-    return resolved
-
-
-def read_results(paths: Sequence[str | Path]) -> pl.DataFrame:
-    """The result rows of several tables; a key present in more than one is kept once (the first)."""
-    from crate.interp.schema import RESULT_KEY
-
-    frames = [pl.read_parquet(results_path(p)) for p in paths]
-    table = pl.concat(frames, how="diagonal_relaxed")
-    unique = table.unique(subset=list(RESULT_KEY), keep="first", maintain_order=True)
-    if len(unique) < len(table):
-        log.warning("%d result rows appear in more than one table; each is counted once", len(table) - len(unique))
-    return unique
 
 
 def layer_scores(results: pl.DataFrame) -> pl.DataFrame:

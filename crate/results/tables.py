@@ -1,0 +1,63 @@
+"""Reading the interpretability results tables (RESULTS_SCHEMA, `crate.interp.schema`)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import polars as pl
+
+log = logging.getLogger(__name__)
+
+
+def results_path(path: str | Path) -> Path:
+    """A results.parquet file, or the interpretability output directory that holds one."""
+    path = Path(path)
+    resolved = path / "results.parquet" if path.is_dir() else path
+    if not resolved.is_file():
+        raise FileNotFoundError(f"no results table at {path} (expected a results.parquet file or a directory "
+                                f"holding one, as jobs/interpret.py writes)")
+    return resolved
+
+
+def read_results(paths: Sequence[str | Path]) -> pl.DataFrame:
+    """The result rows of several tables; a key present in more than one is kept once (the first)."""
+    from crate.interp.schema import RESULT_KEY
+
+    table = pl.concat([pl.read_parquet(results_path(p)) for p in paths], how="diagonal_relaxed")
+    unique = table.unique(subset=list(RESULT_KEY), keep="first", maintain_order=True)
+    if len(unique) < len(table):
+        log.warning("%d result rows appear in more than one table; each is counted once", len(table) - len(unique))
+    return unique
+
+
+@dataclass(frozen=True)
+class ExplainedNeuron:
+    layer: int
+    neuron: int
+    metric: str
+    score: float
+    explanation: str | None
+
+
+def top_explained(results: str | Path, k: int, metric: str | None = None, layer: int | None = None) -> list[ExplainedNeuron]:
+    """The `k` model neurons (not SAE features) with the highest finite score under `metric` (default: the
+    first metric in the table), optionally within one layer."""
+    table = read_results([results]).filter(pl.col("feature_kind") == "neurons")
+    if table.is_empty():
+        raise ValueError(f"{results} holds no scored model neurons")
+    metrics = table["metric"].unique(maintain_order=True).to_list()
+    metric = metric or metrics[0]
+    if metric not in metrics:
+        raise ValueError(f"{results} has no metric {metric!r}; it has {', '.join(metrics)}")
+    chosen = table.filter((pl.col("metric") == metric) & pl.col("score").is_finite())
+    if layer is not None:
+        chosen = chosen.filter(pl.col("layer") == layer)
+    rows = chosen.sort(["score", "layer", "neuron"], descending=[True, False, False]).head(k)
+    if rows.is_empty():
+        raise ValueError(f"{results} has no finite {metric} score" + (f" in layer {layer}" if layer is not None else ""))
+    return [ExplainedNeuron(r["layer"], r["neuron"], metric, r["score"], r["explanation"])
+            for r in rows.iter_rows(named=True) if math.isfinite(r["score"])]
