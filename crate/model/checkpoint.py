@@ -28,10 +28,16 @@ _RELEASED_HEADS_BY_WIDTH = {128: 4, 768: 12}
 
 def save_model(model: LanguageModel, path: str | os.PathLike, **metadata: Any) -> Path:
     """Write config + fp32 state dict (+ metadata such as step or MLflow run id) atomically to `path`."""
+    return save_weights(model.config, model.state_dict(), path, **metadata)
+
+
+def save_weights(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                 **metadata: Any) -> Path:
+    """The same file from a config and a state dict (e.g. gathered from ZeRO-3 shards)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
-    payload = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(model.config), "model": state,
+    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state_dict.items()}
+    payload = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(config), "model": state,
                "metadata": metadata}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)

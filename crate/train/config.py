@@ -1,0 +1,118 @@
+"""The pretraining configuration: model, data, training and tracking sections, validated together."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from crate.data import DataConfig
+from crate.errors import ConfigError
+from crate.model.config import ModelConfig, preset_fields
+from crate.tracking import TrackingConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4  # peak
+    min_lr: float = 6e-5  # cosine floor (10% of peak)
+    warmup_steps: int = 2000
+    decay_steps: int | None = None  # step at which the cosine reaches min_lr; default: train.max_steps
+    weight_decay: float = 0.1  # on ≥2-D tensors only (matrices, embeddings, the ISTA dictionary)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global grad-norm clip; 0 disables
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError("min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(name, f"must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("weight_decay" if self.weight_decay < 0 else "grad_clip", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    run_name: str | None = None  # a re-submitted job with the same name resumes from its last checkpoint
+    storage_path: str = field(default_factory=lambda: os.environ.get("CRATE_STORAGE_PATH", "./runs"))
+    launcher: Literal["ray", "local"] = "ray"  # local: one process, no Ray (torch-only hosts)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    engine: Literal["deepspeed", "torch"] = "deepspeed"  # torch: plain AdamW (DDP across workers), no sharding
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs, fp32 on CPUs
+    compile: bool = False  # torch.compile (engine.compile() under DeepSpeed)
+    micro_batch_size: int = 12  # sequences per worker per forward pass
+    global_batch_size: int = 480  # sequences per optimizer step (480 x 1024 = 491,520 tokens, the paper's)
+    max_steps: int = 600_000
+    max_tokens: int | None = None  # token budget; when set, max_steps = ceil(max_tokens / tokens per step)
+    log_interval: int = 10
+    eval_interval: int = 1000
+    eval_blocks: int = 200  # validation blocks per evaluation (same blocks every time)
+    checkpoint_interval: int = 1000
+    keep_checkpoints: int = 3
+    max_failures: int = 3  # worker failures Ray Train recovers from by restarting at the last checkpoint
+    controller_failure_limit: int = 3  # Ray's default retries a worker group that cannot start forever
+    seed: int = 1337
+    peak_flops: float | None = None  # per device, for MFU; default: known bf16 peaks (H100/H200 989e12, A100 312e12)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        positive = ("num_workers", "micro_batch_size", "global_batch_size", "max_steps", "log_interval",
+                    "eval_interval", "eval_blocks", "checkpoint_interval", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("zero_stage", f"DeepSpeed ZeRO stages are 0, 1, 2 and 3, got {self.zero_stage}")
+        if self.global_batch_size % (self.micro_batch_size * self.num_workers):
+            raise ConfigError("global_batch_size",
+                              f"{self.global_batch_size} sequences per step cannot be split into micro-batches of "
+                              f"{self.micro_batch_size} on {self.num_workers} workers (must be a multiple of "
+                              f"{self.micro_batch_size * self.num_workers})")
+        if self.launcher == "local" and self.num_workers != 1:
+            raise ConfigError("num_workers", "the local launcher runs one process; use launcher=ray for more workers")
+        for name in ("max_failures", "controller_failure_limit"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError("max_tokens", f"must be >= 1, got {self.max_tokens}")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(**preset_fields("crate-tiny")))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.context > self.model.block_size:
+            raise ConfigError("data.context", f"{self.data.context} tokens exceed model.block_size "
+                                              f"{self.model.block_size}")
+        if self.train.launcher == "local" and self.data.engine == "ray":
+            raise ConfigError("data.engine", "the local launcher runs without Ray: set data.engine=local")
+        if self.train.max_tokens is not None:
+            self.train.max_steps = -(-self.train.max_tokens // self.tokens_per_step)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.global_batch_size * self.data.context
+
+    @property
+    def decay_steps(self) -> int:
+        return self.train.optim.decay_steps or self.train.max_steps

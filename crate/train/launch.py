@@ -1,0 +1,119 @@
+"""The driver side of pretraining: validate, then run the loop on Ray Train (or in this process)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from crate.config import to_dict
+from crate.data import check_sources
+from crate.errors import ConfigError
+from crate.tracking.provenance import code_version, package_versions
+from crate.train.checkpoint import MODEL_FILE
+from crate.train.config import PretrainConfig
+from crate.train.loop import RunInfo, run_training, train_worker
+from crate.train.runtime import LocalRuntime
+
+log = logging.getLogger("crate.train")
+
+
+@dataclass
+class TrainingResult:
+    run_name: str
+    metrics: dict[str, Any]
+    checkpoint: str  # the last checkpoint directory (local path or storage URI)
+
+    @property
+    def model_file(self) -> str:
+        """The plain single-file checkpoint (config + fp32 weights) for interpretability and steering."""
+        return f"{self.checkpoint.rstrip('/')}/{MODEL_FILE}"
+
+    def summary(self) -> str:
+        loss = self.metrics.get("val/loss")
+        return (f"run {self.run_name}: {self.metrics.get('step', '?')} steps, "
+                f"{self.metrics.get('tokens_seen', 0):,} tokens, val loss "
+                f"{'n/a' if loss is None else f'{loss:.4f}'}\nmodel: {self.model_file}")
+
+
+def default_run_name(cfg: PretrainConfig) -> str:
+    return f"{cfg.model.preset or cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def storage_location(path: str) -> str:
+    """Cloud URIs pass through; local paths become absolute (Ray Train requires it)."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def launch(cfg: PretrainConfig, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+           callbacks: Sequence[Any] = ()) -> TrainingResult:
+    """Check the inputs, then train. `parent_run_id`/`tags`/`callbacks` let a Tune trial nest and report."""
+    check_sources(cfg.data)  # a missing corpus fails here, before any worker starts
+    run = RunInfo(name=cfg.train.run_name or default_run_name(cfg), code_version=code_version(),
+                  packages=package_versions(), tags=dict(tags or {}), parent_run_id=parent_run_id)
+    job = {"config": to_dict(cfg), "run": dataclasses.asdict(run)}
+    storage = storage_location(cfg.train.storage_path)
+    if cfg.train.launcher == "local":
+        runtime = LocalRuntime(Path(storage) / run.name, cfg.train.keep_checkpoints)
+        metrics = run_training(job, runtime)
+        return TrainingResult(run.name, metrics, str(runtime.checkpoints()[-1]))
+    return _fit_on_ray(cfg, job, run.name, storage, callbacks)
+
+
+def _fit_on_ray(cfg: PretrainConfig, job: dict, run_name: str, storage: str, callbacks: Sequence[Any]) -> TrainingResult:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started_here = connect_ray()
+    if started_here:
+        check_resources(cfg, ray.cluster_resources())
+    t = cfg.train
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=job,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+        run_config=RunConfig(name=run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=t.max_failures,
+                                                          controller_failure_limit=t.controller_failure_limit),
+                             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                             callbacks=list(callbacks) or None),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    metrics = dict(result.metrics or {})
+    return TrainingResult(run_name, metrics, result.checkpoint.path if result.checkpoint else "")
+
+
+def connect_ray() -> bool:
+    """Join the cluster in RAY_ADDRESS (or the one already initialised); else start a local instance.
+    Returns True when the instance was started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return False
+    # A fresh local instance in Ray 2.60 enables token auth; it listens on loopback only, so turn it off and say so.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    log.info("starting a local Ray instance (token auth %s)", os.environ["RAY_AUTH_MODE"])
+    ray.init()
+    return True
+
+
+def check_resources(cfg: PretrainConfig, available: dict[str, float]) -> None:
+    t = cfg.train
+    need_cpu = t.num_workers * t.cpus_per_worker
+    if need_cpu > available.get("CPU", 0):
+        raise ConfigError("train.num_workers", f"{t.num_workers} workers x {t.cpus_per_worker} CPUs = {need_cpu} "
+                                               f"CPUs, but this Ray instance has {available.get('CPU', 0):g}")
+    if t.use_gpu and t.num_workers > available.get("GPU", 0):
+        raise ConfigError("train.use_gpu", f"{t.num_workers} GPU workers, but this Ray instance has "
+                                           f"{available.get('GPU', 0):g} GPUs")

@@ -1,0 +1,224 @@
+"""The per-worker training loop.
+
+Ray Train runs `train_worker` in every worker; `launcher: local` runs `run_training` in one plain process with
+`LocalRuntime`. It is the same code either way: resume first, then optimizer steps of `grad_accum_steps`
+micro-batches, with periodic logging, evaluation and checkpoints. Rank 0 alone talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from crate.config import dump_yaml, flatten, from_dict
+from crate.data import train_batches, val_batches
+from crate.model import build_model
+from crate.tracking import Tracker
+from crate.train.checkpoint import MODEL_FILE, load_weights_into, plan_resume, restore_engine, write_checkpoint
+from crate.train.config import PretrainConfig
+from crate.train.engine import build_engine
+from crate.train.evaluate import all_reduce, evaluate
+from crate.train.metrics import LossHistory, Throughput, peak_flops
+from crate.train.runtime import RayRuntime
+from crate.train.schedule import learning_rate
+
+log = logging.getLogger("crate.train")
+
+
+@dataclass
+class RunInfo:
+    """What the driver resolved once for every worker."""
+
+    name: str
+    code_version: str = "unknown"
+    packages: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    parent_run_id: str | None = None  # MLflow run this one nests under (a sweep)
+
+
+def train_worker(job: dict[str, Any]) -> None:
+    """Ray Train's `train_loop_per_worker`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_training(job, RayRuntime())
+
+
+def run_training(job: dict[str, Any], runtime) -> dict[str, float]:
+    """Train until `max_steps` (or the token budget ends the stream); returns the final metrics."""
+    trainer = Trainer(from_dict(PretrainConfig, job["config"]), RunInfo(**job["run"]), runtime)
+    try:
+        return trainer.fit()
+    except BaseException:
+        trainer.tracker.end("FAILED")
+        raise
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig, run: RunInfo, runtime):
+        self.cfg, self.run, self.runtime = cfg, run, runtime
+        self.rank, self.world_size = runtime.rank, runtime.world_size
+        self.device = runtime.device(cfg.train.use_gpu)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model)
+        with runtime.latest_checkpoint() as directory:
+            resume = plan_resume(directory, cfg.train, self.rank, self.world_size)
+            if resume and not resume.full_engine_state:
+                load_weights_into(model, resume)
+            self.engine = build_engine(model, cfg.train, self.device)
+            if resume and resume.full_engine_state:
+                restore_engine(self.engine, resume, self.rank)
+        if resume is None:
+            torch.manual_seed(cfg.train.seed + self.rank)
+        saved = resume.trainer_state if resume else {}
+        self.step = saved.get("step", 0)
+        self.history = LossHistory.from_dict(saved.get("history"))
+        self.mixture: dict[str, int] = dict(saved.get("mixture", {}))  # tokens per pile_set_name, this rank
+        self.data_state = resume.data_state if resume else None
+        self.tracker = self._open_tracker(saved.get("mlflow_run_id"))
+        self.batches = train_batches(cfg.data, cfg.train.micro_batch_size, self.rank, self.world_size, self.data_state)
+        self.throughput = Throughput(self.engine.module.flops_per_token(cfg.data.context),
+                                     peak_flops(self.device, cfg.train.peak_flops), self.world_size)
+        if resume:
+            self._log(f"resumed at step {self.step} from {resume.directory.name}")
+            self.tracker.log_metrics({"train/resumed_from_step": self.step}, step=self.step)
+
+    # ----------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        train = self.cfg.train
+        metrics: dict[str, float] = {}
+        self._log(f"training {self.cfg.model.preset or self.cfg.model.arch} for {train.max_steps} steps of "
+                  f"{self.cfg.tokens_per_step:,} tokens on {self.world_size} worker(s), engine {train.engine}"
+                  + (f" ZeRO-{train.zero_stage}" if train.engine == "deepspeed" else ""))
+        while self.step < train.max_steps:
+            loss = self.train_step()
+            if loss is None:
+                self._log("the data stream ended (token budget reached)")
+                break
+            if self.step % train.log_interval == 0 or self.step == train.max_steps:
+                metrics = self.log_progress(loss)
+            if self.step == train.max_steps:
+                break  # the final evaluation and checkpoint follow
+            if self.step % train.eval_interval == 0:
+                metrics = {**metrics, **self.evaluate()}
+            if self.step % train.eval_interval == 0 or self.step % train.checkpoint_interval == 0:
+                self.report(metrics, checkpoint=self.step % train.checkpoint_interval == 0)
+        if not self.history.val or self.history.val[-1][0] != self.step:
+            metrics = {**metrics, **self.evaluate()}
+        metrics = self.report(metrics, checkpoint=True, final=True)
+        self.finish()
+        return metrics
+
+    def train_step(self) -> float | None:
+        """One optimizer step over grad_accum_steps micro-batches; the mean loss, or None at the stream's end."""
+        o = self.cfg.train.optim
+        self.engine.set_lr(learning_rate(self.step, o.lr, o.min_lr, o.warmup_steps, self.cfg.decay_steps))
+        losses = []
+        for _ in range(self.cfg.train.grad_accum_steps):
+            batch = next(self.batches, None)
+            if batch is None:
+                return None
+            tokens = batch.tokens.to(self.device, non_blocking=True)
+            losses.append(self.engine.forward_backward(tokens[:, :-1], tokens[:, 1:]))
+            self.data_state = batch.state
+            for name, count in batch.set_tokens.items():
+                self.mixture[name] = self.mixture.get(name, 0) + count
+            self.throughput.add(tokens[:, 1:].numel() * self.world_size)
+        self.grad_norm = self.engine.finish_step()
+        self.step += 1
+        return torch.stack(losses).mean().item()
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.step * self.cfg.tokens_per_step
+
+    # ----------------------------------------------------------------------------------------------
+    def log_progress(self, loss: float) -> dict[str, float]:
+        loss = all_reduce(torch.tensor(loss, device=self.device)).item() / self.world_size
+        o = self.cfg.train.optim
+        metrics = {"train/loss": loss, "train/grad_norm": self.grad_norm, "train/tokens_seen": self.tokens_seen,
+                   "train/lr": learning_rate(self.step - 1, o.lr, o.min_lr, o.warmup_steps, self.cfg.decay_steps),
+                   **self.throughput.measure(self.device), **self._mixture_metrics()}
+        self.history.train.append((self.step, loss))
+        self.tracker.log_metrics(metrics, step=self.step)
+        mfu = f" | mfu {metrics['perf/mfu']:.1%}" if "perf/mfu" in metrics else ""
+        self._log(f"step {self.step}/{self.cfg.train.max_steps} | loss {loss:.4f} | lr {metrics['train/lr']:.2e} | "
+                  f"grad {self.grad_norm:.2f} | {metrics['perf/tokens_per_s']:,.0f} tok/s{mfu} | "
+                  f"{self.tokens_seen:,} tokens")
+        return metrics
+
+    def _mixture_metrics(self) -> dict[str, float]:
+        """Tokens seen per pile_set_name, all ranks together."""
+        mixture = self.mixture
+        if dist.is_initialized() and self.world_size > 1:
+            gathered: list[dict[str, int]] = [{} for _ in range(self.world_size)]
+            dist.all_gather_object(gathered, self.mixture)
+            mixture = {name: sum(m.get(name, 0) for m in gathered) for name in set().union(*gathered)}
+        total = max(sum(mixture.values()), 1)
+        return {f"data/share/{name}": count / total for name, count in mixture.items()}
+
+    def evaluate(self) -> dict[str, float]:
+        batches = val_batches(self.cfg.data, self.cfg.train.micro_batch_size, self.rank, self.world_size,
+                              self.cfg.train.eval_blocks)
+        metrics = evaluate(self.engine.module, batches, self.device, self.engine.eval_context)
+        self.history.val.append((self.step, metrics["val/loss"]))
+        self.tracker.log_metrics(metrics, step=self.step)
+        sparsity = f" | active/token {metrics['neurons/active_per_token']:.1f}"
+        lasso = (f" | lasso {metrics['neurons/lasso_objective']:.3f} | recon err "
+                 f"{metrics['neurons/relative_recon_error']:.3f}" if "neurons/lasso_objective" in metrics else "")
+        self._log(f"eval step {self.step} | val loss {metrics['val/loss']:.4f} | ppl {metrics['val/ppl']:.1f}"
+                  f"{sparsity}{lasso}")
+        return metrics
+
+    def report(self, metrics: dict[str, float], checkpoint: bool, final: bool = False) -> dict[str, float]:
+        """Report metrics to the runtime (Ray Train / Tune), with a checkpoint when due. Every rank calls this."""
+        metrics = {**metrics, "step": self.step, "tokens_seen": self.tokens_seen}
+        directory = self.runtime.new_checkpoint_dir(self.step) if checkpoint else None
+        if directory is not None:
+            write_checkpoint(directory, self.engine, self.rank, self.world_size, self._trainer_state(),
+                             self.data_state or {}, self.cfg.model)
+            if final and self.rank == 0:
+                self.tracker.log_artifact(directory / MODEL_FILE, "model")
+        self.runtime.report(metrics, directory, step=self.step)
+        if directory is not None:
+            self._log(f"checkpoint at step {self.step} ({self.tokens_seen:,} tokens)")
+        return metrics
+
+    def _trainer_state(self) -> dict[str, Any]:
+        t = self.cfg.train
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "engine": t.engine, "zero_stage": t.zero_stage,
+                "mlflow_run_id": self.tracker.run_id, "run_name": self.run.name, "history": self.history.to_dict(),
+                "mixture": self.mixture}
+
+    def finish(self) -> None:
+        if self.rank != 0:
+            return
+        figure = self.history.figure(f"{self.run.name}: {self.cfg.model.preset or self.cfg.model.arch}")
+        self.tracker.log_figure(figure, "plots/loss_curve.png")
+        self.tracker.end("FINISHED")
+        self._log(f"done: {self.step} steps, {self.tokens_seen:,} tokens")
+
+    # ----------------------------------------------------------------------------------------------
+    def _open_tracker(self, resume_run_id: str | None) -> Tracker:
+        if self.rank != 0:
+            return Tracker(self.cfg.tracking)  # inactive: rank 0 alone logs
+        cfg, run = self.cfg, self.run
+        tags = {"crate.run_name": run.name, "crate.arch": cfg.model.arch, "crate.model": cfg.model.preset or "custom",
+                "mlflow.source.git.commit": run.code_version, **run.tags}
+        params = {**flatten(cfg), "run.code_version": run.code_version, "run.world_size": self.world_size,
+                  "run.grad_accum_steps": cfg.train.grad_accum_steps, "run.tokens_per_step": cfg.tokens_per_step,
+                  "run.params": self.engine.module.num_params(),
+                  **{f"packages.{k}": v for k, v in run.packages.items()}}
+        tracker = Tracker.start(cfg.tracking, cfg.tracking.run_name or run.name, params=params, tags=tags,
+                                parent_run_id=run.parent_run_id, resume_run_id=resume_run_id)
+        if not resume_run_id:
+            tracker.log_text(dump_yaml(cfg), "config.yaml")
+        return tracker
+
+    def _log(self, message: str) -> None:
+        if self.rank == 0:
+            log.info(message)

@@ -1,0 +1,113 @@
+"""Where the training loop runs: a Ray Train worker, or one plain process. The loop only sees this interface.
+
+Both keep checkpoints as `<storage_path>/<run_name>/checkpoint_<step>/`: Ray Train persists what every worker
+reports into that directory; the local runtime writes it itself (atomically, keeping the newest N).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+def single_process_env() -> None:
+    """The torch.distributed environment of a world of one (DeepSpeed initialises a process group from it)."""
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        os.environ.setdefault(key, value)
+
+
+class LocalRuntime:
+    """A single process without Ray (hosts with torch alone)."""
+
+    rank, world_size, local_rank = 0, 1, 0
+
+    def __init__(self, run_dir: str | os.PathLike, keep_checkpoints: int):
+        self.run_dir = Path(run_dir)
+        self.keep = keep_checkpoints
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        single_process_env()
+
+    def device(self, use_gpu: bool) -> torch.device:
+        return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(p for p in self.run_dir.glob("checkpoint_*") if p.is_dir())
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        found = self.checkpoints()
+        yield found[-1] if found else None
+
+    def new_checkpoint_dir(self, step: int) -> Path:
+        staging = self.run_dir / f".staging_{checkpoint_name(step)}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        return staging
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0) -> None:
+        if checkpoint_dir is None:
+            return
+        final = self.run_dir / checkpoint_name(step)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(checkpoint_dir, final)  # a checkpoint exists complete or not at all
+        for old in self.checkpoints()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class RayRuntime:
+    """A Ray Train worker: rank and world from the train context, checkpoints through `ray.train.report`."""
+
+    def __init__(self):
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.local_rank = context.get_local_rank()
+
+    def device(self, use_gpu: bool) -> torch.device:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return device
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield Path(directory)
+
+    def new_checkpoint_dir(self, step: int) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"{checkpoint_name(step)}_"))
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, step: int = 0) -> None:
+        import ray.train
+
+        # A barrier: every rank reports the same number of times; Ray merges the ranks' directories.
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_dir_name=checkpoint_name(step) if checkpoint_dir else None)
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
