@@ -129,7 +129,7 @@ def jsonl_records(unit: Unit, start: Start, options: ReadOptions) -> Iterator[tu
             if line is None:
                 yield None, label, doc, offset, "too_long"
             elif line.strip():  # blank lines are not records
-                text, set_name, issue = json_record(line, options.text_field, label)
+                text, set_name, issue = json_record(line, options, label)
                 yield text, set_name, doc, offset, issue
             doc, offset = doc + 1, offset + length
     except CorruptFile as error:
@@ -137,23 +137,16 @@ def jsonl_records(unit: Unit, start: Start, options: ReadOptions) -> Iterator[tu
         yield None, label, doc, offset, "corrupt_file"
 
 
-def json_record(line: bytes, text_field: str, label: str) -> tuple[str | None, str, str]:
-    text, issue = decode_utf8(line)
+def json_record(line: bytes, options: ReadOptions, label: str) -> tuple[str | None, str, str]:
+    text, repaired = decode_utf8(line)
     try:
         record = json.loads(text)
     except ValueError:
         return None, label, "malformed_json"
     if not isinstance(record, dict):
         return None, label, "missing_text"
-    meta = record.get("meta")
-    set_name = meta.get("pile_set_name") if isinstance(meta, dict) else None
-    set_name = set_name if isinstance(set_name, str) and set_name else label
-    text = record.get(text_field)
-    if not isinstance(text, str):
-        return None, set_name, "missing_text"
-    if not text.strip():
-        return None, set_name, "empty"
-    return text, set_name, issue
+    text, set_name, issue = record_fields(record, options, label)
+    return text, set_name, issue or repaired
 
 
 def text_records(unit: Unit, start: Start, options: ReadOptions) -> Iterator[tuple]:
@@ -176,36 +169,36 @@ def parquet_records(unit: Unit, start: Start, options: ReadOptions) -> Iterator[
     import pyarrow.parquet as pq
 
     label = unit.label or UNLABELLED
+    row = start.offset
     with open_file(unit, options.retry) as handle:
         try:
             parquet = pq.ParquetFile(handle)
-            columns = [c for c in (options.text_field, "meta", "pile_set_name") if c in parquet.schema_arrow.names]
-            if options.text_field not in columns:
-                raise CorruptFile(f"has no column {options.text_field!r} (columns: {parquet.schema_arrow.names})")
-            first_row, groups = 0, []
+            names = parquet.schema_arrow.names
+            if options.text_field not in names:
+                raise ValueError(f"no column {options.text_field!r} (columns: {names})")
+            groups, row = [], 0
             for g in range(parquet.num_row_groups):
                 rows = parquet.metadata.row_group(g).num_rows
-                if first_row + rows > start.offset:
+                if row + rows <= start.offset and not groups:
+                    row += rows  # a whole row group before the resume point: never read
+                else:
                     groups.append(g)
-                elif not groups:
-                    first_row += rows
-            row = first_row
+            columns = [c for c in (options.text_field, "meta", "pile_set_name") if c in names]
             for batch in parquet.iter_batches(row_groups=groups, columns=columns, batch_size=1024):
                 for record in batch.to_pylist():
                     if row >= start.offset:
-                        yield (*dict_record(record, options, label), row)
+                        text, set_name, issue = record_fields(record, options, label)
+                        yield text, set_name, row, row, issue
                     row += 1
-        except CorruptFile as error:
-            log.warning("%s: %s; the file is skipped", unit.name, error)
-            yield None, label, start.doc, start.offset, "corrupt_file"
         except ValueError as error:  # pyarrow's ArrowInvalid: damaged data (I/O errors propagate, naming the file)
             log.warning("%s: unreadable Parquet (%s); the rest of the file is skipped", unit.name, error)
-            yield None, label, start.doc, start.offset, "corrupt_file"
+            yield None, label, row, row, "corrupt_file"
         except OSError as error:
             raise SourceError(f"{unit.name}: {error}") from error
 
 
-def dict_record(record: dict, options: ReadOptions, label: str) -> tuple:
+def record_fields(record: dict, options: ReadOptions, label: str) -> tuple[str | None, str, str]:
+    """(text or None, set name, issue) of one JSON or Parquet record."""
     meta = record.get("meta")
     set_name = meta.get("pile_set_name") if isinstance(meta, dict) else record.get("pile_set_name")
     set_name = set_name if isinstance(set_name, str) and set_name else label

@@ -77,7 +77,8 @@ class DocumentsDatasource(Datasource):
     def estimate_inmemory_data_size(self) -> int:
         return sum(unit.size for group in self.groups for _, unit, _ in group)
 
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None) -> list:
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list:
+        """One task per group of files, whatever `parallelism` Ray Data asks for: the groups are the schedule."""
         return [ReadTask(functools.partial(read_group, group, self.options),
                          BlockMetadata(num_rows=None, size_bytes=sum(u.size for _, u, _ in group),
                                        input_files=[u.url for _, u, _ in group], exec_stats=None),
