@@ -1,2 +1,22 @@
-"""Neuron-level interpretability: activation records, explanation, simulation and scoring (see schema.py for the
-tables other tools read)."""
+"""Neuron-level interpretability at scale: activation records, explanation, simulation and scoring.
+
+Stages (each importable and runnable without Ray):
+    records   collect.collect / RecordCollector      torch-only collector core, associative shard merges
+              records.write_records / read_feature_records / export_openai
+    explain   backends.build_backend(BackendConfig)  tokenset | http | hf, one interface
+    score     protocols.metric_groups / scoring.score_task   splits of both protocols, pooled Pearson
+    results   store.ResultStore, report.layer_summary / model_summary / plot_layers
+Orchestration: job.run_interpretability(InterpConfig) (Ray actors, MLflow); sweeps: proxy_score(model, blocks).
+Tables other tools read: crate.interp.schema. Feature sources: crate.interp.features.
+"""
+
+from crate.interp.config import BackendConfig, CollectionConfig, InterpConfig, WorkersConfig, add_flags, flags_to_overrides
+from crate.interp.features import FeatureSource, ModelNeurons, feature_source, register_feature_source
+from crate.interp.job import run_interpretability
+from crate.interp.proxy import proxy_score
+
+__all__ = [
+    "BackendConfig", "CollectionConfig", "FeatureSource", "InterpConfig", "ModelNeurons", "WorkersConfig",
+    "add_flags", "feature_source", "flags_to_overrides", "proxy_score", "register_feature_source",
+    "run_interpretability",
+]

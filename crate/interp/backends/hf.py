@@ -1,0 +1,175 @@
+"""In-process Hugging Face causal LMs, as the paper ran them (Mistral-7B-Instruct explains, Llama-2-7B simulates,
+both 4-bit): local files only (`local_files_only=True`, nothing is downloaded), optionally a GGUF file
+(transformers' `gguf_file=`, dequantised; needs the `gguf` package) or bitsandbytes 4-bit on CUDA.
+
+The simulator reads the full next-token distribution at each position right after a tab and renormalises it over
+the tokens "0".."10" — the exact restricted softmax, not the paper's top-5 logits. At start it checks that each of
+"0".."9" is one token after a tab in the simulator's tokenizer and that a token boundary follows the tab. When
+"10" is not one token (Llama-2 splits it, as in the paper), the scale is 0..9: "10" gets probability 0, a warning
+says so, and — as the normalisation is affine and the score is a Pearson correlation — scores are unaffected
+except where the simulator would have preferred 10.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from crate.interp.backends.base import Backend, BackendError, CallCounter, Explainer, Simulation, Simulator, backend_label
+from crate.interp.prompts import VALUE_STRINGS, explanation_prompt, expected_values, parse_explanation, render_text, simulation_prompt
+from crate.interp.records import Excerpt
+
+log = logging.getLogger(__name__)
+SIMULATION_BATCH = 8  # prompts per forward pass
+
+
+def _device(config) -> torch.device:
+    if config.device != "auto":
+        return torch.device(config.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype(config, device: torch.device) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, config.dtype)
+
+
+class HFModel:
+    """A tokenizer + causal LM loaded from a local directory (or a GGUF file inside it)."""
+
+    def __init__(self, path: str, gguf_file: str | None, config, calls: CallCounter):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not Path(path).is_dir():
+            raise BackendError(f"no local model directory at {path} (models are never downloaded)")
+        self.name = Path(path).name + (f"/{gguf_file}" if gguf_file else "")
+        self.device, self.calls = _device(config), calls
+        kwargs = {"local_files_only": True, **({"gguf_file": gguf_file} if gguf_file else {})}
+        self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model_kwargs = {**kwargs, "dtype": _dtype(config, self.device)}
+        if config.load_in_4bit:
+            model_kwargs.update(quantization_config=_four_bit(self.device), device_map={"": self.device.index or 0})
+        self.model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+        if not config.load_in_4bit:
+            self.model = self.model.to(self.device)
+        self.model.eval()
+
+    def encode(self, texts: list[str]):
+        return self.tokenizer(texts, return_offsets_mapping=True, padding=True, return_tensors="pt")
+
+
+def _four_bit(device: torch.device):
+    if device.type != "cuda":
+        raise BackendError("load_in_4bit needs CUDA (bitsandbytes)")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise BackendError("load_in_4bit needs the bitsandbytes package (pip install bitsandbytes)") from None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+class HFExplainer(Explainer):
+    def __init__(self, lm: HFModel, config):
+        self.lm, self.config, self.model_name = lm, config, lm.name
+
+    def _prompt_text(self, messages) -> str:
+        tokenizer = self.lm.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            return render_text(messages)
+        turns = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - templates without a system role (Mistral): prepend it, as the paper did
+            system, first, *rest = turns
+            merged = [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
+            return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
+
+    @torch.no_grad()
+    def explain(self, excerpts: Sequence[Excerpt], seed: int) -> str:
+        c, lm = self.config, self.lm
+        inputs = lm.tokenizer(self._prompt_text(explanation_prompt(excerpts)), return_tensors="pt",
+                              add_special_tokens=not getattr(lm.tokenizer, "chat_template", None)).to(lm.device)
+        torch.manual_seed(seed)
+        lm.calls.add()
+        output = lm.model.generate(**inputs, max_new_tokens=c.max_explanation_tokens, do_sample=c.temperature > 0,
+                                   temperature=c.temperature if c.temperature > 0 else None, top_p=c.top_p,
+                                   pad_token_id=lm.tokenizer.pad_token_id)
+        return parse_explanation(lm.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+class HFSimulator(Simulator):
+    kind = "logprob-ev"
+
+    def __init__(self, lm: HFModel):
+        self.lm, self.model_name = lm, lm.name
+        self.value_ids = self._value_token_ids()
+        probe = "x\tunknown\n"
+        if not any(start == 2 for start, _ in lm.tokenizer(probe, return_offsets_mapping=True)["offset_mapping"]):
+            raise BackendError(f"{lm.name}: its tokenizer merges a tab with the following text, so the "
+                               "all-at-once simulator has no position to read values from")
+
+    def _value_token_ids(self) -> list[int | None]:
+        """The token id of each value string right after a tab (None where the tokenizer splits it)."""
+        ids = []
+        for value in VALUE_STRINGS:
+            encoded = self.lm.tokenizer(f"x\t{value}\n", return_offsets_mapping=True)
+            match = [i for i, span in zip(encoded["input_ids"], encoded["offset_mapping"]) if tuple(span) == (2, 2 + len(value))]
+            ids.append(match[0] if match else None)
+        if any(i is None for i in ids[:10]):
+            raise BackendError(f"{self.lm.name}: the digits 0-9 are not single tokens after a tab")
+        if ids[10] is None:
+            log.warning("%s splits \"10\" into several tokens: simulated values use the scale 0..9", self.lm.name)
+        return ids
+
+    @torch.no_grad()
+    def simulate(self, explanation: str, excerpts: Sequence[Excerpt]) -> Simulation:
+        prompts = [simulation_prompt(explanation, e.tokens) for e in excerpts]
+        values, defaulted = [], 0
+        for start in range(0, len(prompts), SIMULATION_BATCH):
+            batch = prompts[start:start + SIMULATION_BATCH]
+            for probabilities in self._value_probabilities(batch):
+                defaulted += int((probabilities.sum(axis=1) == 0).sum())
+                values.append(expected_values(probabilities))
+        return Simulation(values, defaulted)
+
+    def _value_probabilities(self, batch: list[tuple[str, list[int]]]) -> list[np.ndarray]:
+        lm = self.lm
+        encoded = lm.encode([text for text, _ in batch])
+        spans = encoded.pop("offset_mapping")
+        lm.calls.add()
+        hidden = lm.model.base_model(**encoded.to(lm.device)).last_hidden_state  # (B, L, d)
+        rows, positions, slots = [], [], []
+        for b, (_, offsets) in enumerate(batch):
+            starts = {int(s): i for i, (s, e) in enumerate(spans[b].tolist()) if e > s}
+            for q, offset in enumerate(offsets):
+                token = starts.get(offset)
+                if token:  # the distribution of the token starting at `offset` is read at the position before it
+                    rows.append(b)
+                    positions.append(token - 1)
+                    slots.append((b, q))
+        out = [np.zeros((len(offsets), len(VALUE_STRINGS))) for _, offsets in batch]
+        if not rows:
+            return out
+        logits = lm.model.get_output_embeddings()(hidden[rows, positions]).float()
+        probs = torch.softmax(logits, dim=-1).cpu().numpy()
+        for (b, q), p in zip(slots, probs):
+            out[b][q] = [p[i] if i is not None else 0.0 for i in self.value_ids]
+        return out
+
+
+def build(config, seed: int = 0) -> Backend:
+    calls = CallCounter()
+    explainer_lm = HFModel(config.explainer_model, config.explainer_gguf, config, calls)
+    simulator_gguf = config.simulator_gguf if config.simulator_model else config.explainer_gguf
+    same = config.simulator == config.explainer_model and simulator_gguf == config.explainer_gguf
+    simulator_lm = explainer_lm if same else HFModel(config.simulator, simulator_gguf, config, calls)
+    return Backend(backend_label("hf", explainer_lm.name, simulator_lm.name), HFExplainer(explainer_lm, config),
+                   HFSimulator(simulator_lm), calls)

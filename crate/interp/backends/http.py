@@ -1,0 +1,225 @@
+"""OpenAI-compatible HTTP backend (OpenAI, vLLM, llama.cpp server, ...).
+
+Explanations: /chat/completions (or /completions with the rendered prompt). Simulation, by `simulation`:
+- echo: legacy /completions with `echo: true, logprobs: k, max_tokens: 0` — the prompt's tokens come back with
+  `text_offset` and `top_logprobs` (Bills et al.'s all-at-once simulator; vLLM supports it too);
+- prompt_logprobs: vLLM's `prompt_logprobs: k` with `return_token_ids` (entries keyed by token id);
+- sampled: chat-only endpoints, no logprobs: the model writes the values (rows say simulator_kind="sampled").
+All excerpts of a feature go in one /completions request (`prompt` is a list).
+
+Requests are retried on timeouts, connection errors, 429 and 5xx with exponential backoff and full jitter
+(`Retry-After` is honoured); other 4xx fail at once. The API key comes from the environment variable named in the
+config and is only ever put in the Authorization header — never logged, never in an error or a result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import requests
+
+from crate.interp.backends.base import Backend, BackendError, CallCounter, Explainer, Simulation, Simulator, backend_label
+from crate.interp.prompts import (VALUE_STRINGS, MalformedOutput, Message, explanation_prompt, expected_values,
+                                  parse_explanation, parse_sampled_values, render_text, sampled_simulation_prompt,
+                                  simulation_prompt)
+from crate.interp.records import Excerpt
+
+log = logging.getLogger(__name__)
+RETRYABLE_STATUS = {408, 409, 425, 429}
+
+
+class HTTPClient:
+    def __init__(self, config, seed: int, calls: CallCounter):
+        self.config = config
+        self.base_url = config.base_url.rstrip("/")
+        self.calls = calls
+        self.rng = random.Random(seed)
+        self.session = requests.Session()
+        key = os.environ.get(config.api_key_env)
+        if key:
+            self.session.headers["Authorization"] = f"Bearer {key}"
+
+    def __repr__(self) -> str:  # never show the session (and its headers)
+        return f"HTTPClient({self.base_url})"
+
+    def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        url = f"{self.base_url}/{path}"
+        c = self.config
+        for attempt in range(1, c.max_attempts + 1):
+            self.calls.add()
+            wait = min(c.backoff_max_s, c.backoff_s * 2 ** (attempt - 1)) * self.rng.random()
+            try:
+                response = self.session.post(url, json=payload, timeout=c.request_timeout_s)
+            except (requests.Timeout, requests.ConnectionError) as error:
+                problem = f"{type(error).__name__}"
+            else:
+                if response.status_code == 200:
+                    try:
+                        return response.json()
+                    except ValueError:
+                        problem = "a response that is not JSON"
+                elif response.status_code in RETRYABLE_STATUS or response.status_code >= 500:
+                    problem = f"HTTP {response.status_code}"
+                    wait = max(wait, _retry_after(response))
+                else:
+                    raise BackendError(f"HTTP {response.status_code} from /{path}: {response.text[:200]}")
+            if attempt == c.max_attempts:
+                raise BackendError(f"{problem} from /{path} after {attempt} attempts")
+            log.debug("%s from /%s (attempt %d); retrying in %.1fs", problem, path, attempt, wait)
+            time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _retry_after(response: requests.Response) -> float:
+    try:
+        return min(float(response.headers.get("Retry-After", 0)), 300.0)
+    except ValueError:
+        return 0.0
+
+
+def _field(payload: Any, *path: Any) -> Any:
+    """payload[path[0]][path[1]]…, or MalformedOutput naming what is missing."""
+    node = payload
+    for key in path:
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            raise MalformedOutput(f"response has no {'.'.join(map(str, path))}") from None
+    return node
+
+
+def _choices_in_order(response: dict, n: int) -> list[dict]:
+    choices = _field(response, "choices")
+    if not isinstance(choices, list) or len(choices) != n:
+        raise MalformedOutput(f"expected {n} choices, got {len(choices) if isinstance(choices, list) else choices!r}")
+    return sorted(choices, key=lambda c: c.get("index", 0))
+
+
+class HTTPExplainer(Explainer):
+    def __init__(self, client: HTTPClient, config):
+        self.client, self.config, self.model_name = client, config, config.explainer_model
+
+    def explain(self, excerpts: Sequence[Excerpt], seed: int) -> str:
+        c, messages = self.config, explanation_prompt(excerpts)
+        payload = {"model": self.model_name, "max_tokens": c.max_explanation_tokens, "temperature": c.temperature,
+                   "top_p": c.top_p, "seed": seed}
+        if c.explain_endpoint == "chat":
+            response = self.client.post("chat/completions", {**payload, "messages": _chat(messages)})
+            text = _field(response, "choices", 0, "message", "content")
+        else:
+            response = self.client.post("completions", {**payload, "prompt": render_text(messages)})
+            text = _field(response, "choices", 0, "text")
+        if not isinstance(text, str):
+            raise MalformedOutput(f"explanation is not text: {text!r}")
+        return parse_explanation(text)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _chat(messages: Sequence[Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+class LogprobSimulator(Simulator):
+    """All-at-once simulation from prompt logprobs (echo, or vLLM's prompt_logprobs)."""
+
+    kind = "logprob-ev"
+
+    def __init__(self, client: HTTPClient, config):
+        self.client, self.config, self.model_name = client, config, config.simulator
+
+    def simulate(self, explanation: str, excerpts: Sequence[Excerpt]) -> Simulation:
+        prompts = [simulation_prompt(explanation, e.tokens) for e in excerpts]
+        payload = {"model": self.model_name, "prompt": [text for text, _ in prompts], "temperature": 0.0}
+        if self.config.simulation == "echo":
+            payload.update(max_tokens=0, echo=True, logprobs=self.config.top_logprobs)
+            parse = _echo_positions
+        else:
+            payload.update(max_tokens=1, prompt_logprobs=self.config.top_logprobs, return_token_ids=True)
+            parse = _prompt_logprob_positions
+        choices = _choices_in_order(self.client.post("completions", payload), len(prompts))
+        values, defaulted = [], 0
+        for (text, offsets), choice in zip(prompts, choices):
+            distributions = parse(choice, text)  # char offset -> {token text: logprob}
+            probabilities = np.zeros((len(offsets), len(VALUE_STRINGS)))
+            for i, offset in enumerate(offsets):
+                top = distributions.get(offset) or {}
+                for v, value in enumerate(VALUE_STRINGS):
+                    if value in top and top[value] is not None:
+                        probabilities[i, v] = np.exp(float(top[value]))
+            defaulted += int((probabilities.sum(axis=1) == 0).sum())
+            values.append(expected_values(probabilities))
+        return Simulation(values, defaulted)
+
+
+def _echo_positions(choice: dict, text: str) -> dict[int, dict[str, float]]:
+    logprobs = _field(choice, "logprobs")
+    offsets, top = _field(logprobs, "text_offset"), _field(logprobs, "top_logprobs")
+    if len(offsets) != len(top):
+        raise MalformedOutput("text_offset and top_logprobs differ in length")
+    return {int(o): t for o, t in zip(offsets, top) if isinstance(t, dict)}
+
+
+def _prompt_logprob_positions(choice: dict, text: str) -> dict[int, dict[str, float]]:
+    entries, ids = _field(choice, "prompt_logprobs"), choice.get("prompt_token_ids")
+    if ids is None:
+        raise MalformedOutput("the server returned no prompt_token_ids (needs vLLM's return_token_ids; "
+                              "or use simulation=echo)")
+    if len(entries) != len(ids):
+        raise MalformedOutput("prompt_logprobs and prompt_token_ids differ in length")
+    decoded = []
+    for entry, token_id in zip(entries[1:], ids[1:]):
+        actual = (entry or {}).get(str(token_id))
+        if actual is None:
+            raise MalformedOutput(f"prompt_logprobs lacks the prompt token {token_id}")
+        decoded.append(actual.get("decoded_token", ""))
+    offset = len(text) - sum(len(d) for d in decoded)  # where the second token starts
+    if offset < 0:
+        raise MalformedOutput("decoded prompt tokens are longer than the prompt")
+    positions = {}
+    for entry, piece in zip(entries[1:], decoded):
+        positions[offset] = {e.get("decoded_token"): e.get("logprob") for e in entry.values()}
+        offset += len(piece)
+    return positions
+
+
+class SampledSimulator(Simulator):
+    """Logprob-free: a chat model writes `token<TAB>value` lines (one request per excerpt)."""
+
+    kind = "sampled"
+
+    def __init__(self, client: HTTPClient, config):
+        self.client, self.config, self.model_name = client, config, config.simulator
+
+    def simulate(self, explanation: str, excerpts: Sequence[Excerpt]) -> Simulation:
+        values, defaulted = [], 0
+        for excerpt in excerpts:
+            payload = {"model": self.model_name, "temperature": 0.0, "max_tokens": 16 * len(excerpt.tokens) + 32,
+                       "messages": _chat(sampled_simulation_prompt(explanation, excerpt.tokens))}
+            text = _field(self.client.post("chat/completions", payload), "choices", 0, "message", "content")
+            parsed = parse_sampled_values(text if isinstance(text, str) else "", excerpt.tokens)
+            if parsed is None:
+                defaulted += len(excerpt.tokens)
+                parsed = np.zeros(len(excerpt.tokens))
+            values.append(parsed)
+        if defaulted == sum(len(e.tokens) for e in excerpts):
+            raise MalformedOutput("no simulated excerpt reproduced its tokens")
+        return Simulation(values, defaulted)
+
+
+def build(config, seed: int = 0) -> Backend:
+    calls = CallCounter()
+    client = HTTPClient(config, seed, calls)
+    sampled = config.simulation == "sampled"
+    simulator = SampledSimulator(client, config) if sampled else LogprobSimulator(client, config)
+    return Backend(backend_label("http", config.explainer_model, config.simulator, sampled),
+                   HTTPExplainer(client, config), simulator, calls)

@@ -1,0 +1,224 @@
+"""The interpretability job's configuration (`python jobs/interpret.py --help` lists every field)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
+
+from crate.errors import ConfigError
+from crate.interp.protocols import metric_groups
+from crate.interp.schema import METRICS, PROTOCOLS
+from crate.tracking import TrackingConfig
+
+PAPER_QUANTILE_EDGES = [0.0, 0.5, 0.9, 0.99, 0.999, 1.0]  # the paper's (and OpenAI's viewer's) percentile bins
+ANTHROPIC_QUANTILE_EDGES = [i / 12 for i in range(12)]  # 11 bins of width 1/12; the top 1/12 only via top records
+
+
+@dataclass
+class CollectionConfig:
+    """Which activation records are kept per feature (paper §5: `interpret/activations_crate_overcomplete.py`)."""
+
+    blocks: int = 8000  # the first `blocks` blocks of the corpus (paper: 8000 × 1024 tokens of Pile validation)
+    block_length: int = 1024  # tokens per block = one forward context
+    window: int = 64  # tokens per record
+    # centered: the top/random/quantile units are tokens and a record is the window around one (paper; windows of
+    #   neighbouring top tokens overlap). fragments: the block is cut into aligned, non-overlapping windows and a
+    #   fragment's activation is its max (OpenAI's excerpts). auto: the protocol's (crate-paper centered, openai
+    #   fragments).
+    windows: Literal["auto", "centered", "fragments"] = "auto"
+    top: int = 50  # highest-activation units per feature
+    random: int = 50  # uniformly sampled units per feature (seeded)
+    quantile_edges: list[float] = field(default_factory=lambda: list(PAPER_QUANTILE_EDGES))  # bin b: [e_b, e_b+1)
+    per_quantile: int = 20  # sampled units per quantile bin
+    quantile_pool: int = 512  # uniform pool the quantile bins are estimated and drawn from (beyond the random ones)
+    batch_blocks: int = 16  # blocks per forward pass
+
+    def __post_init__(self) -> None:
+        for name in ("blocks", "block_length", "window", "top", "random", "batch_blocks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.window > self.block_length:
+            raise ConfigError("window", f"a {self.window}-token window does not fit a {self.block_length}-token block")
+        if self.windows != "centered" and self.block_length % self.window:
+            raise ConfigError("window", f"fragments need block_length ({self.block_length}) divisible by window")
+        edges = self.quantile_edges
+        if edges and (len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])) or edges[0] < 0 or edges[-1] > 1):
+            raise ConfigError("quantile_edges", f"need >= 2 strictly increasing values in [0, 1], got {edges}")
+        if self.per_quantile < 0 or self.quantile_pool < 0:
+            raise ConfigError("per_quantile", "per_quantile and quantile_pool must be >= 0")
+        if self.n_bins and self.per_quantile > self.quantile_pool:
+            raise ConfigError("quantile_pool", f"must be >= per_quantile ({self.per_quantile})")
+
+    @property
+    def n_bins(self) -> int:
+        return max(len(self.quantile_edges) - 1, 0) if self.per_quantile else 0
+
+    def resolved(self, protocol: str) -> "CollectionConfig":
+        """These settings with `windows: auto` replaced by the protocol's convention."""
+        if self.windows != "auto":
+            return self
+        return replace(self, windows="fragments" if protocol == "openai" else "centered")
+
+    def collection_id(self, **context: object) -> str:
+        """A short hash naming these settings plus `context` (checkpoint, corpus, features, seed)."""
+        payload = json.dumps({**asdict(self), "batch_blocks": None, **context}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def anthropic_collection() -> CollectionConfig:
+    """The paper's "Anthropic" records: 800 blocks, 8-token windows, 11 quantile bins of width 1/12."""
+    return CollectionConfig(blocks=800, window=8, quantile_edges=list(ANTHROPIC_QUANTILE_EDGES))
+
+
+@dataclass
+class BackendConfig:
+    """Who explains and simulates. `kind` picks the backend; the other fields apply where they say."""
+
+    kind: Literal["tokenset", "http", "hf"] = "tokenset"
+    explainer_model: str | None = None  # http: model name at the endpoint; hf: local model directory
+    simulator_model: str | None = None  # default: the explainer model (paper: Mistral-7B explains, Llama-2-7B simulates)
+    # OpenAI-compatible HTTP
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key (never logged or stored)
+    # echo: legacy /completions with echo + logprobs; prompt_logprobs: vLLM's; sampled: chat-only, no logprobs
+    simulation: Literal["echo", "prompt_logprobs", "sampled"] = "echo"
+    explain_endpoint: Literal["chat", "completions"] = "chat"
+    top_logprobs: int = 15  # logprobs per prompt position (OpenAI's simulator asks for 15)
+    request_timeout_s: float = 120.0
+    max_attempts: int = 6  # per request: timeouts, connection errors, 429 and 5xx are retried
+    backoff_s: float = 1.0  # first retry waits up to this (full jitter), doubling per attempt
+    backoff_max_s: float = 30.0
+    # in-process Hugging Face causal LM (local files only; never downloads)
+    explainer_gguf: str | None = None  # a GGUF file inside explainer_model's directory (transformers' gguf_file=)
+    simulator_gguf: str | None = None
+    load_in_4bit: bool = False  # bitsandbytes NF4 (CUDA); the paper ran both models in 4-bit
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    device: str = "auto"  # auto: cuda if available
+    # generation of explanations (OpenAI and the paper: one sample, temperature 1, top_p 1, 60 tokens)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_explanation_tokens: int = 60
+    # offline token-set baseline
+    tokenset_size: int = 5  # tokens in a token-set explanation
+
+    def __post_init__(self) -> None:
+        if self.kind in ("http", "hf") and not self.explainer_model:
+            raise ConfigError("explainer_model", f"the {self.kind} backend needs a model")
+        for name in ("top_logprobs", "max_attempts", "max_explanation_tokens", "tokenset_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.request_timeout_s <= 0 or self.backoff_s < 0 or self.backoff_max_s < self.backoff_s:
+            raise ConfigError("request_timeout_s", "need request_timeout_s > 0 and 0 <= backoff_s <= backoff_max_s")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("temperature", "need temperature >= 0 and 0 < top_p <= 1")
+
+    @property
+    def simulator(self) -> str | None:
+        return self.simulator_model or self.explainer_model
+
+
+@dataclass
+class WorkersConfig:
+    """Ray actors. Collection shards the block stream over `collect_actors` (0: in the driver process); scoring runs
+    a pool of `actors` backend actors with `concurrency` neurons in flight each."""
+
+    collect_actors: int = 0
+    collect_gpus: float = 0.0  # per collection actor
+    actors: int = 2
+    concurrency: int = 4  # http: concurrent requests per actor; hf: keep 1 per GPU
+    gpus_per_actor: float = 0.0  # hf on GPU: 1
+    cpus_per_actor: float = 1.0
+    max_actor_restarts: int = 2  # a crashed actor is restarted and its in-flight neurons retried
+    compact_every: int = 500  # rows between compactions of the write-ahead log into results.parquet
+
+    def __post_init__(self) -> None:
+        if self.collect_actors < 0 or self.actors < 1 or self.concurrency < 1 or self.compact_every < 1:
+            raise ConfigError("actors", "need collect_actors >= 0, actors >= 1, concurrency >= 1, compact_every >= 1")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0 or self.collect_gpus < 0:
+            raise ConfigError("gpus_per_actor", "resources must be >= 0")
+
+
+METRICS_BY_PROTOCOL = {"crate-paper": ("tar", "random", "anthropic"), "openai": ("tar", "top", "random")}
+
+
+@dataclass
+class InterpConfig:
+    checkpoint: str = ""  # model checkpoint file (ours, or the paper's released layout); required
+    corpus: str = "stdlib://val"  # evaluation stream, any crate.data corpus URI (paper: pile://val)
+    features: str = "neurons"  # feature source: neurons, or a registered kind such as sae:PATH
+    layers: list[int] | None = None  # default: every layer
+    protocol: Literal["crate-paper", "openai"] = "crate-paper"
+    metrics: list[str] = field(default_factory=lambda: ["tar"])  # crate-paper: tar random anthropic; openai: tar top random
+    sample: int | None = None  # score a seeded sample of this many features per layer (with a CI on the layer mean)
+    seed: int = 0  # random records, neuron sample, explanation sampling
+    output_dir: str | None = None  # default: interp/<checkpoint file stem>
+    device: str = "auto"  # collection in the driver process: auto = cuda if available
+    records: CollectionConfig = field(default_factory=CollectionConfig)  # for tar / random / top
+    anthropic_records: CollectionConfig = field(default_factory=anthropic_collection)  # for anthropic
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError("checkpoint", "required: the model checkpoint to interpret (--checkpoint PATH)")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError("protocol", f"must be one of {PROTOCOLS}")
+        allowed = METRICS_BY_PROTOCOL[self.protocol]
+        unknown = [m for m in self.metrics if m not in allowed]
+        if not self.metrics or unknown:
+            raise ConfigError("metrics", f"{unknown or 'none'}: the {self.protocol} protocol scores {', '.join(allowed)} "
+                                         f"(all metrics: {', '.join(METRICS)})")
+        if self.sample is not None and self.sample < 1:
+            raise ConfigError("sample", f"must be >= 1, got {self.sample}")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ConfigError("layers", f"must be non-negative layer indices, got {self.layers}")
+        self.records = self.records.resolved(self.protocol)
+        self.anthropic_records = self.anthropic_records.resolved(self.protocol)
+        for group, _ in metric_groups(self.protocol, self.metrics):
+            group.check_collection(getattr(self, group.collection), group.collection)
+
+
+# Shorthand flags of `jobs/interpret.py`, each the same as a `key=value` override.
+FLAGS = {
+    "--checkpoint": ("checkpoint", "model checkpoint file"),
+    "--corpus": ("corpus", "evaluation corpus URI (pile://val, a path, a pretokenized directory, ...)"),
+    "--metric": ("metrics", "comma-separated: tar, random, anthropic (crate-paper); tar, top, random (openai)"),
+    "--protocol": ("protocol", "crate-paper | openai"),
+    "--backend": ("backend.kind", "tokenset | http | hf"),
+    "--features": ("features", "neurons, or a registered source such as sae:PATH"),
+    "--sample": ("sample", "score a seeded sample of N features per layer"),
+    "--layers": ("layers", "comma-separated layer indices (default: all)"),
+    "--output": ("output_dir", "output directory (default interp/<checkpoint stem>)"),
+}
+LIST_FLAGS = ("--metric", "--layers")
+
+
+def add_flags(parser) -> None:
+    for flag, (key, help_text) in FLAGS.items():
+        parser.add_argument(flag, metavar=key.split(".")[-1].upper(), help=f"{help_text} (= {key}=…)")
+
+
+def flags_to_overrides(argv: list[str]) -> list[str]:
+    """Rewrite the shorthand flags in `argv` as `key=value` overrides (placed before the explicit ones)."""
+    rest, overrides = [], []
+    args = iter(argv)
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if flag not in FLAGS:
+            rest.append(arg)
+            continue
+        if not eq:
+            value = next(args, None)
+            if value is None:
+                raise ConfigError(FLAGS[flag][0], f"{flag} needs a value")
+        key = FLAGS[flag][0]
+        overrides.append(f"{key}=[{value}]" if flag in LIST_FLAGS else f"{key}={value}")
+    # argparse wants the positional overrides together: options (and --config's value) first, then all overrides
+    options, positional = [], []
+    for i, arg in enumerate(rest):
+        takes_value = i > 0 and rest[i - 1] == "--config"
+        (options if arg.startswith("-") or takes_value else positional).append(arg)
+    return options + overrides + positional

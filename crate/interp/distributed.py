@@ -1,0 +1,125 @@
+"""Ray actors around the two heavy stages; the stages themselves (crate.interp.collect, crate.interp.scoring) never
+import Ray.
+
+- `collect_sharded`: each collection actor loads the model once and runs the collector core over its share of
+  the batches (interleaved, so every actor sees the whole stream's range); the driver merges the states
+  (associative, so the result equals one pass).
+- `score_tasks`: a pool of backend actors (one per GPU for in-process models, or N request workers for HTTP),
+  each with `concurrency` features in flight; the driver keeps at most actors × concurrency tasks submitted and
+  hands every finished feature's rows to `on_rows` at once. A crashed actor is restarted by Ray and its tasks
+  retried (`max_actor_restarts`); a task that still fails becomes failed rows, never a failed job.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from crate.interp.collect import RecordCollector, collect
+from crate.interp.protocols import ScoringTask
+from crate.interp.scoring import failed_rows
+
+log = logging.getLogger(__name__)
+
+
+class CollectionWorker:
+    def __init__(self, checkpoint: str, features: str):
+        from crate.interp.features import feature_source
+        from crate.model import load_model
+
+        self.model = load_model(checkpoint)
+        self.source = feature_source(features)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def collect(self, batches, spec, features: dict[int, np.ndarray], seed: int) -> RecordCollector:
+        return collect(self.model, batches, spec, self.source, features, seed, self.device).to("cpu")
+
+
+def collect_sharded(checkpoint: str, features_spec: str, batches: Sequence[tuple[np.ndarray, np.ndarray]], spec,
+                    features: dict[int, np.ndarray], seed: int, actors: int, gpus: float) -> RecordCollector:
+    import ray
+
+    worker = ray.remote(num_cpus=1, num_gpus=gpus)(CollectionWorker)
+    workers = [worker.remote(checkpoint, features_spec) for _ in range(actors)]
+    shards = [list(batches[i::actors]) for i in range(actors)]
+    pending = [w.collect.remote(shard, spec, features, seed) for w, shard in zip(workers, shards) if shard]
+    merged = None
+    with tqdm(total=len(pending), unit="shard", desc="collect") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            shard = ray.get(done[0])
+            merged = shard if merged is None else merged.merge(shard)
+            bar.update(1)
+    for w in workers:
+        ray.kill(w)
+    return merged
+
+
+class ScoringWorker:
+    def __init__(self, backend_config, seed: int):
+        from crate.interp.backends import build_backend
+
+        self.backend = build_backend(backend_config, seed)
+
+    def identity(self) -> dict[str, str]:
+        from crate.interp.scoring import identity
+
+        return identity(self.backend)
+
+    def score(self, task: ScoringTask, metrics: tuple[str, ...], seed: int) -> list[dict]:
+        from crate.interp.scoring import score_task
+
+        return score_task(task, metrics, self.backend, seed)
+
+
+class ScoringPool:
+    """Backend actors; `identity` names the backend for the results' key before any task runs."""
+
+    def __init__(self, backend_config, workers, seed: int):
+        import ray
+
+        options = dict(num_cpus=workers.cpus_per_actor, num_gpus=workers.gpus_per_actor,
+                       max_concurrency=workers.concurrency, max_restarts=workers.max_actor_restarts,
+                       max_task_retries=workers.max_actor_restarts)
+        actor = ray.remote(**options)(ScoringWorker)
+        self.actors = [actor.remote(backend_config, seed + i) for i in range(workers.actors)]
+        self.concurrency = workers.concurrency
+        self.identity = ray.get(self.actors[0].identity.remote())
+
+    def score_tasks(self, tasks: Iterable[tuple[ScoringTask, tuple[str, ...]]], total: int, seed: int,
+                    on_rows: Callable[[list[dict]], None]) -> None:
+        import ray
+        from ray.exceptions import RayError
+
+        limit = len(self.actors) * self.concurrency
+        in_flight: dict = {}
+        load = [0] * len(self.actors)
+        queue = iter(tasks)
+        with tqdm(total=total, unit="neuron", desc="score", smoothing=0.05, mininterval=2.0) as bar:
+            while True:
+                while len(in_flight) < limit and (item := next(queue, None)) is not None:
+                    i = load.index(min(load))
+                    in_flight[self.actors[i].score.remote(*item, seed)] = (item, i)
+                    load[i] += 1
+                if not in_flight:
+                    break
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                (task, metrics), i = in_flight.pop(done[0])
+                load[i] -= 1
+                try:
+                    rows = ray.get(done[0])
+                except RayError as error:
+                    log.warning("layer %d neuron %d: worker failed: %s", task.layer, task.neuron, error)
+                    rows = failed_rows(task, metrics, self.identity, seed, f"worker failed: {type(error).__name__}")
+                on_rows(rows)
+                bar.update(1)
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)

@@ -1,0 +1,319 @@
+"""The interpretability job: records → explain → simulate → score → summary, resumable, one MLflow run.
+
+    python jobs/interpret.py --checkpoint ckpt.pt --corpus pile://val --metric tar,random --backend http \
+        backend.explainer_model=… backend.base_url=http://vllm:8000/v1
+
+Output directory (default `interp/<checkpoint stem>`): `records/<collection_id>/` (reused by any later job with
+the same checkpoint, corpus, features, seed and collection settings), the results table (crate.interp.store),
+`summary.json`, `layers.png`. Rerunning the same command after a kill resumes: finished records are reused,
+scored features are skipped, and the MLflow run of the same job scope is reopened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from crate.config import flatten
+from crate.errors import ConfigError
+from crate.interp.collect import batched, collect
+from crate.interp.config import InterpConfig
+from crate.interp.features import feature_source
+from crate.interp.prompts import PROMPT_VERSION
+from crate.interp.protocols import InsufficientRecords, ScoringTask, metric_groups
+from crate.interp.records import is_complete, read_feature_records, write_records
+from crate.interp.report import layer_summary, model_summary, plot_layers
+from crate.interp.schema import RESULTS_SCHEMA, write_parquet
+from crate.interp.scoring import failed_rows
+from crate.interp.store import ResultStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Subject:
+    """The model under study and where it came from."""
+
+    model: object
+    checkpoint: str
+    model_id: str
+    run_id: str | None
+    step: int | None
+
+    @classmethod
+    def load(cls, checkpoint: str) -> "Subject":
+        from crate.model import load_model
+
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise ConfigError("checkpoint", f"no checkpoint file at {checkpoint}")
+        model = load_model(path)
+        metadata = getattr(model, "checkpoint_metadata", {}) or {}  # absent for the paper's released checkpoints
+        run_id, step = metadata.get("mlflow_run_id"), metadata.get("step")
+        if run_id and step is not None:
+            model_id = f"{run_id}@{step}"
+        else:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(chunk)
+            model_id = f"{path.stem}-{digest.hexdigest()[:12]}"
+        return cls(model, str(path.resolve()), model_id, run_id, step)
+
+    @property
+    def provenance(self) -> dict:
+        c = self.model.config
+        return {"checkpoint": self.checkpoint, "checkpoint_run_id": self.run_id, "checkpoint_step": self.step,
+                "model": self.model_id, "preset": c.preset, "arch": c.arch, "n_layer": c.n_layer}
+
+
+def _code_version() -> str:
+    from crate.tracking.provenance import code_version
+
+    return code_version()
+
+
+def selected_features(cfg: InterpConfig, n_features: dict[int, int]) -> dict[int, np.ndarray]:
+    """Every feature of each layer, or a seeded sample of `cfg.sample` of them (sorted)."""
+    chosen = {}
+    for layer, n in n_features.items():
+        if cfg.sample is None or cfg.sample >= n:
+            chosen[layer] = np.arange(n)
+        else:
+            chosen[layer] = np.sort(np.random.default_rng([cfg.seed, layer]).choice(n, cfg.sample, replace=False))
+    return chosen
+
+
+class InterpretabilityJob:
+    def __init__(self, cfg: InterpConfig):
+        self.cfg = cfg
+        self.subject = Subject.load(cfg.checkpoint)
+        config = self.subject.model.config
+        self.layers = list(cfg.layers) if cfg.layers is not None else list(range(config.n_layer))
+        self.source = feature_source(cfg.features)
+        try:
+            n_features = {layer: self.source.n_features(self.subject.model, layer) for layer in self.layers}
+        except ValueError as error:
+            raise ConfigError("layers", str(error)) from None
+        self.n_features = n_features
+        self.features = selected_features(cfg, n_features)
+        self.groups = metric_groups(cfg.protocol, cfg.metrics)
+        for group, _ in self.groups:
+            collection = getattr(cfg, group.collection)
+            if collection.block_length > config.block_size:
+                raise ConfigError(f"{group.collection}.block_length", f"{collection.block_length} exceeds the model's "
+                                                                      f"context ({config.block_size})")
+        self._check_corpus()
+        self.out = Path(cfg.output_dir or Path("interp") / Path(cfg.checkpoint).stem)
+        self.store = ResultStore(self.out)
+
+    def _check_corpus(self) -> None:
+        from crate.data import read_blocks
+
+        length = getattr(self.cfg, self.groups[0][0].collection).block_length
+        try:
+            first = next(iter(read_blocks(self.cfg.corpus, length, 1)), None)
+        except Exception as error:  # noqa: BLE001 - any reader error is a bad --corpus
+            raise ConfigError("corpus", f"{self.cfg.corpus} cannot be read: {error}") from None
+        if first is None:
+            raise ConfigError("corpus", f"{self.cfg.corpus} holds fewer than {length} tokens")
+
+    # -- stage 1: records ------------------------------------------------------------------------------------
+    def records(self, name: str) -> tuple[Path, str]:
+        """The records directory of collection `name` ("records" or "anthropic_records"), collected if needed."""
+        cfg, spec = self.cfg, getattr(self.cfg, name)
+        sample = {l: f.tolist() for l, f in self.features.items()} if cfg.sample else None
+        collection_id = spec.collection_id(model=self.subject.model_id, corpus=cfg.corpus, features=cfg.features,
+                                           seed=cfg.seed, layers=self.layers, sample=sample)
+        directory = self.out / "records" / collection_id
+        if is_complete(directory):
+            log.info("records %s: reusing %s", name, directory)
+            return directory, collection_id
+        from crate.data import read_blocks
+
+        started = time.perf_counter()
+        blocks = list(read_blocks(cfg.corpus, spec.block_length, spec.blocks))
+        if len(blocks) < spec.blocks:
+            log.warning("%s holds only %d blocks of %d tokens (asked for %d)", cfg.corpus, len(blocks), spec.block_length,
+                        spec.blocks)
+        batches = list(batched(blocks, spec.batch_blocks))
+        if cfg.workers.collect_actors:
+            from crate.interp.distributed import collect_sharded
+
+            collector = collect_sharded(self.subject.checkpoint, cfg.features, batches, spec, self.features, cfg.seed,
+                                        cfg.workers.collect_actors, cfg.workers.collect_gpus)
+        else:
+            device = cfg.device if cfg.device != "auto" else ("cuda" if _cuda() else "cpu")
+            collector = collect(self.subject.model, tqdm(batches, unit="batch", desc=f"collect {name}"), spec,
+                                self.source, self.features, cfg.seed, device)
+        provenance = {**self.subject.provenance, "features": cfg.features, "corpus": cfg.corpus,
+                      "blocks": collector.n_blocks, "collection": dataclasses.asdict(spec),
+                      "collection_id": collection_id, "seed": cfg.seed, "tokenizer": "gpt2",
+                      "code_version": _code_version(), "created_at": time.time()}
+        write_records(collector, directory, provenance)
+        log.info("records %s: %d blocks × %d tokens, %d layers, %d features in %.1fs -> %s", name, collector.n_blocks,
+                 spec.block_length, len(self.layers), sum(len(f) for f in self.features.values()),
+                 time.perf_counter() - started, directory)
+        return directory, collection_id
+
+    # -- stage 2: explain, simulate, score ---------------------------------------------------------------------
+    def key(self, backend: str, layer: int, neuron: int, metric: str) -> tuple:
+        return (self.subject.model_id, self.cfg.features, layer, neuron, self.cfg.protocol, metric, backend,
+                PROMPT_VERSION, self.cfg.seed)
+
+    def tasks(self, backend: dict[str, str], collections: dict[str, Path], store):
+        """(task, metrics) for every feature with a requested metric not yet in the results. A feature without
+        enough records is stored as failed right here (it needs no backend)."""
+        for group, metrics in self.groups:
+            for layer in self.layers:
+                todo = {}
+                for n in self.features[layer]:
+                    missing = tuple(m for m in metrics if self.key(backend["backend"], layer, int(n), m) not in self.store.done)
+                    if missing:
+                        todo[int(n)] = missing
+                if not todo:
+                    continue
+                for neuron, records in read_feature_records(collections[group.collection], layer, list(todo)).items():
+                    try:
+                        yield group.task(records), todo[neuron]
+                    except InsufficientRecords as error:
+                        empty = ScoringTask(layer, neuron, self.cfg.protocol, (), (), {m: () for m in todo[neuron]})
+                        store(failed_rows(empty, todo[neuron], backend, self.cfg.seed, str(error)))
+
+    def count_todo(self, backend: str) -> int:
+        return sum(any(self.key(backend, layer, int(n), m) not in self.store.done for m in metrics)
+                   for _, metrics in self.groups for layer in self.layers for n in self.features[layer])
+
+    def run(self) -> dict:
+        """Collect (or reuse) records, score every feature not yet scored, summarise; returns the summary."""
+        from crate.interp.distributed import ScoringPool
+        from crate.tracking import Tracker
+
+        cfg = self.cfg
+        collections = {group.collection: self.records(group.collection)[0] for group, _ in self.groups}
+        records_id = {m: collections[group.collection].name for group, metrics in self.groups for m in metrics}
+        _ray_init()
+        pool = ScoringPool(cfg.backend, cfg.workers, cfg.seed)
+        scope = self._scope(pool.identity)
+        runs = self._run_ids()
+        tracker = Tracker.start(cfg.tracking, run_name=cfg.tracking.run_name or f"interpret-{self.subject.model_id}",
+                                params=self._params(), tags=self._tags(pool.identity), resume_run_id=runs.get(scope))
+        if tracker.run_id:
+            self._write_json("mlflow_runs.json", {**runs, scope: tracker.run_id})
+        common = {**self.subject.provenance, "features": cfg.features, "feature_kind": self.source.kind,
+                  "corpus": cfg.corpus, "job_run_id": tracker.run_id, "code_version": _code_version()}
+
+        def store(rows: list[dict]) -> None:
+            now = int(time.time() * 1000)
+            self.store.append({**common, **row, "records_id": records_id[row["metric"]], "created_at": now}
+                              for row in rows)
+            if self.store.unfolded >= cfg.workers.compact_every:
+                self.store.compact()
+
+        try:
+            total = self.count_todo(pool.identity["backend"])
+            log.info("scoring %d features with %s (%d actors × %d in flight)", total, pool.identity["backend"],
+                     cfg.workers.actors, cfg.workers.concurrency)
+            pool.score_tasks(self.tasks(pool.identity, collections, store), total, cfg.seed, store)
+            self.store.compact()
+            summary = self.summarize(pool.identity, tracker)
+        except BaseException:
+            tracker.end("FAILED")
+            raise
+        finally:
+            pool.close()
+            self.store.close()
+        tracker.end()
+        return summary
+
+    # -- stage 3: summary ----------------------------------------------------------------------------------------
+    def summarize(self, backend: dict[str, str], tracker) -> dict:
+        cfg = self.cfg
+        table = self.store.table()
+        mask = pc.and_(pc.and_(pc.equal(table["model"], self.subject.model_id), pc.equal(table["features"], cfg.features)),
+                       pc.and_(pc.equal(table["protocol"], cfg.protocol), pc.equal(table["backend"], backend["backend"])))
+        mask = pc.and_(mask, pc.and_(pc.is_in(table["metric"], pa.array(cfg.metrics)),
+                                     pc.and_(pc.equal(table["seed"], cfg.seed),
+                                             pc.equal(table["prompt_version"], PROMPT_VERSION))))
+        mask = pc.and_(mask, pc.is_in(table["layer"], pa.array(self.layers, pa.int32())))
+        scoped = table.filter(mask)
+        layers = layer_summary(scoped, self.n_features)
+        models = model_summary(layers, self.subject.model.config.n_layer)
+        summary = {"output_dir": str(self.out), "results": str(self.store.results_path), "model": self.subject.model_id,
+                   "backend": backend["backend"], "protocol": cfg.protocol, "mlflow_run_id": tracker.run_id,
+                   "layers": layers, "models": models}
+        self._write_json("summary.json", summary)
+        figure = plot_layers(layers, self.subject.model.config.n_layer, f"{self.subject.model_id} ({cfg.features})")
+        figure.savefig(self.out / "layers.png", dpi=120)
+        for row in layers:
+            prefix = f"{row['protocol']}/{row['metric']}"
+            tracker.log_metrics({f"{prefix}/{k}": row[k] for k in ("mean", "std", "ci95", "scored", "undefined", "failed")
+                                 if row[k] == row[k]}, step=row["layer"])
+        for row in models:
+            prefix = f"{row['protocol']}/{row['metric']}"
+            tracker.log_metrics({f"{prefix}/model_mean": row["mean"], f"{prefix}/model_mean_excl_last": row["mean_excl_last"]},
+                                step=0)
+        scoped_path = self.out / "scoped_results.parquet"
+        write_parquet(scoped, scoped_path, RESULTS_SCHEMA)
+        tracker.log_artifact(scoped_path, "results")
+        tracker.log_artifact(self.out / "summary.json")
+        tracker.log_figure(figure, "layers.png")
+        return summary
+
+    # -- bookkeeping ------------------------------------------------------------------------------------------
+    def _scope(self, backend: dict[str, str]) -> str:
+        return json.dumps([self.subject.model_id, self.cfg.features, self.cfg.protocol, sorted(self.cfg.metrics),
+                           backend["backend"], PROMPT_VERSION, self.cfg.seed, self.layers, self.cfg.sample])
+
+    def _run_ids(self) -> dict[str, str]:
+        path = self.out / "mlflow_runs.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _write_json(self, name: str, payload) -> None:
+        tmp = self.out / f".{name}.tmp"
+        tmp.write_text(json.dumps(payload, indent=1, default=str))
+        os.replace(tmp, self.out / name)
+
+    def _params(self) -> dict:
+        params = {k: v for k, v in flatten(self.cfg).items() if not k.startswith("tracking.")}
+        config = self.subject.model.config
+        params.update({"model.id": self.subject.model_id, "model.arch": config.arch, "model.n_layer": config.n_layer,
+                       "model.n_neurons": config.n_neurons, "prompt_version": PROMPT_VERSION})
+        return params
+
+    def _tags(self, backend: dict[str, str]) -> dict[str, str]:
+        tags = {"crate.job": "interpret", "crate.arch": self.subject.model.config.arch, "crate.model_id": self.subject.model_id,
+                "crate.checkpoint": self.subject.checkpoint, "crate.backend": backend["backend"],
+                "crate.protocol": self.cfg.protocol}
+        if self.subject.run_id:
+            tags["crate.model_run_id"] = str(self.subject.run_id)  # the training run this job evaluates
+        return tags
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _ray_init() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def run_interpretability(cfg: InterpConfig) -> dict:
+    """Validate everything cheap first (checkpoint, layers, features, corpus, output lock), then run the job."""
+    return InterpretabilityJob(cfg).run()

@@ -1,0 +1,30 @@
+"""Neuron-level interpretability of a checkpoint: activation records, explanation, simulation, scoring.
+
+    python jobs/interpret.py --checkpoint ckpt.pt --corpus pile://val --metric tar,random --backend tokenset
+    python jobs/interpret.py --checkpoint ckpt.pt --metric anthropic --backend hf --sample 200 \\
+        backend.explainer_model=/models/mistral-7b-instruct backend.simulator_model=/models/llama-2-7b
+    ray job submit --working-dir . -- python jobs/interpret.py --checkpoint ckpt.pt --backend http \\
+        backend.explainer_model=meta-llama/Llama-3.1-8B-Instruct backend.base_url=http://vllm:8000/v1
+
+Rerunning the same command resumes. The flags are shorthands for overrides (`--metric tar` = `metrics=[tar]`).
+"""
+
+import json
+import sys
+
+from crate.cli import config_parser, parse_config, setup_logging
+from crate.interp import InterpConfig, add_flags, flags_to_overrides, run_interpretability
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    parser = config_parser(InterpConfig, __doc__)
+    add_flags(parser)
+    config, _ = parse_config(InterpConfig, __doc__, flags_to_overrides(sys.argv[1:] if argv is None else argv),
+                             parser=parser)
+    summary = run_interpretability(config)
+    print(json.dumps(summary["models"], indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
