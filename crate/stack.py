@@ -284,11 +284,13 @@ def down(root: Path, timeout_s: float = 30.0) -> bool:
     if state is None:
         return False
     was_running = False
-    for service in ("ray", "mlflow"):  # Ray first: its jobs may still be logging to MLflow
+    # Ray first (its jobs may still be logging to MLflow). `ray start --block` stops its own processes in order on
+    # SIGTERM; the MLflow CLI does not pass SIGTERM on to its uvicorn child, so that one gets its whole group.
+    for service, stop in (("ray", _signal), ("mlflow", _signal_group)):
         pid = state.pids.get(service)
         if pid is not None and _alive(pid):
             was_running = True
-            _signal(pid, signal.SIGTERM)
+            stop(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while (procs := stack_processes(state.stack_id)) and time.monotonic() < deadline:
         psutil.wait_procs(procs, timeout=1.0)
@@ -306,6 +308,14 @@ def down(root: Path, timeout_s: float = 30.0) -> bool:
 def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    """Signal the process group `pid` leads: `_spawn` starts every service in a session of its own."""
+    try:
+        os.killpg(pid, sig)
     except ProcessLookupError:
         pass
 
