@@ -39,6 +39,12 @@ def free_ports(n: int) -> list[int]:
             sock.close()
 
 
+def free_port_overrides() -> list[str]:
+    gcs, dashboard, client, agent, mlflow = free_ports(5)
+    return [f"ray.port={gcs}", f"ray.dashboard_port={dashboard}", f"ray.client_port={client}",
+            f"ray.dashboard_agent_port={agent}", f"mlflow.port={mlflow}"]
+
+
 def run_stack(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([str(STACK), *args], capture_output=True, text=True, timeout=timeout,
                           env=os.environ | {"PYTHON": sys.executable})
@@ -74,7 +80,7 @@ def test_up_refuses_a_taken_port_before_starting_anything(tmp_path, capsys):
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(SystemExit) as exit_:
-            main(["up", "--dir", str(tmp_path), f"mlflow.port={port}"])
+            main(["up", "--dir", str(tmp_path), *free_port_overrides(), f"mlflow.port={port}"])
     assert exit_.value.code == 2
     assert f"mlflow.port: port {port}" in capsys.readouterr().err
     assert not (tmp_path / "stack.json").exists()
@@ -93,10 +99,7 @@ def test_exported_tracking_uri_is_the_one_the_tracker_uses(monkeypatch):
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     stack_dir = tmp_path_factory.mktemp("stack")
-    gcs, dashboard, client, agent, mlflow = free_ports(5)
-    overrides = [f"ray.port={gcs}", f"ray.dashboard_port={dashboard}", f"ray.client_port={client}",
-                 f"ray.dashboard_agent_port={agent}", f"mlflow.port={mlflow}",
-                 "ray.num_cpus=2", "ray.object_store_memory_mb=200"]
+    overrides = free_port_overrides() + ["ray.num_cpus=2", "ray.object_store_memory_mb=200"]
     started = run_stack("up", "--dir", str(stack_dir), *overrides)
     assert started.returncode == 0, started.stdout + started.stderr
     yield {"dir": stack_dir, "overrides": overrides, "state": json.loads((stack_dir / "stack.json").read_text()),
