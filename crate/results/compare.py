@@ -23,7 +23,7 @@ from pathlib import Path
 import polars as pl
 
 from crate.errors import ConfigError
-from crate.results.tables import read_results
+from crate.results.tables import metric_order, read_results
 from crate.tracking import Tracker, TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def series_label(model: str, feature_kind: str, protocol: str, backend: str, sev
 def render_markdown(comparison: Comparison, exclude_last_from: int = 6) -> str:
     summary = comparison.summary
     several = {k: summary[k].n_unique() > 1 for k in ("protocol", "backend")}
-    metrics = list(dict.fromkeys(summary["metric"].to_list()))
+    metrics = metric_order(summary["metric"].unique())
     ordered = summary.sort(["n_layer", "arch", "feature_kind", "model"])
     lines = ["# Neuron-level interpretability across layers (the paper's Table 2)", "",
              "Scores are Pearson correlations ×100: per layer the mean over its scored features (undefined and "
@@ -166,7 +166,7 @@ def plot_layers(comparison: Comparison, path: str | Path, exclude_last_from: int
 
     layers = comparison.layers
     several = {k: layers[k].n_unique() > 1 for k in ("protocol", "backend")}
-    metrics = list(dict.fromkeys(layers["metric"].to_list()))
+    metrics = metric_order(layers["metric"].unique())
     all_series = layers.select(SERIES).unique(maintain_order=True).sort(["n_layer", "arch", "feature_kind", "model"])
     colors = {key: plt.cm.tab10(i % 10) for i, key in enumerate(all_series.iter_rows())}  # one colour per series
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)

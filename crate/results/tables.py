@@ -6,7 +6,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import polars as pl
 
@@ -32,6 +32,13 @@ def read_results(paths: Sequence[str | Path]) -> pl.DataFrame:
     if len(unique) < len(table):
         log.warning("%d result rows appear in more than one table; each is counted once", len(table) - len(unique))
     return unique
+
+
+def metric_order(metrics: Iterable[str]) -> list[str]:
+    """The schema's order (tar, random, top, anthropic), then any others alphabetically."""
+    from crate.interp.schema import METRICS
+
+    return sorted(set(metrics), key=lambda m: (METRICS.index(m) if m in METRICS else len(METRICS), m))
 
 
 @dataclass(frozen=True)
