@@ -13,7 +13,7 @@ from crate.results.cli import Flag, parse_tool_config
 from crate.results.compare import CompareConfig, run_compare
 
 FLAGS = [
-    Flag("--metric", "metrics", "only these metrics (repeat or comma-separate)", "list"),
+    Flag("--metric", "metrics", "only these metrics (repeat or comma-separate)", "texts"),
     Flag("--protocol", "protocol", "only this protocol", "text"),
     Flag("--output-dir", "output_dir", "where table2.md/.csv and layers.png go", "text", "DIR"),
 ]

@@ -14,9 +14,9 @@ from crate.steering import SteerConfig, run_steering
 FLAGS = [
     Flag("--checkpoint", "checkpoint", "model checkpoint (CRATE or GPT)", "text", "PATH"),
     Flag("--layer", "layer", "layer of the neurons"),
-    Flag("--neuron", "neurons", "neuron index (repeat, or comma-separate, to clamp several together)", "list", "I"),
+    Flag("--neuron", "neurons", "neuron index (repeat, or comma-separate, to clamp several together)", "numbers", "I"),
     Flag("--value", "value", "clamp value"),
-    Flag("--sweep", "sweep", "comma-separated clamp values, one effect each", "list", "V1,V2,..."),
+    Flag("--sweep", "sweep", "comma-separated clamp values, one effect each", "numbers", "V1,V2,..."),
     Flag("--prompt", "prompt", "prompt text", "text"),
     Flag("--top-explained", "top_explained", "steer the K best-scored neurons of --results", metavar="K"),
     Flag("--results", "results", "interpretability results table (results.parquet)", "text", "PATH"),

@@ -22,7 +22,7 @@ class Flag:
     name: str  # "--layer"
     field: str  # the dotted config field it sets
     help: str
-    kind: Literal["text", "number", "list"] = "number"  # list: comma-separated and/or repeated
+    kind: Literal["text", "number", "texts", "numbers"] = "number"  # plurals: comma-separated and/or repeated
     metavar: str | None = None
 
 
@@ -56,8 +56,8 @@ def _dest(flag: Flag) -> str:
 
 def _override(flag: Flag, values: list[str]) -> str:
     """A flag's values as one override whose value YAML reads back exactly (text is JSON-quoted)."""
-    if flag.kind == "list":
+    if flag.kind in ("texts", "numbers"):
         items = [item.strip() for value in values for item in value.split(",") if item.strip()]
-        return f"{flag.field}=[{', '.join(items)}]"
+        return f"{flag.field}={json.dumps(items) if flag.kind == 'texts' else '[' + ', '.join(items) + ']'}"
     value = values[-1]  # a repeated scalar flag: the last one wins, as with overrides
     return f"{flag.field}={json.dumps(value) if flag.kind == 'text' else value}"
