@@ -105,7 +105,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(killed_run):
     assert params["packages.deepspeed"] == "0.19.8"
     for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "train/tokens_seen",
                 "val/loss", "val/ppl", "neurons/L0/lasso_objective", "neurons/L1/relative_recon_error",
-                "neurons/active_per_token", "neurons/dead_fraction", "data/share/Github"):
+                "neurons/active_per_token", "neurons/dead_fraction", "data/share/Github", "data/stream/documents"):
         assert key in metrics, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "plots", "config.yaml"} <= artifacts

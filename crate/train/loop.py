@@ -8,10 +8,9 @@ micro-batches, with periodic logging, evaluation and checkpoints. Rank 0 alone t
 from __future__ import annotations
 
 import logging
-import math
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -142,7 +141,7 @@ class Trainer:
         o = self.cfg.train.optim
         metrics = {"train/loss": loss, "train/grad_norm": self.grad_norm, "train/tokens_seen": self.tokens_seen,
                    "train/lr": learning_rate(self.step - 1, o.lr, o.min_lr, o.warmup_steps, self.cfg.decay_steps),
-                   **self.throughput.measure(self.device), **self._mixture_metrics()}
+                   **self.throughput.measure(self.device), **self._data_metrics()}
         self.history.train.append((self.step, loss))
         self.tracker.log_metrics(metrics, step=self.step)
         mfu = f" | mfu {metrics['perf/mfu']:.1%}" if "perf/mfu" in metrics else ""
@@ -151,15 +150,21 @@ class Trainer:
                   f"{self.tokens_seen:,} tokens")
         return metrics
 
-    def _mixture_metrics(self) -> dict[str, float]:
-        """Tokens seen per pile_set_name, all ranks together."""
-        mixture = self.mixture
+    def _data_metrics(self) -> dict[str, float]:
+        """The mixture seen (share of tokens per pile_set_name, whole run) and the stream's counters (documents,
+        skipped records by reason, ... since this worker started), all ranks together."""
+        local = {"mixture": self.mixture, "stream": self.batches.stats()}
+        parts = [local]
         if dist.is_initialized() and self.world_size > 1:
-            gathered: list[dict[str, int]] = [{} for _ in range(self.world_size)]
-            dist.all_gather_object(gathered, self.mixture)
-            mixture = {name: sum(m.get(name, 0) for m in gathered) for name in set().union(*gathered)}
+            parts = [{} for _ in range(self.world_size)]
+            dist.all_gather_object(parts, local)
+        mixture, stream = Counter(), Counter()  # update() keeps zero counts, so "skipped: 0" is logged too
+        for part in parts:
+            mixture.update(part["mixture"])
+            stream.update(part["stream"])
         total = max(sum(mixture.values()), 1)
-        return {f"data/share/{name}": count / total for name, count in mixture.items()}
+        return {**{f"data/share/{name}": count / total for name, count in mixture.items()},
+                **{f"data/stream/{key}": value for key, value in stream.items()}}
 
     def evaluate(self) -> dict[str, float]:
         batches = val_batches(self.cfg.data, self.cfg.train.micro_batch_size, self.rank, self.world_size,
@@ -222,3 +227,4 @@ class Trainer:
     def _log(self, message: str) -> None:
         if self.rank == 0:
             log.info(message)
+
