@@ -201,12 +201,14 @@ HEALTH: dict[str, Callable[[StackConfig], str]] = {
 }
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, stack_id: str) -> bool:
+    """The process `pid` runs and is the one this stack started (a recorded pid may have been reused since)."""
     import psutil
 
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and process.environ().get(STACK_ID_VAR) == stack_id
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
 
 
@@ -216,7 +218,7 @@ def service_status(state: StackState) -> dict[str, str]:
     status = {}
     for service, health_url in HEALTH.items():
         pid = state.pids.get(service)
-        if pid is None or not _alive(pid):
+        if pid is None or not _alive(pid, state.stack_id):
             status[service] = "stopped"
         else:
             status[service] = "running" if _http_ok(health_url(config)) else "unhealthy"
@@ -276,8 +278,12 @@ def up(config: StackConfig) -> StackState:
     return state
 
 
-def down(root: Path, timeout_s: float = 30.0) -> bool:
-    """Stop every process of the stack in `root`; True if one was running. Idempotent."""
+def down(root: Path, grace_s: float = 10.0) -> bool:
+    """Stop every process of the stack in `root`; True if one was running. Idempotent.
+
+    Processes get `grace_s` to exit on SIGTERM, then SIGKILL: after a job has run, Ray's raylet can take half a
+    minute to finish on its own, and nothing of value is lost by cutting that short (runs, artifacts and
+    checkpoints are already written)."""
     import psutil
 
     state = StackState.load(root)
@@ -288,16 +294,18 @@ def down(root: Path, timeout_s: float = 30.0) -> bool:
     # SIGTERM; the MLflow CLI does not pass SIGTERM on to its uvicorn child, so that one gets its whole group.
     for service, stop in (("ray", _signal), ("mlflow", _signal_group)):
         pid = state.pids.get(service)
-        if pid is not None and _alive(pid):
+        if pid is not None and _alive(pid, state.stack_id):
             was_running = True
             stop(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + grace_s
     while (procs := stack_processes(state.stack_id)) and time.monotonic() < deadline:
         psutil.wait_procs(procs, timeout=1.0)
-    for proc in stack_processes(state.stack_id):  # did not stop on SIGTERM in time
+    if procs := stack_processes(state.stack_id):
         was_running = True
-        log.warning("killing %s (pid %d): it did not stop on SIGTERM", proc.name(), proc.pid)
-        _signal(proc.pid, signal.SIGKILL)
+        log.info("SIGKILL to %d processes still stopping after %.0f s: %s", len(procs), grace_s,
+                 ", ".join(sorted({p.name() for p in procs})))
+        for proc in procs:
+            _signal(proc.pid, signal.SIGKILL)
     psutil.wait_procs(stack_processes(state.stack_id), timeout=5.0)
     shutil.rmtree(state.ray_temp_dir, ignore_errors=True)
     (root / STATE_FILE).unlink(missing_ok=True)
@@ -389,7 +397,7 @@ def _wait_healthy(config: StackConfig, state: StackState) -> None:
     pending = dict(HEALTH)
     while pending:
         for service, health_url in list(pending.items()):
-            if not _alive(state.pids[service]):
+            if not _alive(state.pids[service], state.stack_id):
                 raise StackError(f"{service} exited during startup; its log:\n"
                                  f"{_tail(config.root / 'logs' / f'{service}.log')}")
             if _http_ok(health_url(config)):
