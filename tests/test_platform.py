@@ -366,3 +366,11 @@ def test_rayjob_entrypoint_is_a_script_that_accepts_its_arguments(entrypoint, wh
     checked = subprocess.run([sys.executable, script, *args, "--print-config"], cwd=REPO, capture_output=True,
                              text=True, timeout=120)
     assert checked.returncode == 0, f"{where}: {entrypoint}\n{checked.stdout[-2000:]}{checked.stderr[-2000:]}"
+
+
+def test_cluster_script_names_the_overlays_it_can_deploy():
+    run = subprocess.run([str(REPO / "platform" / "cluster"), "apply", "staging"], capture_output=True, text=True,
+                         timeout=30, env={"PATH": "/usr/bin:/bin", "KUBECTL": str(kubectl_path())})
+    assert run.returncode == 2 and "dev gpu-prod" in run.stderr, run.stderr
+    usage = subprocess.run([str(REPO / "platform" / "cluster")], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 2 and all(f"platform/cluster {c}" in usage.stdout for c in ("apply", "job", "submit"))
