@@ -63,6 +63,7 @@ class ModelNeurons(FeatureSource):
 FeatureFactory = Callable[[str | None], FeatureSource]
 FEATURE_SOURCES: dict[str, FeatureFactory | str] = {
     "neurons": ModelNeurons,
+    "sae": "crate.sae.features:SAEFeatures",  # features of an SAE trained by jobs/train_sae.py
 }
 
 
