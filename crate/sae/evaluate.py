@@ -58,7 +58,8 @@ def evaluate_sae(model, layer: int, sae: SparseAutoencoder, token_batches: Itera
 
     def reconstruct(neurons: torch.Tensor) -> torch.Tensor:
         x = neurons.float()
-        x_hat, f = sae(x)
+        with torch.autocast(device.type, enabled=False):  # the SAE in fp32 even inside the bf16 forward
+            x_hat, f = sae(x)
         stats.add(x.flatten(0, -2), x_hat.flatten(0, -2), f.flatten(0, -2))
         return x_hat.to(neurons.dtype)
 

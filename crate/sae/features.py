@@ -43,4 +43,5 @@ class SAEFeatures(FeatureSource):
         sae = self.sae.to(tokens.device)
         with autocast(tokens.device), model.capture_neurons([self.source.layer]) as captured:
             model.hidden_states(tokens, self.source.layer + 1)
-        return {self.source.layer: sae.encode(captured[self.source.layer].float())}
+        with torch.autocast(tokens.device.type, enabled=False):  # encode in fp32 even inside a bf16 forward
+            return {self.source.layer: sae.encode(captured[self.source.layer].float())}
