@@ -20,8 +20,8 @@ Selection, per feature (one total order each, so every selection is exact and sh
   SEGMENT units with the highest segment max can hold a top unit, so the exact top-k runs on a `top`·SEGMENT slice.
 - random: the `random` units with the smallest sampling key k_n(g) = (h(g) + o_n) mod 2⁶² — h a bijective hash of
   the unit id g, o_n a per-feature offset spaced by the golden ratio. For each feature this is a uniform sample
-  without replacement (h(g) is uniform; the offset only rotates it); features of a layer use disjoint units once
-  the stream has more than random·features units. Smallest keys form a contiguous arc of the sorted h(g), so a
+  without replacement (h(g) is uniform; the offset only rotates it); the features of a layer draw disjoint units
+  once the stream holds more than 2·(random + quantile_pool)·features units (offsets stay ≥ 0.52/features apart). Smallest keys form a contiguous arc of the sorted h(g), so a
   batch needs one sort of its unit hashes and a slice per feature, never a key per (unit, feature).
 - quantile bins: the sampling pool is the next `quantile_pool` units of the same order. At the end the pool's
   activations estimate the feature's quantiles; bin b holds the pool units whose activation rank (ties broken by
@@ -46,7 +46,7 @@ from crate.interp.config import CollectionConfig
 EMPTY = torch.iinfo(torch.int64).min  # key of an empty slot; every real key is larger
 MASK62 = (1 << 62) - 1
 SEGMENT = 16  # units per segment in the two-stage top-k
-_GOLDEN = 2849534942267912779  # ≈ 2⁶²/φ, odd: consecutive feature offsets are maximally spread on the circle
+_GOLDEN = 2850178704830799621  # 2⁶²·(φ−1) rounded to odd: feature offsets stay ≥ 0.52/features apart on the circle
 _MIX = (0x3C79AC492BA7B653, 0x1C69B3F74AC4AE35)  # odd multipliers of the bijective unit hash
 
 
@@ -440,11 +440,11 @@ def collect(model, batches: Iterable[tuple[np.ndarray, np.ndarray]], spec: Colle
     model = model.to(device).eval()
     collector = RecordCollector(spec, features, seed, device)
     layers = sorted(features)
-    index = {layer: None if np.array_equal(ids, np.arange(len(ids))) else torch.as_tensor(ids, device=device)
+    index = {layer: None if np.array_equal(ids, np.arange(len(ids))) else torch.tensor(ids, device=device)
              for layer, ids in features.items()}  # None: the first len(ids) features, no gather needed
     for block_ids, tokens in batches:
         with timer("forward"), torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            acts = source.activations(model, torch.as_tensor(tokens, dtype=torch.int64, device=device), layers)
+            acts = source.activations(model, torch.tensor(tokens, dtype=torch.int64, device=device), layers)
             acts = {layer: a[..., :len(features[layer])] if index[layer] is None else a.index_select(-1, index[layer])
                     for layer, a in acts.items()}
         collector.update(block_ids, tokens, acts, timer)

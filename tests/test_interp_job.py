@@ -1,0 +1,124 @@
+"""The interpretability job on Ray: records collected by sharded actors, scored by an actor pool, one MLflow run
+linked to the training run, idempotent reruns — and a driver SIGKILLed mid-scoring that resumes with no lost or
+duplicated rows."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from crate.config import load_config
+from crate.interp import InterpConfig, run_interpretability
+from crate.interp.schema import RESULT_KEY, read_provenance
+from crate.interp.store import ResultStore
+from crate.model import build_model, save_model
+from test_interp_http import FakeOpenAI
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = ("The cat sat on the mat. A dog ran after the cat, and the cat ran up a tree. "
+        "def area(r):\n    return 3.14 * r * r\n\nprint(area(2))\n")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interp-job")
+    torch.manual_seed(0)
+    save_model(build_model("crate-tiny"), root / "tiny.pt", mlflow_run_id="train-run-1", step=5)
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": TEXT * (i % 5 + 1)}) + "\n" for i in range(60)))
+    return root
+
+
+def overrides(subject, out, **extra) -> list[str]:
+    base = {"checkpoint": subject / "tiny.pt", "corpus": subject / "corpus.jsonl", "output_dir": out,
+            "records.blocks": 12, "records.block_length": 64, "records.window": 16, "records.top": 10,
+            "records.random": 10, "records.quantile_pool": 20, "records.per_quantile": 2, "records.batch_blocks": 4,
+            "sample": 6, "metrics": "[tar,random]", "tracking.system_metrics": "false",
+            "tracking.uri": f"sqlite:///{subject}/mlflow.db", **extra}
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def test_job_collects_with_actors_scores_and_tracks_one_linked_run(cluster, subject, tmp_path):
+    cfg = load_config(InterpConfig, None, overrides(subject, tmp_path, **{"workers.collect_actors": 2}))
+    summary = run_interpretability(cfg)
+    table = pq.read_table(tmp_path / "results.parquet")
+    assert table.num_rows == 2 * 6 * 2 and len({tuple(r.values()) for r in table.select(list(RESULT_KEY)).to_pylist()}) == 24
+    failures = [r["reason"] for r in table.to_pylist() if r["status"] == "failed"]
+    assert not failures, failures[:3]
+    assert set(table["checkpoint_run_id"].to_pylist()) == {"train-run-1"} and set(table["model"].to_pylist()) == {"train-run-1@5"}
+    assert [(m["metric"], m["layers"]) for m in summary["models"]] == [("random", 2), ("tar", 2)]
+    records_dir = next((tmp_path / "records").iterdir())
+    provenance = read_provenance(records_dir / "layer_00.parquet")
+    assert provenance["checkpoint_run_id"] == "train-run-1" and provenance["blocks"] == 12
+    assert provenance["corpus"] == str(subject / "corpus.jsonl")
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{subject}/mlflow.db")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.tags["crate.model_run_id"] == "train-run-1" and run.data.tags["crate.job"] == "interpret"
+    history = client.get_metric_history(run.info.run_id, "crate-paper/tar/mean")
+    assert sorted(m.step for m in history) == [0, 1]
+    assert "layers.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+    again = run_interpretability(cfg)  # everything is done: nothing is rescored, the same run is reopened
+    assert again["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert pq.read_table(tmp_path / "results.parquet").equals(table)
+
+
+def rows_written(out: Path) -> int:
+    wal, results = out / "results.wal.jsonl", out / "results.parquet"
+    lines = wal.read_text().count("\n") if wal.is_file() else 0
+    return lines + (pq.read_metadata(results).num_rows if results.is_file() else 0)
+
+
+def test_a_killed_job_resumes_without_lost_or_duplicated_rows(cluster, subject, tmp_path):
+    server = FakeOpenAI(latency_s=0.25)
+    command = [sys.executable, str(REPO / "jobs" / "interpret.py"), "--backend", "http", "--sample", "8",
+               "backend.explainer_model=fake", f"backend.base_url={server.url}", "workers.actors=1",
+               "workers.concurrency=2", "workers.compact_every=3", "tracking.enabled=false",
+               *overrides(subject, tmp_path, sample=8)]
+    env = {**os.environ, "RAY_ADDRESS": cluster, "PYTHONPATH": str(REPO)}
+    try:
+        job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.time() + 120
+        while rows_written(tmp_path) < 6 and job.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert job.poll() is None, f"the job ended before it could be killed: {job.stderr.read().decode()[-2000:]}"
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        store = ResultStore(tmp_path)  # the lock died with the driver
+        before = {tuple(r[k] for k in RESULT_KEY): r["created_at"] for r in store.table().to_pylist()}
+        store.close()
+        explained_before = sum(path.endswith("/chat/completions") for path, _, _ in server.requests)
+        assert 6 <= len(before) < 32
+
+        finished = subprocess.run(command, env=env, capture_output=True, timeout=300)
+        assert finished.returncode == 0, finished.stderr.decode()[-3000:]
+    finally:
+        server.close()
+    table = pq.read_table(tmp_path / "results.parquet")
+    keys = [tuple(r[k] for k in RESULT_KEY) for r in table.to_pylist()]
+    assert len(keys) == len(set(keys)) == 2 * 8 * 2  # 2 layers × 8 sampled neurons × 2 metrics, once each
+    after = {tuple(r[k] for k in RESULT_KEY): r["created_at"] for r in table.to_pylist()}
+    assert all(after[key] == created for key, created in before.items())  # finished work was kept, not redone
+    explained = sum(path.endswith("/chat/completions") for path, _, _ in server.requests)
+    assert explained - explained_before <= 16 - len(before) // 2 + 2  # only unfinished neurons (+ those in flight)
+    failures = [r["reason"] for r in table.to_pylist() if r["status"] == "failed"]
+    assert not failures, failures[:3]
