@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -137,8 +138,8 @@ def steering_effects(model, tokenizer, prompt: str, layer: int, neurons: Sequenc
     sweep_ids = torch.topk(strongest - base, top_tokens).indices.tolist()
     return [SteeringEffect(
         layer=layer, neurons=list(neurons), value=value, prompt=prompt,
-        increased=_shifts(tokenizer, base, steered, torch.topk(steered - base, top_tokens).indices.tolist()),
-        decreased=_shifts(tokenizer, base, steered, torch.topk(base - steered, top_tokens).indices.tolist()),
+        increased=_moved(tokenizer, base, steered, top_tokens, up=True),
+        decreased=_moved(tokenizer, base, steered, top_tokens, up=False),
         sweep_tokens=_shifts(tokenizer, base, steered, sweep_ids),
         kl_divergence=float(torch.sum(steered * (torch.log(steered + 1e-30) - torch.log(base + 1e-30)))),
         generation=generation, steered_generation=steered_generation)
@@ -149,6 +150,13 @@ def steering_effect(model, tokenizer, prompt: str, layer: int, neurons: int | Se
                     top_tokens: int = 10, new_tokens: int = 20) -> SteeringEffect:
     neurons = [neurons] if isinstance(neurons, int) else list(neurons)
     return steering_effects(model, tokenizer, prompt, layer, neurons, [value], top_tokens, new_tokens)[0]
+
+
+def _moved(tokenizer, base: torch.Tensor, steered: torch.Tensor, k: int, up: bool) -> list[TokenShift]:
+    """The k tokens whose probability rose (fell) most; only tokens that moved in that direction."""
+    change = steered - base if up else base - steered
+    values, ids = torch.topk(change, k)
+    return _shifts(tokenizer, base, steered, ids[values > 0].tolist())
 
 
 def _shifts(tokenizer, base: torch.Tensor, steered: torch.Tensor, token_ids: list[int]) -> list[TokenShift]:
@@ -169,14 +177,18 @@ def format_effect(effect: SteeringEffect) -> str:
     if effect.explanation:
         lines.append(f"  explanation: {effect.explanation}")
     lines.append(f"  {'most increased':<38}{'most decreased'}")
-    for up, down in zip(effect.increased, effect.decreased):
+    for up, down in itertools.zip_longest(effect.increased, effect.decreased):
         lines.append(f"  {_format_shift(up):<38}{_format_shift(down)}")
+    if not effect.increased and not effect.decreased:
+        lines.append("  (no token's probability changed)")
     lines.append(f"  original: {effect.prompt}▏{effect.generation!r}")
     lines.append(f"  steered:  {effect.prompt}▏{effect.steered_generation!r}")
     return "\n".join(lines)
 
 
-def _format_shift(shift: TokenShift) -> str:
+def _format_shift(shift: TokenShift | None) -> str:
+    if shift is None:
+        return ""
     return f"{shift.token!r:<16} {shift.before:6.1%} → {shift.after:6.1%}"
 
 

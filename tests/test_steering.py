@@ -81,7 +81,9 @@ def test_the_job_writes_tables_and_a_sweep_plot(tmp_path, tokenizer, capsys):
     assert "' banana'" in printed and "steered:" in printed
     rows = json.loads((tmp_path / "out" / "steering.json").read_text())
     assert rows[1]["increased"][0]["token_id"] == target and rows[1]["increased"][0]["delta"] > 0.5
-    assert (tmp_path / "out" / "steering.csv").read_text().count("\n") == 1 + 2 * 2 * 10
+    shifts = sum(len(e.increased) + len(e.decreased) for e in effects)
+    assert (tmp_path / "out" / "steering.csv").read_text().count("\n") == 1 + shifts
+    assert len(effects[1].increased) == 1 and len(effects[1].decreased) == 10  # only the token rises at 50
     assert (tmp_path / "out" / f"sweep-layer1-neuron{NEURON}.png").stat().st_size > 0
     import mlflow
 

@@ -57,7 +57,7 @@ class SAESource:
 
 
 class SparseAutoencoder(nn.Module):
-    def __init__(self, config: SAEConfig):
+    def __init__(self, config: SAEConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.config = config
         n, d = config.n_features, config.d_in
@@ -65,12 +65,12 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n))
         self.W_dec = nn.Parameter(torch.empty(n, d))  # row j: feature j's dictionary atom
         self.b_dec = nn.Parameter(torch.zeros(d))
-        self.init_weights()
+        self.init_weights(generator)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Random unit atoms; the encoder starts as the decoder's transpose (each feature reads its atom)."""
-        nn.init.kaiming_uniform_(self.W_dec)
+        nn.init.kaiming_uniform_(self.W_dec, generator=generator)
         self.normalize_decoder()
         self.W_enc.copy_(self.W_dec)
         self.b_enc.zero_()

@@ -61,8 +61,8 @@ class SAETrainer:
 
     def __init__(self, config: SAETrainConfig, d_in: int, device: torch.device | str = "cpu"):
         self.config = config
-        torch.manual_seed(config.seed)
-        self.sae = SparseAutoencoder(SAEConfig(d_in, config.expansion, config.l1_coefficient)).to(device)
+        init = torch.Generator().manual_seed(config.seed)
+        self.sae = SparseAutoencoder(SAEConfig(d_in, config.expansion, config.l1_coefficient), init).to(device)
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=config.lr, betas=(config.beta1, config.beta2))
         self.step = 0
         self.steps_since_fired = torch.zeros(self.sae.config.n_features, dtype=torch.long, device=device)

@@ -266,7 +266,8 @@ def write_script(path: Path, key: str, payload: Any) -> None:
 
 
 def _finite(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
+    """JSON has no NaN: undefined numbers become null; the rest keep 4 significant digits (smaller files)."""
+    return float(f"{value:.4g}") if value is not None and math.isfinite(value) else None
 
 
 def run_viewer(config: ViewerConfig) -> Path:

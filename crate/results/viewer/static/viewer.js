@@ -262,8 +262,10 @@ function renderSteering(effects) {
   const parts = [element("h3", { text: "Steering: this neuron clamped at every position" })];
   for (const effect of effects) {
     const shift = (s) => `${JSON.stringify(s.token)} ${formatPercent(s.before)} → ${formatPercent(s.after)}`;
-    const rows = effect.increased.map((up, i) => element("tr", {},
-      element("td", { text: shift(up) }), element("td", { text: effect.decreased[i] ? shift(effect.decreased[i]) : "" })));
+    const n = Math.max(effect.increased.length, effect.decreased.length);
+    const rows = Array.from({ length: n }, (_, i) => element("tr", {},
+      element("td", { text: effect.increased[i] ? shift(effect.increased[i]) : "" }),
+      element("td", { text: effect.decreased[i] ? shift(effect.decreased[i]) : "" })));
     parts.push(element("p", { class: "muted",
       text: `value ${effect.value} on ${JSON.stringify(effect.prompt)}; KL ${effect.kl_divergence.toFixed(3)} nats` }));
     parts.push(element("table", { class: "steering" },
