@@ -93,7 +93,7 @@ def val_dir(tmp_path_factory):
 
 
 def config(train, val, **overrides) -> DataConfig:
-    return DataConfig(train=str(train), val=str(val), context=CONTEXT, engine="local", **overrides)
+    return DataConfig(**{"train": str(train), "val": str(val), "context": CONTEXT, "engine": "local", **overrides})
 
 
 # ---- packing -------------------------------------------------------------------------------------------------
