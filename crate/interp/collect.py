@@ -126,10 +126,10 @@ class SlotSet:
     windows: torch.Tensor
 
     @classmethod
-    def empty(cls, capacity: int, n: int, window: int, device: torch.device) -> "SlotSet":
+    def empty(cls, capacity: int, n: int, window: int, device: torch.device, window_dtype: torch.dtype) -> "SlotSet":
         return cls(torch.full((capacity, n), EMPTY, dtype=torch.int64, device=device),
                    torch.full((capacity, n), -1, dtype=torch.int64, device=device),
-                   torch.zeros(capacity, n, device=device), torch.zeros(capacity, n, window, device=device))
+                   torch.zeros(capacity, n, device=device), torch.zeros(capacity, n, window, device=device, dtype=window_dtype))
 
     @property
     def capacity(self) -> int:
@@ -161,7 +161,7 @@ class SlotSet:
                             (self.values, values.gather(0, pick).float()), (self.windows, windows)):
             index = slot if stored.dim() == 2 else slot[..., None].expand(-1, -1, stored.shape[2])
             mask = valid if stored.dim() == 2 else valid[..., None]
-            stored.scatter_(0, index, torch.where(mask, new, stored.gather(0, index)))
+            stored.scatter_(0, index, torch.where(mask, new.to(stored.dtype), stored.gather(0, index)))
 
     def merge(self, other: "SlotSet") -> None:
         rows = torch.arange(other.capacity, device=other.keys.device)[:, None].expand_as(other.keys)
@@ -205,8 +205,9 @@ class LayerCollector:
         self.layer, self.features, self.spec, self.seed = layer, np.asarray(features, dtype=np.int64), spec, seed
         self.geometry = Geometry(spec.block_length, spec.window, spec.windows)
         n, w = len(self.features), spec.window
-        self.top = SlotSet.empty(spec.top, n, w, device)
-        self.pool = SlotSet.empty(spec.random + (spec.quantile_pool if spec.n_bins else 0), n, w, device)
+        window_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CUDA activations are bf16 anyway
+        self.top = SlotSet.empty(spec.top, n, w, device, window_dtype)
+        self.pool = SlotSet.empty(spec.random + (spec.quantile_pool if spec.n_bins else 0), n, w, device, window_dtype)
         offsets = feature_offsets(self.features, layer, seed)
         self.arc_start = torch.from_numpy(((np.uint64(1 << 62) - offsets) & np.uint64(MASK62)).astype(np.int64)).to(device)
         self.offsets = torch.from_numpy(offsets.astype(np.int64)).to(device)
@@ -282,7 +283,7 @@ class LayerCollector:
         per_block, w = self.geometry.units_per_block, self.geometry.window
         start = (local // per_block) * T + self.geometry.window_start(local % per_block)
         index = start[:, None, :] + torch.arange(w, device=local.device)[None, :, None]  # (E, w, N)
-        return flat.gather(0, index.reshape(E * w, N)).view(E, w, N).permute(0, 2, 1).float()
+        return flat.gather(0, index.reshape(E * w, N)).view(E, w, N).permute(0, 2, 1)
 
     # -- shards ----------------------------------------------------------------------------------------------
     def merge(self, other: "LayerCollector") -> "LayerCollector":
@@ -306,10 +307,9 @@ class LayerCollector:
     # -- the end ---------------------------------------------------------------------------------------------
     def selections(self) -> dict[str, np.ndarray]:
         """Every selected record of this layer as columns: feature, kind, rank, bin, activation, unit, windows."""
-        spec, n = self.spec, len(self.features)
-        parts = []
+        spec = self.spec
         order, valid = self.top.ranked()
-        parts.append(self._rows(self.top, order, valid, "top", np.arange(order.shape[0])[:, None], -1))
+        parts = [self._rows(self.top, order, valid, "top", np.arange(order.shape[0])[:, None], -1)]
         order, valid = self.pool.ranked()
         in_key_order = np.broadcast_to(np.arange(order.shape[0])[:, None], order.shape)
         parts.append(self._rows(self.pool, order, valid & (in_key_order < spec.random), "random", in_key_order, -1))
@@ -323,13 +323,13 @@ class LayerCollector:
         return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
     def _rows(self, slots: SlotSet, order: np.ndarray, take: np.ndarray, kind: str, rank: np.ndarray, bin: int):
+        """Columns of the records `take` marks; only their windows leave the device."""
         r, f = np.nonzero(take)
         slot = order[r, f]
-        values, units = slots.values.cpu().numpy(), slots.units.cpu().numpy()
-        windows = slots.windows.cpu().numpy()
+        index = (torch.from_numpy(slot).to(slots.keys.device), torch.from_numpy(f).to(slots.keys.device))
         return {"feature": self.features[f], "kind": np.full(len(r), kind), "rank": np.broadcast_to(rank, take.shape)[r, f],
-                "bin": np.full(len(r), bin), "activation": values[slot, f], "unit": units[slot, f],
-                "windows": windows[slot, f].reshape(len(r), self.spec.window)}
+                "bin": np.full(len(r), bin), "activation": slots.values[index].cpu().numpy(),
+                "unit": slots.units[index].cpu().numpy(), "windows": slots.windows[index].float().cpu().numpy()}
 
     def _pool_bins(self, order: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per pool slot (in key order): its quantile bin (-1/n_bins outside), and the per-feature sorted values."""

@@ -32,7 +32,7 @@ class CollectionConfig:
     random: int = 50  # uniformly sampled units per feature (seeded)
     quantile_edges: list[float] = field(default_factory=lambda: list(PAPER_QUANTILE_EDGES))  # bin b: [e_b, e_b+1)
     per_quantile: int = 20  # sampled units per quantile bin
-    quantile_pool: int = 512  # uniform pool the quantile bins are estimated and drawn from (beyond the random ones)
+    quantile_pool: int = 256  # uniform pool the quantile bins are estimated and drawn from (beyond the random ones)
     batch_blocks: int = 16  # blocks per forward pass
 
     def __post_init__(self) -> None:
@@ -69,7 +69,7 @@ class CollectionConfig:
 
 def anthropic_collection() -> CollectionConfig:
     """The paper's "Anthropic" records: 800 blocks, 8-token windows, 11 quantile bins of width 1/12."""
-    return CollectionConfig(blocks=800, window=8, quantile_edges=list(ANTHROPIC_QUANTILE_EDGES))
+    return CollectionConfig(blocks=800, window=8, quantile_edges=list(ANTHROPIC_QUANTILE_EDGES), quantile_pool=512)
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -67,18 +68,30 @@ def layer_path(directory: str | os.PathLike, layer: int) -> Path:
     return Path(directory) / f"layer_{layer:02d}.parquet"
 
 
-def write_records(collector, directory: str | os.PathLike, provenance: Mapping[str, Any]) -> Path:
-    """Write every layer of a finished RecordCollector, the feature statistics, then the completion marker."""
+def write_records(collector, directory: str | os.PathLike, provenance: Mapping[str, Any], timer=None) -> Path:
+    """Write every layer of a finished RecordCollector, the feature statistics, then the completion marker.
+    Layers are written by a thread pool while the next layer is finalised; `timer` (collect.StageTimer) splits
+    the time into "finalize" (selections -> columns) and "write" (waiting for the files)."""
+    from crate.interp.collect import NO_TIMER
+
+    timer = timer or NO_TIMER
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / COMPLETE_MARKER).unlink(missing_ok=True)
     stats = []
-    for layer, layer_collector in collector.layers.items():
-        write_parquet(records_table(collector.records(layer)), layer_path(directory, layer), RECORDS_SCHEMA, provenance)
-        stats.append(features_table(layer, layer_collector.statistics()))
-    write_parquet(pa.concat_tables(stats), directory / "features.parquet", FEATURES_SCHEMA, provenance)
-    (directory / COMPLETE_MARKER).write_text(json.dumps({"layers": sorted(collector.layers),
-                                                         "blocks": collector.n_blocks}))
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        writes = []
+        for layer, layer_collector in collector.layers.items():
+            with timer("finalize"):
+                table = records_table(collector.records(layer))
+                stats.append(features_table(layer, layer_collector.statistics()))
+            writes.append(pool.submit(write_parquet, table, layer_path(directory, layer), RECORDS_SCHEMA, provenance))
+        with timer("write"):
+            for write in writes:
+                write.result()
+            write_parquet(pa.concat_tables(stats), directory / "features.parquet", FEATURES_SCHEMA, provenance)
+            (directory / COMPLETE_MARKER).write_text(json.dumps({"layers": sorted(collector.layers),
+                                                                 "blocks": collector.n_blocks}))
     return directory
 
 
