@@ -14,8 +14,9 @@ from crate.errors import ConfigError
 from crate.interp.backends.tokenset import build as build_tokenset
 from crate.interp.collect import RecordCollector
 from crate.interp.config import BackendConfig, CollectionConfig, InterpConfig, flags_to_overrides
-from crate.interp.prompts import (PROMPT_VERSION, MalformedOutput, expected_values, explanation_prompt, normalize,
-                                  parse_explanation, parse_sampled_values, render_text, simulation_prompt)
+from crate.interp.prompts import (EXPLANATION_PREFIX, PROMPT_VERSION, MalformedOutput, chat_turns, expected_values,
+                                  explanation_prompt, normalize, parse_explanation, parse_sampled_values, render_text,
+                                  simulation_prompt)
 from crate.interp.protocols import InsufficientRecords, metric_groups
 from crate.interp.records import Excerpt, FeatureRecords, group_records
 from crate.interp.report import layer_summary, model_summary
@@ -103,6 +104,13 @@ def test_prompts_match_the_golden_file_of_this_prompt_version():
     golden = FIXTURES / f"prompts_{PROMPT_VERSION}.txt"
     assert rendered == golden.read_text(), f"prompts changed: bump PROMPT_VERSION and write a new {golden.name}"
     assert [text[o:o + 7] for o in offsets] == ["unknown"] * 5 and text[offsets[2] - 3:offsets[2]] == "\\t\t"
+
+
+def test_chat_templates_get_the_explanation_prefix_as_a_prefilled_answer():
+    turns, prefill = chat_turns(explanation_prompt([excerpt("top/0")]))
+    assert prefill == EXPLANATION_PREFIX and [t["role"] for t in turns[:3]] == ["system", "user", "assistant"]
+    assert turns[1]["content"].endswith("behavior:") and turns[-1]["content"].endswith("Explanation of neuron 4 behavior:")
+    assert turns[2]["content"] == f"{EXPLANATION_PREFIX} years written as four-digit numbers."
 
 
 def test_model_output_parsing():

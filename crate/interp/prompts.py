@@ -129,6 +129,19 @@ def render_text(messages: Sequence[Message]) -> str:
     return "".join(p if m.role != "assistant" else p + "\n\n" for m, p in zip(messages, parts))
 
 
+def chat_turns(messages: Sequence[Message]) -> tuple[list[dict[str, str]], str]:
+    """The explanation prompt for a chat template we render ourselves: EXPLANATION_PREFIX moves from the end of
+    each user turn to the start of the assistant's answer, and the final answer is prefilled with it (returned
+    separately), so an instruct model continues the sentence instead of restating it."""
+    turns = [{"role": m.role, "content": m.content} for m in messages]
+    for turn, following in zip(turns, turns[1:] + [None]):
+        if turn["role"] == "user" and turn["content"].endswith(EXPLANATION_PREFIX):
+            turn["content"] = turn["content"][:-len(EXPLANATION_PREFIX)].rstrip()
+            if following is not None:
+                following["content"] = EXPLANATION_PREFIX + following["content"]
+    return turns, EXPLANATION_PREFIX
+
+
 def parse_explanation(text: str) -> str:
     """The explanation a model wrote after EXPLANATION_PREFIX: its first line, without a final period."""
     line = text.strip().split("\n", 1)[0].strip()

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from crate.interp.backends.base import Backend, BackendError, CallCounter, Explainer, Simulation, Simulator, backend_label
-from crate.interp.prompts import VALUE_STRINGS, explanation_prompt, expected_values, parse_explanation, render_text, simulation_prompt
+from crate.interp.prompts import (VALUE_STRINGS, chat_turns, explanation_prompt, expected_values, parse_explanation,
+                                  render_text, simulation_prompt)
 from crate.interp.records import Excerpt
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class HFModel:
             raise BackendError(f"no local model directory at {path} (models are never downloaded)")
         self.name = Path(path).name + (f"/{gguf_file}" if gguf_file else "")
         self.device, self.calls = _device(config), calls
+        if gguf_file:
+            _check_gguf_support(Path(path) / gguf_file)
         kwargs = {"local_files_only": True, **({"gguf_file": gguf_file} if gguf_file else {})}
         self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         if self.tokenizer.pad_token is None:
@@ -63,6 +66,16 @@ class HFModel:
 
     def encode(self, texts: list[str]):
         return self.tokenizer(texts, return_offsets_mapping=True, padding=True, return_tensors="pt")
+
+
+def _check_gguf_support(path: Path) -> None:
+    if not path.is_file():
+        raise BackendError(f"no GGUF file at {path}")
+    try:
+        import accelerate  # noqa: F401
+        import gguf  # noqa: F401
+    except ImportError:
+        raise BackendError("GGUF models need the gguf and accelerate packages: pip install 'crate-lm-platform[gguf]'") from None
 
 
 def _four_bit(device: torch.device):
@@ -84,13 +97,14 @@ class HFExplainer(Explainer):
         tokenizer = self.lm.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             return render_text(messages)
-        turns = [{"role": m.role, "content": m.content} for m in messages]
+        turns, prefill = chat_turns(messages)
         try:
-            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         except Exception:  # noqa: BLE001 - templates without a system role (Mistral): prepend it, as the paper did
             system, first, *rest = turns
             merged = [{"role": "user", "content": f"{system['content']}\n\n{first['content']}"}, *rest]
-            return tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
+        return text + prefill
 
     @torch.no_grad()
     def explain(self, excerpts: Sequence[Excerpt], seed: int) -> str:
