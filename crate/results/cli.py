@@ -35,8 +35,6 @@ def parse_tool_config(cls: type[T], description: str, flags: Sequence[Flag], arg
     for flag in flags:
         group.add_argument(flag.name, dest=_dest(flag), action="append", default=argparse.SUPPRESS,
                            metavar=flag.metavar or flag.field.split(".")[-1].upper(), help=f"{flag.help} [{flag.field}]")
-    if positional:
-        parser._positionals.title = f"positional arguments ({positional}, or key=value overrides)"
     args = parser.parse_intermixed_args(argv)  # flags may come between positional arguments
     overrides = [_override(flag, getattr(args, _dest(flag))) for flag in flags if hasattr(args, _dest(flag))]
     rest = list(args.overrides)
