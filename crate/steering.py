@@ -233,6 +233,10 @@ def _chosen_neurons(config: SteerConfig) -> list[tuple[int, list[int], str | Non
     from crate.results.tables import top_explained
 
     best = top_explained(config.results, config.top_explained, metric=config.metric, layer=config.layer)
+    scored_on = {row.checkpoint for row in best} - {None}
+    if scored_on and str(Path(config.checkpoint).resolve()) not in scored_on:
+        log.warning("the results in %s were computed on %s, not on %s: the neuron indices may mean other neurons",
+                    config.results, ", ".join(sorted(scored_on)), config.checkpoint)
     return [(row.layer, [row.neuron], row.explanation) for row in best]
 
 

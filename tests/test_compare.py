@@ -117,3 +117,11 @@ def test_missing_results_are_named_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare_job.main(["output_dir=x"])
     assert "give at least one results table" in capsys.readouterr().err
+
+
+def test_a_model_without_a_recorded_depth_takes_its_deepest_layer_as_last(tmp_path):
+    scores = [10.5, 7.4, 5.8, 8.0, 8.1, 5.7]  # the paper's CRATE-6L TaR; Table 2: 7.96 (2.29)
+    path = write_results(tmp_path / "r.parquet", [{**r, "n_layer": None} for r in rows("crate-6l", "crate", 6, "tar", scores)])
+    row = summary_of(compare(read_results([path])), "crate-6l")
+    assert row["layers"] == "0,1,2,3,4" and 100 * row["mean"] == pytest.approx(7.96, abs=0.006)
+    assert 1e4 * row["variance"] == pytest.approx(2.29, abs=0.006)

@@ -103,6 +103,9 @@ def improvements(summary: pl.DataFrame) -> pl.DataFrame:
 
 
 def compare(results: pl.DataFrame, exclude_last_from: int = 6) -> Comparison:
+    if results["n_layer"].null_count():  # rows without the model's depth: assume its deepest scored layer is last
+        log.warning("some results do not record the model's depth; taking the deepest scored layer as its last")
+        results = results.with_columns(pl.col("n_layer").fill_null(pl.col("layer").max().over("model") + 1))
     layers = layer_scores(results)
     summary = summarise(layers, exclude_last_from)
     return Comparison(layers, summary, improvements(summary))

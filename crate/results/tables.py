@@ -48,6 +48,7 @@ class ExplainedNeuron:
     metric: str
     score: float
     explanation: str | None
+    checkpoint: str | None  # the checkpoint the score was computed on
 
 
 def top_explained(results: str | Path, k: int, metric: str | None = None, layer: int | None = None) -> list[ExplainedNeuron]:
@@ -66,5 +67,5 @@ def top_explained(results: str | Path, k: int, metric: str | None = None, layer:
     rows = chosen.sort(["score", "layer", "neuron"], descending=[True, False, False]).head(k)
     if rows.is_empty():
         raise ValueError(f"{results} has no finite {metric} score" + (f" in layer {layer}" if layer is not None else ""))
-    return [ExplainedNeuron(r["layer"], r["neuron"], metric, r["score"], r["explanation"])
+    return [ExplainedNeuron(r["layer"], r["neuron"], metric, r["score"], r["explanation"], r["checkpoint"])
             for r in rows.iter_rows(named=True) if math.isfinite(r["score"])]
