@@ -347,6 +347,25 @@ def test_network_policies_let_only_ray_reach_mlflow_and_only_mlflow_reach_postgr
     assert [p["port"] for p in postgres_rule["ports"]] == [5432]
 
 
+def max_capacity(spec: dict) -> dict[str, float]:
+    """The CPUs and GPUs Ray sees once every group is scaled to its maximum (KubeRay: container limits)."""
+    total = {"cpu": float(spec["headGroupSpec"].get("rayStartParams", {}).get("num-cpus", 0)), "gpu": 0.0}
+    for group in spec["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        total["cpu"] += group["maxReplicas"] * float(limits["cpu"])
+        total["gpu"] += group["maxReplicas"] * float(limits.get("nvidia.com/gpu", 0))
+    return total
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_sweep_is_told_the_capacity_its_autoscaled_cluster_can_reach(kustomization):
+    # An autoscaled cluster starts without workers: the sweep must not size its trials by what it sees at start.
+    job = named(render(kustomization), "RayJob", "crate-sweep")
+    overrides = dict(arg.split("=", 1) for arg in shlex.split(job["spec"]["entrypoint"]) if "=" in arg)
+    capacity = max_capacity(job["spec"]["rayClusterSpec"])
+    assert float(overrides["cluster_cpus"]) == capacity["cpu"] and float(overrides["cluster_gpus"]) == capacity["gpu"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Entrypoints: real scripts, valid arguments
 
