@@ -166,8 +166,12 @@ def _shifts(tokenizer, base: torch.Tensor, steered: torch.Tensor, token_ids: lis
 def _greedy(model, tokenizer, idx: torch.Tensor, new_tokens: int) -> str:
     if new_tokens == 0:
         return ""
-    out = model.generate(idx, new_tokens, temperature=0)
-    return tokenizer.decode(out[0, idx.shape[1]:].tolist())
+    out = model.generate(idx, new_tokens, temperature=0)[0, idx.shape[1]:].tolist()
+    # an undertrained model may pick an id of the vocabulary padding (>= n_vocab), which has no text; runs of
+    # real tokens are decoded together so characters spanning several byte tokens stay whole
+    runs = itertools.groupby(out, key=lambda t: t < tokenizer.n_vocab)
+    return "".join(tokenizer.decode(ids) if real else "".join(f"<{t}>" for t in ids)
+                   for real, ids in ((real, list(group)) for real, group in runs))
 
 
 def format_effect(effect: SteeringEffect) -> str:
