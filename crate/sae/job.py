@@ -72,13 +72,13 @@ def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
 
     if not Path(config.checkpoint).is_file():
         raise FileNotFoundError(f"no model checkpoint at {config.checkpoint}")
+    check_sources(config.data)  # both corpora exist and open, before the model loads
     model = load_model(config.checkpoint).to(_device(config.device)).eval().requires_grad_(False)
     if config.layer >= model.config.n_layer:
         raise ConfigError("layer", f"the model has {model.config.n_layer} layers (0..{model.config.n_layer - 1})")
     if config.data.context > model.config.block_size:
         raise ConfigError("data.context", f"{config.data.context} exceeds the model's context "
                                           f"({model.config.block_size}); set data.context={model.config.block_size}")
-    check_sources(config.data)
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     source = _source(config, model)
