@@ -141,7 +141,7 @@ def resolve_files(uri: str, retry: Retry) -> Corpus:
     units = []
     for name, info in sorted(found.items()):
         kind = file_format(name)
-        if kind is None or info.get("type", "file") != "file":
+        if kind is None or not (info.get("type", "file") == "file" or info.get("islink")):  # links to files count
             continue
         rel = name[len(root):].lstrip("/") if name.startswith(root) else name
         units.append(Unit(fs.unstrip_protocol(name), rel or name, *kind, int(info.get("size") or 0)))
