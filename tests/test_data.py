@@ -2,7 +2,6 @@
 ranks, re-partition, pretokenized shards, the hub layout through a local filesystem, the jobs."""
 
 import gzip
-import io
 import json
 import random
 import subprocess

@@ -60,6 +60,8 @@ class DataConfig:
         both = sorted(set(self.include_sets) & set(self.exclude_sets))
         if both:
             raise ConfigError("exclude_sets", f"{both} are also in include_sets")
+        if self.seed < 0:
+            raise ConfigError("seed", f"must be >= 0, got {self.seed}")
         if self.read_cpus <= 0:
             raise ConfigError("read_cpus", f"must be > 0, got {self.read_cpus}")
         if self.max_document_bytes < 1024:

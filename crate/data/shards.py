@@ -176,7 +176,8 @@ def write_shard(out: Path, i: int, units: list[Unit], options: ReadOptions) -> d
         np.save(docs_file, np.array(docs, dtype=np.int64).reshape(-1, 2))
     os.replace(out / f"{name}.docs.npy.tmp", out / f"{name}.docs.npy")
     marker = {"tokens": f"{name}.bin", "docs": f"{name}.docs.npy", "n_tokens": n_tokens, "n_documents": len(docs),
-              "sets": list(set_ids), "files": [u.name for u in units], "stats": stats.as_dict()}
+              "sets": list(set_ids), "files": [u.name for u in units],
+              "stats": {k: v for k, v in stats.as_dict().items() if k not in ("blocks", "dropped_tail_tokens")}}
     write_atomic(out / f"{name}.json", json.dumps(marker))
     return marker
 

@@ -45,7 +45,8 @@ class Retry:
     backoff_s: float = 1.0
 
     def __call__(self, fn: Callable[[], T], what: str) -> T:
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
                 return fn()
             except FileNotFoundError as error:
@@ -57,10 +58,10 @@ class Retry:
                     raise SourceError(f"{what}: {type(error).__name__}: {error} "
                                       f"(gave up after {attempt + 1} attempts)") from error
                 wait = self.backoff_s * 2**attempt
+                attempt += 1
                 log.warning("%s: %s: %s; retry %d/%d in %.1fs", what, type(error).__name__, error,
-                            attempt + 1, self.retries, wait)
+                            attempt, self.retries, wait)
                 time.sleep(wait)
-        raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,6 @@ def file_format(name: str) -> tuple[str, str | None] | None:
 
 
 def fingerprint(corpus: Corpus) -> dict[str, Any]:
-    """What a saved stream position is only valid for: the number of files and a hash of their names."""
-    names = "\n".join(u.name for u in corpus.units) if not corpus.pretokenized else str(corpus.shards)
+    """What a raw-text stream position is only valid for: the number of files and a hash of their names."""
+    names = "\n".join(u.name for u in corpus.units)
     return {"files": len(corpus.units), "names": hashlib.sha1(names.encode()).hexdigest()[:12]}

@@ -33,7 +33,7 @@ so `engine: ray` and `engine: local` yield identical blocks in identical order.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -292,6 +292,8 @@ def read_items(items: list[Item], corpus: Corpus, options: ReadOptions,
 def first_blocks(corpus: Corpus, length: int, max_blocks: int, options: ReadOptions,
                  stats: StreamStats) -> Iterator[Block]:
     """The first `max_blocks` blocks of the corpus in its natural order (files sorted, no shuffle)."""
+    if max_blocks < 1:
+        return
     if corpus.pretokenized:
         shards = TokenShards(corpus.shards)
         for i in range(min(max_blocks, shards.n_tokens // length)):
