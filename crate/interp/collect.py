@@ -412,6 +412,14 @@ class RecordCollector:
     def n_blocks(self) -> int:
         return len(self.tokens)
 
+    def _stream(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted block ids, their tokens stacked (n_blocks, T)), built once per set of blocks."""
+        if getattr(self, "_stacked", (None,))[0] != len(self.tokens):
+            block_ids = np.array(sorted(self.tokens), dtype=np.int64)
+            stream = np.stack([self.tokens[b] for b in block_ids]) if len(block_ids) else np.zeros((0, 1), np.int32)
+            self._stacked = (len(self.tokens), block_ids, stream)
+        return self._stacked[1], self._stacked[2]
+
     def records(self, layer: int) -> dict[str, np.ndarray]:
         """Columns of RECORDS_SCHEMA for one layer (tokens/activations as (R, window) arrays)."""
         s = self.layers[layer].selections()
@@ -422,10 +430,10 @@ class RecordCollector:
             focus = in_block - start
         else:
             focus = np.argmax(s["windows"], axis=1)  # the fragment's (first) max token
-        block_ids = np.array(sorted(self.tokens), dtype=np.int64)
-        stream = np.stack([self.tokens[b] for b in block_ids]) if len(block_ids) else np.zeros((0, geometry.block_length), np.int32)
-        rows = np.searchsorted(block_ids, block)
-        tokens = stream[rows[:, None], start[:, None] + np.arange(self.spec.window)]
+        block_ids, stream = self._stream()
+        flat_start = np.searchsorted(block_ids, block) * geometry.block_length + start
+        windows = np.lib.stride_tricks.sliding_window_view(stream.reshape(-1), self.spec.window)  # a view, no copy
+        tokens = windows[flat_start]
         return {"layer": np.full(len(block), layer), "neuron": s["feature"], "kind": s["kind"], "rank": s["rank"],
                 "bin": s["bin"], "activation": s["activation"], "block": block, "start": start, "focus": focus,
                 "tokens": tokens, "activations": s["windows"]}

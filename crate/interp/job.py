@@ -34,7 +34,7 @@ from crate.interp.prompts import PROMPT_VERSION
 from crate.interp.protocols import InsufficientRecords, ScoringTask, metric_groups
 from crate.interp.records import is_complete, read_feature_records, write_records
 from crate.interp.report import layer_summary, model_summary, plot_layers
-from crate.interp.schema import RESULTS_SCHEMA, write_parquet
+from crate.interp.schema import RESULTS_SCHEMA, result_key, write_parquet
 from crate.interp.scoring import failed_rows
 from crate.interp.store import ResultStore
 
@@ -130,7 +130,7 @@ class InterpretabilityJob:
             raise ConfigError("corpus", f"{self.cfg.corpus} holds fewer than {length} tokens")
 
     # -- stage 1: records ------------------------------------------------------------------------------------
-    def records(self, name: str) -> tuple[Path, str]:
+    def records(self, name: str) -> Path:
         """The records directory of collection `name` ("records" or "anthropic_records"), collected if needed."""
         cfg, spec = self.cfg, getattr(self.cfg, name)
         sample = {l: f.tolist() for l, f in self.features.items()} if cfg.sample else None
@@ -139,7 +139,7 @@ class InterpretabilityJob:
         directory = self.out / "records" / collection_id
         if is_complete(directory):
             log.info("records %s: reusing %s", name, directory)
-            return directory, collection_id
+            return directory
         from crate.data import read_blocks
 
         started = time.perf_counter()
@@ -165,12 +165,13 @@ class InterpretabilityJob:
         log.info("records %s: %d blocks × %d tokens, %d layers, %d features in %.1fs -> %s", name, collector.n_blocks,
                  spec.block_length, len(self.layers), sum(len(f) for f in self.features.values()),
                  time.perf_counter() - started, directory)
-        return directory, collection_id
+        return directory
 
     # -- stage 2: explain, simulate, score ---------------------------------------------------------------------
     def key(self, backend: str, layer: int, neuron: int, metric: str) -> tuple:
-        return (self.subject.model_id, self.cfg.features, layer, neuron, self.cfg.protocol, metric, backend,
-                PROMPT_VERSION, self.cfg.seed)
+        return result_key({"model": self.subject.model_id, "features": self.cfg.features, "layer": layer,
+                           "neuron": neuron, "protocol": self.cfg.protocol, "metric": metric, "backend": backend,
+                           "prompt_version": PROMPT_VERSION, "seed": self.cfg.seed})
 
     def tasks(self, backend: dict[str, str], collections: dict[str, Path], store):
         """(task, metrics) for every feature with a requested metric not yet in the results. A feature without
@@ -201,7 +202,7 @@ class InterpretabilityJob:
         from crate.tracking import Tracker
 
         cfg = self.cfg
-        collections = {group.collection: self.records(group.collection)[0] for group, _ in self.groups}
+        collections = {group.collection: self.records(group.collection) for group, _ in self.groups}
         records_id = {m: collections[group.collection].name for group, metrics in self.groups for m in metrics}
         _ray_init()
         pool = ScoringPool(cfg.backend, cfg.workers, cfg.seed)
