@@ -265,7 +265,7 @@ def decoded_chunks(unit: Unit, offset: int, retry: Retry) -> Iterator[bytes]:
     """The file's decompressed bytes from `offset` on, in chunks.
 
     Resume cost: a plain file seeks to `offset`; a compressed one is decompressed from its start and the
-    first `offset` bytes are discarded (zstd ~1 GB/s per core), since a single zstd/gzip frame has no index.
+    first `offset` bytes are discarded (~0.5 GB/s per core), since a single zstd/gzip frame has no index.
     """
     reader = RetryingReader(unit, offset if unit.compression is None else 0, retry)
     try:

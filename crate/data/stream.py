@@ -9,7 +9,7 @@ Raw text (JSON lines, Parquet, text files, the built-in corpus)
     start of its next block. Resume is block-exact: plain JSON lines and text files seek to the byte
     offset, Parquet skips whole row groups and then rows, compressed files (.zst/.gz, single frames without
     an index) are decompressed from their start and the bytes before the offset discarded without parsing
-    (about 1 GB/s per core); then the first record is re-tokenized and its first `token` ids dropped.
+    (~0.5 GB/s per core); then the first record is re-tokenized and its first `token` ids dropped.
 
 Pretokenized shards (jobs/pretokenize.py)
     The corpus is one token stream cut into N blocks; epoch e visits them window by window (windows of
