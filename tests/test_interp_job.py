@@ -122,3 +122,18 @@ def test_a_killed_job_resumes_without_lost_or_duplicated_rows(cluster, subject, 
     assert explained - explained_before <= 16 - len(before) // 2 + 2  # only unfinished neurons (+ those in flight)
     failures = [r["reason"] for r in table.to_pylist() if r["status"] == "failed"]
     assert not failures, failures[:3]
+
+
+def test_bad_input_is_refused_before_any_work(subject, tmp_path):
+    from crate.errors import ConfigError
+
+    cases = {"checkpoint": {"checkpoint": tmp_path / "missing.pt"}, "layers": {"layers": "[0,5]"},
+             "corpus": {"corpus": tmp_path / "missing.jsonl"},
+             "backend.explainer_model": {"backend.kind": "hf", "backend.explainer_model": tmp_path / "no-model"},
+             "records.block_length": {"records.block_length": 128, "records.window": 16}}
+    for field, bad in cases.items():
+        cfg = load_config(InterpConfig, None, overrides(subject, tmp_path / field, **bad))
+        with pytest.raises(ConfigError) as error:
+            run_interpretability(cfg)
+        assert error.value.field == field, error.value
+        assert not (tmp_path / field / "records").exists()

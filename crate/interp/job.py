@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,7 @@ class InterpretabilityJob:
                 raise ConfigError(f"{group.collection}.block_length", f"{collection.block_length} exceeds the model's "
                                                                       f"context ({config.block_size})")
         self._check_corpus()
+        self._check_backend()
         self.out = Path(cfg.output_dir or Path("interp") / Path(cfg.checkpoint).stem)
         self.store = ResultStore(self.out)
 
@@ -128,6 +130,18 @@ class InterpretabilityJob:
             raise ConfigError("corpus", f"{self.cfg.corpus} cannot be read: {error}") from None
         if first is None:
             raise ConfigError("corpus", f"{self.cfg.corpus} holds fewer than {length} tokens")
+
+    def _check_backend(self) -> None:
+        """Local model files must exist before anything runs (the actors would fail later, less clearly)."""
+        b = self.cfg.backend
+        if b.kind != "hf":
+            return
+        for field, path, gguf in (("explainer_model", b.explainer_model, b.explainer_gguf),
+                                  ("simulator_model", b.simulator, b.simulator_gguf if b.simulator_model else b.explainer_gguf)):
+            if not Path(path).is_dir():
+                raise ConfigError(f"backend.{field}", f"no local model directory at {path} (models are never downloaded)")
+            if gguf and not (Path(path) / gguf).is_file():
+                raise ConfigError(f"backend.{field}", f"no GGUF file {gguf} in {path}")
 
     # -- stage 1: records ------------------------------------------------------------------------------------
     def records(self, name: str) -> Path:
@@ -257,6 +271,10 @@ class InterpretabilityJob:
         self._write_json("summary.json", summary)
         figure = plot_layers(layers, self.subject.model.config.n_layer, f"{self.subject.model_id} ({cfg.features})")
         figure.savefig(self.out / "layers.png", dpi=120)
+        tracker.log_figure(figure, "layers.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
         for row in layers:
             prefix = f"{row['protocol']}/{row['metric']}"
             tracker.log_metrics({f"{prefix}/{k}": row[k] for k in ("mean", "std", "ci95", "scored", "undefined", "failed")
@@ -265,11 +283,9 @@ class InterpretabilityJob:
             prefix = f"{row['protocol']}/{row['metric']}"
             tracker.log_metrics({f"{prefix}/model_mean": row["mean"], f"{prefix}/model_mean_excl_last": row["mean_excl_last"]},
                                 step=0)
-        scoped_path = self.out / "scoped_results.parquet"
-        write_parquet(scoped, scoped_path, RESULTS_SCHEMA)
-        tracker.log_artifact(scoped_path, "results")
+        with tempfile.TemporaryDirectory() as directory:  # this job's rows only (the table may hold other jobs')
+            tracker.log_artifact(write_parquet(scoped, Path(directory) / "results.parquet", RESULTS_SCHEMA), "results")
         tracker.log_artifact(self.out / "summary.json")
-        tracker.log_figure(figure, "layers.png")
         return summary
 
     # -- bookkeeping ------------------------------------------------------------------------------------------
