@@ -22,6 +22,7 @@ from crate.config import load_config
 from crate.data import (DataConfig, SourceError, TokenShards, check_sources, pretokenize, read_blocks,
                         resume_states, train_batches, val_batches)
 from crate.data.documents import ReadOptions, Start, documents
+from crate.data.reshard import reshard
 from crate.data.sources import resolve
 from crate.data.stream import epoch_units
 from crate.errors import ConfigError
@@ -334,6 +335,26 @@ def test_pretokenize_resumes_and_keeps_finished_shards(clean, tmp_path):
     changed = [name for name, t in kept.items() if (out / name).stat().st_mtime_ns != t]
     assert changed == ["shard-00001.bin"]
     assert [b.tolist() for b in read_blocks(str(out), 17, 10**6)] == [b.tolist() for b in read_blocks(str(root), 17, 10**6)]
+
+
+def test_reshard_to_parquet_keeps_the_stream_and_counts_what_it_drops(clean, tmp_path):
+    root, expected = clean
+    messy = tmp_path / "messy"
+    messy.mkdir()
+    for path in root.iterdir():
+        (messy / path.name).write_bytes(path.read_bytes())
+    (messy / "z.jsonl").write_bytes(b'not json\n{"text": ""}\n' + jsonl(clean_docs(40, 30)))
+    counts = reshard(str(messy), tmp_path / "parquet", DataConfig(), file_bytes=2000, use_ray=False, progress=False)
+    parts = sorted((tmp_path / "parquet").glob("*.parquet"))
+    assert len(parts) > len(expected) + 1 and counts["skipped/malformed_json"] == 1 and counts["skipped/empty"] == 1
+    assert counts["documents"] == sum(len(docs) for docs in expected.values()) + 30
+    assert [b.tolist() for b in read_blocks(str(tmp_path / "parquet"), 17, 10**6)] == \
+           [b.tolist() for b in read_blocks(str(messy), 17, 10**6)]
+    (tmp_path / "parquet" / "00001.json").unlink()  # input 1 unfinished: a rerun converts it again, only it
+    before = {p.name: p.stat().st_mtime_ns for p in parts}
+    assert reshard(str(messy), tmp_path / "parquet", DataConfig(), 2000, use_ray=False, progress=False) == counts
+    changed = {p.name for p in (tmp_path / "parquet").glob("*.parquet") if p.stat().st_mtime_ns != before[p.name]}
+    assert changed and all(name.startswith("00001-") for name in changed)
 
 
 # ---- sources: the hub layout, retries, pre-flight checks, the built-in corpus -----------------------------

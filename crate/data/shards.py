@@ -21,7 +21,7 @@ import os
 from collections import Counter
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -117,7 +117,7 @@ def pretokenize(corpus: str, out: str | os.PathLike, cfg: DataConfig, shard_byte
     log.info("%s: %d files -> %d shards (%d already written) in %s", corpus, len(source.units), len(groups),
              len(groups) - len(todo), out)
     write = [(out, i, groups[i], options) for i in todo]
-    for _ in _progress(run_writers(write, use_ray), len(todo), progress):
+    for _ in progress_bar(map_files(write_shard, write, use_ray), len(todo), progress):
         pass
     shards = [json.loads((out / f"{shard_name(i)}.json").read_text()) for i in range(len(groups))]
     stats = Counter()
@@ -182,26 +182,26 @@ def write_shard(out: Path, i: int, units: list[Unit], options: ReadOptions) -> d
     return marker
 
 
-def run_writers(jobs: list[tuple], use_ray: bool) -> Iterator[dict]:
+def map_files(fn: Callable[..., dict], jobs: list[tuple], use_ray: bool) -> Iterator[dict]:
+    """`fn(*job)` for every job: one Ray Data task each (1 CPU) when `use_ray`, else one after the other."""
     if not jobs:
         return
     if not use_ray:
         for job in jobs:
-            yield write_shard(*job)
+            yield fn(*job)
         return
     import ray
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     dataset = ray.data.from_items([{"job": i} for i in range(len(jobs))], override_num_blocks=len(jobs))
-    written = dataset.map(lambda row: {"n_tokens": write_shard(*jobs[row["job"]])["n_tokens"]}, num_cpus=1)
-    yield from written.iter_rows()
+    yield from dataset.map(lambda row: {"done": fn(*jobs[row["job"]]) is not None}, num_cpus=1).iter_rows()
 
 
-def _progress(items: Iterator, total: int, enabled: bool) -> Iterator:
+def progress_bar(items: Iterator, total: int, enabled: bool, unit: str = "shard") -> Iterator:
     from tqdm import tqdm
 
-    return tqdm(items, total=total, desc="shards", unit="shard", disable=not enabled)
+    return tqdm(items, total=total, unit=unit, disable=not enabled)
 
 
 def write_atomic(path: Path, text: str) -> None:
