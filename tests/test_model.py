@@ -281,3 +281,10 @@ def test_param_groups_decay_the_dictionary_but_not_norms():
     assert id(model.transformer.h[0].ista.weight) in decayed
     assert id(model.transformer.h[0].ln_1.weight) not in decayed
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_checkpoints_load_from_file_uris(tmp_path):
+    path = save_model(build_model("gpt-tiny"), tmp_path / "model.pt")
+    assert load_model(f"file://{path}").config.preset == "gpt-tiny"
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_model(tmp_path / "missing.pt")

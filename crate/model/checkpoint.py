@@ -8,6 +8,7 @@ from DDP) and the causal-mask buffers of the non-flash attention path.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
 from pathlib import Path
@@ -46,10 +47,25 @@ def save_weights(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], pa
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw payload of a checkpoint file (ours or the released nanoGPT-style dict)."""
-    if not Path(path).is_file():
+    """The raw payload of a checkpoint file (ours or the released nanoGPT-style dict): a local path, or a
+    storage URI (`s3://`, `gs://`, ... — where training jobs keep their checkpoints) read through pyarrow."""
+    if "://" in str(path) and not str(path).startswith("file://"):
+        return torch.load(io.BytesIO(_read_remote(str(path))), map_location="cpu", weights_only=False)
+    path = Path(str(path).removeprefix("file://"))
+    if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _read_remote(uri: str) -> bytes:
+    from pyarrow import fs  # lazily: local use needs torch alone
+
+    try:
+        filesystem, location = fs.FileSystem.from_uri(uri)
+        with filesystem.open_input_stream(location) as stream:
+            return stream.read()
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"cannot read checkpoint {uri}: {error}") from error
 
 
 def load_model(path: str | os.PathLike, **overrides: Any) -> LanguageModel:
