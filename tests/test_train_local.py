@@ -84,3 +84,14 @@ def test_the_plain_export_is_the_trained_model(tmp_path):
     engine_state = torch.load(Path(result.checkpoint) / "engine.pt", weights_only=False)["model"]
     for name, value in model.state_dict().items():
         assert torch.equal(value, engine_state[name].float()), name
+
+
+def test_workers_that_leave_no_cpu_for_reading_are_refused(tmp_path):
+    from crate.train.launch import check_resources
+
+    cfg = config(tmp_path, "train.launcher=ray", "data.engine=ray", "train.num_workers=2", "train.micro_batch_size=4")
+    with pytest.raises(ConfigError, match="read tasks would never start") as error:
+        check_resources(cfg, {"CPU": 2.0})
+    assert error.value.field == "train.cpus_per_worker"
+    check_resources(config(tmp_path, "train.launcher=ray", "data.engine=ray", "train.cpus_per_worker=0.5",
+                           "train.num_workers=2", "train.micro_batch_size=4"), {"CPU": 2.0})

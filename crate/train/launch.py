@@ -110,10 +110,13 @@ def connect_ray() -> bool:
 
 def check_resources(cfg: PretrainConfig, available: dict[str, float]) -> None:
     t = cfg.train
-    need_cpu = t.num_workers * t.cpus_per_worker
+    reading = cfg.data.read_cpus if cfg.data.engine == "ray" else 0.0  # at least one read task must fit too
+    need_cpu = t.num_workers * t.cpus_per_worker + reading
     if need_cpu > available.get("CPU", 0):
-        raise ConfigError("train.num_workers", f"{t.num_workers} workers x {t.cpus_per_worker} CPUs = {need_cpu} "
-                                               f"CPUs, but this Ray instance has {available.get('CPU', 0):g}")
+        raise ConfigError("train.cpus_per_worker",
+                          f"{t.num_workers} workers x {t.cpus_per_worker} CPUs + {reading:g} for a Ray Data read task "
+                          f"(data.read_cpus) = {need_cpu:g} CPUs, but this Ray instance has "
+                          f"{available.get('CPU', 0):g}: the read tasks would never start")
     if t.use_gpu and t.num_workers > available.get("GPU", 0):
         raise ConfigError("train.use_gpu", f"{t.num_workers} GPU workers, but this Ray instance has "
                                            f"{available.get('GPU', 0):g} GPUs")
