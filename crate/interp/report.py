@@ -83,6 +83,7 @@ def plot_layers(layers: list[dict], n_layer: int, title: str):
                       capsize=3, label=label)
     if n_layer in PAPER_DROPS_LAST_LAYER:
         axis.axvspan(n_layer - 1.5, n_layer - 0.5, color="0.9", label="excluded from the paper's mean")
+    axis.set_xticks(sorted({r["layer"] for r in layers}))
     axis.set_xlabel("layer")
     axis.set_ylabel("score (Pearson × 100)")
     axis.set_title(title)
