@@ -95,3 +95,10 @@ def test_workers_that_leave_no_cpu_for_reading_are_refused(tmp_path):
     assert error.value.field == "train.cpus_per_worker"
     check_resources(config(tmp_path, "train.launcher=ray", "data.engine=ray", "train.cpus_per_worker=0.5",
                            "train.num_workers=2", "train.micro_batch_size=4"), {"CPU": 2.0})
+
+
+def test_submitting_a_finished_run_again_does_no_work(tmp_path):
+    first = launch(config(tmp_path, "train.engine=torch", "train.run_name=twice"))
+    again = launch(config(tmp_path, "train.engine=torch", "train.run_name=twice"))
+    assert again.checkpoint == first.checkpoint
+    assert again.metrics["val/loss"] == first.metrics["val/loss"] and again.metrics["step"] == 6

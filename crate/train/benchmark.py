@@ -105,8 +105,9 @@ def measure(kind: str, preset: str, cfg: PretrainConfig, device: torch.device, w
 
 def run(bench: BenchmarkConfig) -> Iterator[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    overrides = [f"data.context={bench.context}"] if bench.context else []
-    cfg = load_config(PretrainConfig, bench.recipe, overrides + ["train.launcher=local", "data.engine=local"])
+    cfg = load_config(PretrainConfig, bench.recipe, ["train.launcher=local", "data.engine=local"])
+    if bench.context:  # the benchmark builds each preset with this context, whatever the recipe's model
+        cfg.data = dataclasses.replace(cfg.data, context=bench.context)
     compile_ = bench.compile if bench.compile is not None else device.type == "cuda"
     micro = bench.micro_batch_size or cfg.train.micro_batch_size
     cfg.train = dataclasses.replace(cfg.train, compile=compile_, micro_batch_size=micro,

@@ -75,6 +75,7 @@ class Trainer:
             torch.manual_seed(cfg.train.seed + self.rank)
         saved = resume.trainer_state if resume else {}
         self.step = saved.get("step", 0)
+        self.final_metrics = saved.get("metrics", {})  # what the last checkpoint reported
         self.history = LossHistory.from_dict(saved.get("history"))
         self.mixture: dict[str, int] = dict(saved.get("mixture", {}))  # tokens per pile_set_name, this rank
         self.data_state = resume.data_state if resume else None
@@ -89,6 +90,10 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         train = self.cfg.train
+        if self.step >= train.max_steps:  # a finished run submitted again: nothing to do
+            self._log(f"{self.run.name} is already complete at step {self.step}")
+            self.tracker.end("FINISHED")
+            return self.final_metrics
         metrics: dict[str, float] = {}
         self._log(f"training {self.cfg.model.preset or self.cfg.model.arch} for {train.max_steps} steps of "
                   f"{self.cfg.tokens_per_step:,} tokens on {self.world_size} worker(s), engine {train.engine}"
@@ -184,7 +189,7 @@ class Trainer:
         metrics = {**metrics, "step": self.step, "tokens_seen": self.tokens_seen}
         directory = self.runtime.new_checkpoint_dir(self.step) if checkpoint else None
         if directory is not None:
-            write_checkpoint(directory, self.engine, self.rank, self.world_size, self._trainer_state(),
+            write_checkpoint(directory, self.engine, self.rank, self.world_size, self._trainer_state(metrics),
                              self.data_state or {}, self.cfg.model)
             if final and self.rank == 0:
                 self.tracker.log_artifact(directory / MODEL_FILE, "model")
@@ -193,11 +198,11 @@ class Trainer:
             self._log(f"checkpoint at step {self.step} ({self.tokens_seen:,} tokens)")
         return metrics
 
-    def _trainer_state(self) -> dict[str, Any]:
+    def _trainer_state(self, metrics: dict[str, float]) -> dict[str, Any]:
         t = self.cfg.train
         return {"step": self.step, "tokens_seen": self.tokens_seen, "engine": t.engine, "zero_stage": t.zero_stage,
                 "mlflow_run_id": self.tracker.run_id, "run_name": self.run.name, "history": self.history.to_dict(),
-                "mixture": self.mixture}
+                "mixture": self.mixture, "metrics": metrics}
 
     def finish(self) -> None:
         if self.rank != 0:
