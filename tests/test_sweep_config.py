@@ -182,6 +182,13 @@ def test_summary_table_ranks_completed_trials_first_and_renders_markdown():
     assert "| t5 | failed | 0.2 | 0.1 | – |" in text
 
 
+def test_a_sweep_whose_trials_all_failed_reports_the_table_alone(tmp_path):
+    failed = [TrialRecord("t0", {"model.ista_sparsity": 0.1, "model.ista_step_size": 0.1}, "failed", {}, "boom")]
+    table = summary_table(failed, ["model.ista_sparsity", "model.ista_step_size"], "val/loss", "min")
+    files = write_report(table, tmp_path, "val/loss", "min", [], ["model.ista_sparsity"], "test")
+    assert [f.name for f in files] == ["summary.csv", "summary.md"]
+
+
 @pytest.mark.parametrize("grid", [True, False])
 def test_report_files_are_written(tmp_path, grid):
     table = summary_table(records(), ["model.ista_sparsity", "model.ista_step_size"], "val/loss", "min")

@@ -59,19 +59,27 @@ def markdown(table: pl.DataFrame) -> str:
 
 def write_report(table: pl.DataFrame, directory: Path, metric: str, mode: str, grid_keys: Sequence[str],
                  keys: Sequence[str], title: str) -> list[Path]:
-    """summary.csv, summary.md and the plots in `directory`; returns the files written."""
+    """summary.csv, summary.md and the plots (those the trials' results allow) in `directory`; returns the files
+    written."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "plots").mkdir(exist_ok=True)
     table.write_csv(directory / "summary.csv")
     (directory / "summary.md").write_text(markdown(table), encoding="utf-8")
-    plots = [directory / "plots" / "loss_vs_lambda_eta.png", directory / "plots" / "pareto.png"]
+    files = [directory / "summary.csv", directory / "summary.md"]
+    if table[metric].is_null().all():
+        return files  # no trial reported anything to plot (all failed)
+    (directory / "plots").mkdir(exist_ok=True)
+    files.append(directory / "plots" / "loss_vs_lambda_eta.png")
+    numeric = [k for k in keys if table[k].dtype.is_numeric()]
     if LAMBDA in grid_keys and ETA in grid_keys:
-        plot_heatmap(table, metric, mode, title, plots[0])
+        plot_heatmap(table, metric, mode, title, files[-1])
+    elif numeric:
+        plot_against_params(table, [k for k in (LAMBDA, ETA) if k in numeric] or numeric, metric, title, files[-1])
     else:
-        numeric = [k for k in keys if table[k].dtype.is_numeric()]
-        plot_against_params(table, [k for k in (LAMBDA, ETA) if k in numeric] or numeric, metric, title, plots[0])
-    plot_pareto(table, metric, mode, title, plots[1])
-    return [directory / "summary.csv", directory / "summary.md", *plots]
+        files.pop()
+    if any(table[column].is_not_null().any() for column, _, _ in SPARSITY_AXES):
+        files.append(directory / "plots" / "pareto.png")
+        plot_pareto(table, metric, mode, title, files[-1])
+    return files
 
 
 def pareto_front(points: Sequence[tuple[float, float]], x_higher_better: bool, y_higher_better: bool) -> list[int]:

@@ -239,11 +239,14 @@ def trial_records(grid, cfg: SweepConfig, base: PretrainConfig) -> list[TrialRec
 
 
 def trial_params(result) -> dict[str, Any]:
-    """The sampled fields Tune saved for a trial that never reported."""
+    """The sampled fields Tune saved for a trial that never reported ({} for one that never started)."""
     import json
 
-    with result.filesystem.open_input_stream(posixpath.join(result.path, "params.json")) as stream:
-        return json.loads(stream.read())
+    try:
+        with result.filesystem.open_input_stream(posixpath.join(result.path, "params.json")) as stream:
+            return json.loads(stream.read())
+    except FileNotFoundError:
+        return {}
 
 
 def error_line(error: BaseException) -> str:
@@ -259,6 +262,7 @@ def publish_report(table: pl.DataFrame, cfg: SweepConfig, name: str, experiment:
         directory = Path(scratch) / "report"
         write_report(table, directory, cfg.metric, cfg.mode, cfg.grid_keys, keys, name)
         filesystem, root = pyarrow.fs.FileSystem.from_uri(experiment)
+        filesystem.create_dir(posixpath.join(root, "report"), recursive=True)
         pyarrow.fs.copy_files(str(directory), posixpath.join(root, "report"),
                               source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=filesystem)
         parent.log_artifact(directory)
