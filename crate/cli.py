@@ -1,21 +1,51 @@
-"""The command line every job shares: `--config SOURCE` plus `dotted.key=value` overrides."""
+"""The command line every job shares: `--config SOURCE`, `dotted.key=value` overrides, and optional shorthand
+flags that are nothing but overrides (`--layer 3 --neuron 5,7` means `layer=3 neurons=[5,7]`). Flags and
+overrides resolve into one validated config, so `--print-config` shows what a command line means."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import re
 import sys
 import typing
-from typing import Any, Sequence, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence, TypeVar
 
 from crate.config import dump_yaml, list_recipes, load_config
 from crate.errors import ConfigError
 
 T = TypeVar("T")
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
 
 
-def config_parser(cls: type, description: str, default_source: str | None = None) -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class Flag:
+    """A shorthand for one override: `--name VALUE` sets the dotted config `field`."""
+
+    name: str  # "--layer"
+    field: str  # the dotted config field it sets
+    help: str
+    kind: Literal["text", "number", "texts", "numbers"] = "number"  # plurals: comma-separated and/or repeated
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return "flag_" + self.name.lstrip("-").replace("-", "_")
+
+    def override(self, values: list[str]) -> str:
+        """The flag's values as one override that YAML reads back exactly (text is JSON-quoted)."""
+        if self.kind in ("texts", "numbers"):
+            items = [item.strip() for value in values for item in value.split(",") if item.strip()]
+            return f"{self.field}={json.dumps(items) if self.kind == 'texts' else '[' + ', '.join(items) + ']'}"
+        value = values[-1]  # a repeated scalar flag: the last one wins, as with overrides
+        return f"{self.field}={json.dumps(value) if self.kind == 'text' else value}"
+
+
+def config_parser(cls: type, description: str, default_source: str | None = None,
+                  flags: Sequence[Flag] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -27,17 +57,33 @@ def config_parser(cls: type, description: str, default_source: str | None = None
                         help=f"YAML file or recipe name (default: {default_source or 'built-in defaults'})")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
+    if flags:
+        group = parser.add_argument_group("shorthand flags (each sets the config field named in brackets)")
+        for flag in flags:
+            group.add_argument(flag.name, dest=flag.dest, action="append", default=argparse.SUPPRESS,
+                               metavar=flag.metavar or flag.field.split(".")[-1].upper(),
+                               help=f"{flag.help} [{flag.field}]")
     return parser
 
 
 def parse_config(cls: type[T], description: str, argv: Sequence[str] | None = None,
-                 default_source: str | None = None,
+                 default_source: str | None = None, flags: Sequence[Flag] = (), positional: str | None = None,
                  parser: argparse.ArgumentParser | None = None) -> tuple[T, argparse.Namespace]:
-    """Parse argv into a validated config; a bad config exits with status 2 and a message naming the field."""
-    parser = parser or config_parser(cls, description, default_source)
-    args = parser.parse_args(argv)
+    """Parse argv into a validated config; a bad config exits with status 2 and a message naming the field.
+
+    With `positional`, arguments that are not `key=value` fill that list field (e.g. `compare.py RESULTS...`).
+    """
+    parser = parser or config_parser(cls, description, default_source, flags)
+    args = parser.parse_intermixed_args(argv)  # flags may come between positional arguments
+    overrides = [flag.override(getattr(args, flag.dest)) for flag in flags if hasattr(args, flag.dest)]
+    rest = list(args.overrides)
+    if positional:
+        items = [a for a in rest if not OVERRIDE.match(a)]
+        rest = [a for a in rest if OVERRIDE.match(a)]
+        if items:
+            overrides.append(f"{positional}={json.dumps(items)}")
     try:
-        config = load_config(cls, args.config, args.overrides)
+        config = load_config(cls, args.config, overrides + rest)
     except ConfigError as error:
         parser.exit(2, f"{parser.prog}: invalid config: {error}\n")
     if args.print_config:

@@ -8,8 +8,7 @@ the per-layer plot; markdown + CSV + PNG, logged to MLflow.
 
 import sys
 
-from crate.cli import setup_logging
-from crate.results.cli import Flag, parse_tool_config
+from crate.cli import Flag, parse_config, setup_logging
 from crate.results.compare import CompareConfig, run_compare
 
 FLAGS = [
@@ -21,7 +20,8 @@ FLAGS = [
 
 def main(argv=None) -> None:
     setup_logging()
-    run_compare(parse_tool_config(CompareConfig, __doc__, FLAGS, argv, positional="results"))
+    config, _ = parse_config(CompareConfig, __doc__, argv, flags=FLAGS, positional="results")
+    run_compare(config)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,14 @@ Rerunning the same command resumes. The flags are shorthands for overrides (`--m
 import json
 import sys
 
-from crate.cli import config_parser, parse_config, setup_logging
-from crate.interp import InterpConfig, add_flags, flags_to_overrides, run_interpretability
+from crate.cli import parse_config, setup_logging
+from crate.interp import InterpConfig, run_interpretability
+from crate.interp.config import FLAGS
 
 
 def main(argv=None) -> None:
     setup_logging()
-    parser = config_parser(InterpConfig, __doc__)
-    add_flags(parser)
-    config, _ = parse_config(InterpConfig, __doc__, flags_to_overrides(sys.argv[1:] if argv is None else argv),
-                             parser=parser)
+    config, _ = parse_config(InterpConfig, __doc__, argv, flags=FLAGS)
     summary = run_interpretability(config)
     print(json.dumps(summary["models"], indent=1))
 

@@ -7,8 +7,7 @@
 
 import sys
 
-from crate.cli import setup_logging
-from crate.results.cli import Flag, parse_tool_config
+from crate.cli import Flag, parse_config, setup_logging
 from crate.steering import SteerConfig, run_steering
 
 FLAGS = [
@@ -26,7 +25,8 @@ FLAGS = [
 
 def main(argv=None) -> None:
     setup_logging()
-    run_steering(parse_tool_config(SteerConfig, __doc__, FLAGS, argv))
+    config, _ = parse_config(SteerConfig, __doc__, argv, flags=FLAGS)
+    run_steering(config)
 
 
 if __name__ == "__main__":

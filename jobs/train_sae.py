@@ -10,8 +10,7 @@ Rerunning the same command resumes from the last checkpoint in the output direct
 
 import sys
 
-from crate.cli import setup_logging
-from crate.results.cli import Flag, parse_tool_config
+from crate.cli import Flag, parse_config, setup_logging
 from crate.sae.job import TrainSAEConfig, run_sae_training
 
 FLAGS = [
@@ -25,7 +24,8 @@ FLAGS = [
 
 def main(argv=None) -> None:
     setup_logging()
-    run_sae_training(parse_tool_config(TrainSAEConfig, __doc__, FLAGS, argv))
+    config, _ = parse_config(TrainSAEConfig, __doc__, argv, flags=FLAGS)
+    run_sae_training(config)
 
 
 if __name__ == "__main__":

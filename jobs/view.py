@@ -6,8 +6,7 @@
 
 import sys
 
-from crate.cli import setup_logging
-from crate.results.cli import Flag, parse_tool_config
+from crate.cli import Flag, parse_config, setup_logging
 from crate.results.viewer import ViewerConfig, run_viewer
 
 FLAGS = [
@@ -18,7 +17,8 @@ FLAGS = [
 
 def main(argv=None) -> None:
     setup_logging()
-    run_viewer(parse_tool_config(ViewerConfig, __doc__, FLAGS, argv, positional="inputs"))
+    config, _ = parse_config(ViewerConfig, __doc__, argv, flags=FLAGS, positional="inputs")
+    run_viewer(config)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import torch
 from crate.errors import ConfigError
 from crate.interp.backends.tokenset import build as build_tokenset
 from crate.interp.collect import RecordCollector
-from crate.interp.config import BackendConfig, CollectionConfig, InterpConfig, flags_to_overrides
+from crate.interp.config import BackendConfig, CollectionConfig, InterpConfig
 from crate.interp.prompts import (EXPLANATION_PREFIX, PROMPT_VERSION, MalformedOutput, chat_turns, expected_values,
                                   explanation_prompt, normalize, parse_explanation, parse_sampled_values, render_text,
                                   simulation_prompt)
@@ -231,11 +231,14 @@ def test_result_store_appends_once_per_key_survives_torn_lines_and_locks(tmp_pat
     reopened.close()
 
 
-def test_flags_become_overrides_and_bad_configs_name_the_field():
-    argv = flags_to_overrides(["--config", "x.yaml", "--checkpoint", "c.pt", "--metric=tar,random", "seed=3",
-                               "--layers", "0,2", "--backend", "http"])
-    assert argv == ["--config", "x.yaml", "checkpoint=c.pt", "metrics=[tar,random]", "layers=[0,2]",
-                    "backend.kind=http", "seed=3"]
+def test_flags_become_overrides_and_bad_configs_name_the_field(tmp_path):
+    from crate.cli import parse_config
+    from crate.interp.config import FLAGS
+
+    config, _ = parse_config(InterpConfig, "", ["--checkpoint", "c.pt", "--metric=tar,random", "seed=3",
+                                                "--layers", "0,2", "--backend", "tokenset", "--sample", "5"], flags=FLAGS)
+    assert (config.checkpoint, config.metrics, config.layers, config.backend.kind, config.seed, config.sample) == (
+        "c.pt", ["tar", "random"], [0, 2], "tokenset", 3, 5)
     with pytest.raises(ConfigError, match="checkpoint"):
         InterpConfig()
     with pytest.raises(ConfigError, match="openai protocol scores"):

@@ -10,13 +10,13 @@ Orchestration: job.run_interpretability(InterpConfig) (Ray actors, MLflow); swee
 Tables other tools read: crate.interp.schema. Feature sources: crate.interp.features.
 """
 
-from crate.interp.config import BackendConfig, CollectionConfig, InterpConfig, WorkersConfig, add_flags, flags_to_overrides
+from crate.interp.config import BackendConfig, CollectionConfig, InterpConfig, WorkersConfig
 from crate.interp.features import FeatureSource, ModelNeurons, feature_source, register_feature_source
 from crate.interp.job import run_interpretability
 from crate.interp.proxy import proxy_score
 
 __all__ = [
     "BackendConfig", "CollectionConfig", "FeatureSource", "InterpConfig", "ModelNeurons", "WorkersConfig",
-    "add_flags", "feature_source", "flags_to_overrides", "proxy_score", "register_feature_source",
+    "feature_source", "proxy_score", "register_feature_source",
     "run_interpretability",
 ]

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
+from crate.cli import Flag
 from crate.errors import ConfigError
 from crate.interp.protocols import metric_groups
 from crate.interp.schema import METRICS, PROTOCOLS
@@ -182,43 +183,14 @@ class InterpConfig:
 
 
 # Shorthand flags of `jobs/interpret.py`, each the same as a `key=value` override.
-FLAGS = {
-    "--checkpoint": ("checkpoint", "model checkpoint file"),
-    "--corpus": ("corpus", "evaluation corpus URI (pile://val, a path, a pretokenized directory, ...)"),
-    "--metric": ("metrics", "comma-separated: tar, random, anthropic (crate-paper); tar, top, random (openai)"),
-    "--protocol": ("protocol", "crate-paper | openai"),
-    "--backend": ("backend.kind", "tokenset | http | hf"),
-    "--features": ("features", "neurons, or a registered source such as sae:PATH"),
-    "--sample": ("sample", "score a seeded sample of N features per layer"),
-    "--layers": ("layers", "comma-separated layer indices (default: all)"),
-    "--output": ("output_dir", "output directory (default interp/<checkpoint stem>)"),
-}
-LIST_FLAGS = ("--metric", "--layers")
-
-
-def add_flags(parser) -> None:
-    for flag, (key, help_text) in FLAGS.items():
-        parser.add_argument(flag, metavar=key.split(".")[-1].upper(), help=f"{help_text} (= {key}=…)")
-
-
-def flags_to_overrides(argv: list[str]) -> list[str]:
-    """Rewrite the shorthand flags in `argv` as `key=value` overrides (placed before the explicit ones)."""
-    rest, overrides = [], []
-    args = iter(argv)
-    for arg in args:
-        flag, eq, value = arg.partition("=")
-        if flag not in FLAGS:
-            rest.append(arg)
-            continue
-        if not eq:
-            value = next(args, None)
-            if value is None:
-                raise ConfigError(FLAGS[flag][0], f"{flag} needs a value")
-        key = FLAGS[flag][0]
-        overrides.append(f"{key}=[{value}]" if flag in LIST_FLAGS else f"{key}={value}")
-    # argparse wants the positional overrides together: options (and --config's value) first, then all overrides
-    options, positional = [], []
-    for i, arg in enumerate(rest):
-        takes_value = i > 0 and rest[i - 1] == "--config"
-        (options if arg.startswith("-") or takes_value else positional).append(arg)
-    return options + overrides + positional
+FLAGS = [
+    Flag("--checkpoint", "checkpoint", "model checkpoint file", "text", "PATH"),
+    Flag("--corpus", "corpus", "evaluation corpus URI (pile://val, a path, a pretokenized directory, ...)", "text", "URI"),
+    Flag("--metric", "metrics", "tar, random, anthropic (crate-paper); tar, top, random (openai)", "texts"),
+    Flag("--protocol", "protocol", "crate-paper | openai", "text"),
+    Flag("--backend", "backend.kind", "tokenset | http | hf", "text"),
+    Flag("--features", "features", "neurons, or a registered source such as sae:PATH", "text"),
+    Flag("--sample", "sample", "score a seeded sample of N features per layer", metavar="N"),
+    Flag("--layers", "layers", "layer indices (default: all)", "numbers"),
+    Flag("--output", "output_dir", "output directory (default interp/<checkpoint stem>)", "text", "DIR"),
+]
