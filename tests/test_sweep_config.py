@@ -13,7 +13,7 @@ from crate.config import load_config, to_dict
 from crate.errors import ConfigError
 from crate.sweep import SweepConfig
 from crate.sweep.report import TrialRecord, markdown, pareto_front, summary_table, write_report
-from crate.sweep.run import check_capacity, run_sweep, trial_resources
+from crate.sweep.run import check_capacity, param_space, run_sweep, searcher, trial_resources
 from crate.sweep.state import SweepState, check_same_config, write_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_a_grid_around_the_paper_default_expands_to_every_combination():
     (["trial.train.launcher=local", "trial.data.engine=local"], "trial.train.launcher", "Ray Train"),
     (["scheduler.grace_period=4"], "scheduler.grace_period", "at or before the last evaluation"),
     (["metric=train/loss"], "metric", "not reported by every trial result"),
-    (["metric=proxy_tar/mean"], "metric", "not reported by every trial result"),  # ASHA needs it at every rung
+    (["metric=proxy_tar/mean"], "metric", "not reported by every trial result"),  # only once, after training
     (["search.algorithm=optuna"], "space.model.ista_sparsity", "use choice instead of grid"),
     (["search.points_to_evaluate=[{model.ista_sparsity: 0.1}]"], "search.points_to_evaluate[0].model.ista_step_size",
      "missing"),
@@ -95,10 +95,6 @@ def test_space_cannot_be_empty():
     assert error.field == "space" and "empty" in error.message
 
 
-def test_the_proxy_can_rank_a_fifo_sweep():
-    assert sweep_config(None, "scheduler.kind=fifo", "metric=proxy_tar/mean").metric == "proxy_tar/mean"
-
-
 def test_expected_trials_count_points_and_grid_repeats():
     assert sweep_config(None, "search.num_samples=3").expected_trials == 6
     point = "search.points_to_evaluate=[{model.ista_sparsity: 0.3, model.ista_step_size: 0.3}]"
@@ -106,6 +102,16 @@ def test_expected_trials_count_points_and_grid_repeats():
     ranges = ["space.model.ista_sparsity={loguniform: [0.01, 1]}", "space.model.ista_step_size={loguniform: [0.01, 1]}",
               "search.algorithm=optuna", "search.num_samples=7"]
     assert sweep_config(None, *ranges).expected_trials == 7
+
+
+def test_optuna_starts_at_the_paper_default_and_samples_within_the_space():
+    cfg = load_config(SweepConfig, REPO / "tune/ista-optuna.yaml")
+    search = searcher(cfg)
+    assert search.set_search_properties(cfg.metric, cfg.mode, param_space(cfg))
+    first, second = search.suggest("t0"), search.suggest("t1")
+    assert first == cfg.search.points_to_evaluate[0]
+    for key, dim in cfg.space.items():
+        assert second[key] in dim.values if dim.kind == "choice" else dim.values[0] <= second[key] <= dim.values[1]
 
 
 def test_a_trial_counts_its_driver_workers_and_read_tasks():

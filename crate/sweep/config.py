@@ -26,7 +26,6 @@ from crate.train.config import PretrainConfig
 # Reported by every training report (each eval), so ASHA can compare trials on them at any rung.
 EVAL_METRICS = ("val/loss", "val/ppl", "neurons/active_per_token", "neurons/dead_fraction", "neurons/zero_fraction",
                 "neurons/lasso_objective", "neurons/relative_recon_error")
-PROXY_METRIC = "proxy_tar/mean"  # reported once, after training: only a FIFO sweep can rank by it
 ISTA_FIELDS = ("model.ista_sparsity", "model.ista_step_size", "model.ista_steps", "model.ista_overcomplete")
 DIMENSION_KINDS = {"grid", "choice", "uniform", "loguniform"}
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -160,10 +159,9 @@ class SweepConfig:
             if self.search.num_samples < len(self.search.points_to_evaluate):
                 raise ConfigError("search.num_samples", "Optuna's trials include points_to_evaluate: give at least "
                                                         f"{len(self.search.points_to_evaluate)}")
-        allowed = EVAL_METRICS + ((PROXY_METRIC,) if self.scheduler.kind == "fifo" and self.proxy.enabled else ())
-        if self.metric not in allowed:
+        if self.metric not in EVAL_METRICS:  # Tune requires the metric in every result a trial reports
             raise ConfigError("metric", f"{self.metric!r} is not reported by every trial result; choose one of "
-                                        f"{', '.join(allowed)}")
+                                        f"{', '.join(EVAL_METRICS)}")
         if self.scheduler.kind == "asha" and self.scheduler.grace_period > self.last_eval_before_end:
             raise ConfigError("scheduler.grace_period",
                               f"ASHA's first rung ({self.scheduler.grace_period} steps) must come at or before the last "

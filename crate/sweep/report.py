@@ -137,7 +137,8 @@ def plot_against_params(table: pl.DataFrame, keys: Sequence[str], metric: str, t
     stopped = table.filter((pl.col("outcome") == "stopped") & pl.col(metric).is_not_null())
     default = done.filter(_default_filter(done))
     for ax, key in zip(axes[0], varying):
-        ax.scatter(stopped[key], stopped[metric], facecolors="none", edgecolors="gray", label="stopped early (at its stop)")
+        if len(stopped):
+            ax.scatter(stopped[key], stopped[metric], facecolors="none", edgecolors="gray", label="stopped early (at its stop)")
         ax.scatter(done[key], done[metric], color="C0", label="completed", zorder=2)
         _mark_default(ax, default[key], default[metric])
         if table[key].min() > 0 and table[key].max() / table[key].min() > 10:
@@ -161,7 +162,9 @@ def plot_pareto(table: pl.DataFrame, metric: str, mode: str, title: str, path: P
     for ax, (column, label, higher_better) in zip(axes[0], axes_used):
         done = table.filter((pl.col("outcome") == "completed") & pl.col(column).is_not_null() & pl.col(metric).is_not_null())
         stopped = table.filter((pl.col("outcome") == "stopped") & pl.col(column).is_not_null())
-        ax.scatter(stopped[column], stopped[metric], facecolors="none", edgecolors="gray", label="stopped early (at its stop)")
+        if len(stopped):
+            ax.scatter(stopped[column], stopped[metric], facecolors="none", edgecolors="gray",
+                       label="stopped early (at its stop)")
         color = dict(c=done[LAMBDA].to_list(), cmap="plasma", norm=norm) if norm else dict(color="C0")
         points = ax.scatter(done[column], done[metric], label="completed", zorder=2, **color)
         if norm:

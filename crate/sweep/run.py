@@ -52,25 +52,11 @@ class SweepResult:
 
 
 def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
-    import ray
-
-    if resume and cfg.name is None:
-        raise ConfigError("name", "--resume needs the name of the sweep to continue (name=<sweep>)")
-    name = cfg.name or f"ista-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = storage_location(cfg.trial.train.storage_path)
-    experiment = posixpath.join(storage, name)
-    state = read_state(experiment)
-    if resume and state is None:
-        raise ConfigError("name", f"no sweep {name!r} at {experiment} to resume")
-    if not resume and state is not None:
-        raise ConfigError("name", f"sweep {name!r} already exists at {experiment}: --resume it or choose another name")
-    if state is not None:
-        check_same_config(state.config, to_dict(cfg), name)
+    """Run the sweep `cfg` describes (or continue it): every check before the first trial, then Tune, then the
+    report. An interrupted sweep returns a result without a table."""
+    name, storage, experiment, state = locate(cfg, resume)
+    preflight(cfg)
     base = pinned_trial(cfg.trial, experiment)
-    check_sources(base.data)  # a missing corpus fails here, not in every trial
-    connect_ray()
-    check_capacity(cfg, ray.cluster_resources())
-    check_state_api()
     sweep_id = state.sweep_id if state else f"{name}-{uuid.uuid4().hex[:6]}"
     parent = open_parent(cfg, name, sweep_id, resume_run_id=state.parent_run_id if state else None)
     if state is None:
@@ -85,7 +71,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     except BaseException as error:
         parent.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
-    records = trial_records(grid, cfg, base)
+    records = trial_records(grid, base)
     ended = sum(r.outcome != "unfinished" for r in records)
     if ended < cfg.expected_trials:
         parent.end("KILLED")
@@ -100,6 +86,34 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     publish_report(table, cfg, name, experiment, parent, keys)
     parent.end("FINISHED")
     return SweepResult(name, experiment, parent.run_id, table)
+
+
+def locate(cfg: SweepConfig, resume: bool) -> tuple[str, str, str, SweepState | None]:
+    """The sweep's name, storage root, experiment location and saved state; a new sweep must not exist yet and
+    a resumed one must, with the same config."""
+    if resume and cfg.name is None:
+        raise ConfigError("name", "--resume needs the name of the sweep to continue (name=<sweep>)")
+    name = cfg.name or f"ista-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = storage_location(cfg.trial.train.storage_path)
+    experiment = posixpath.join(storage, name)
+    state = read_state(experiment)
+    if resume and state is None:
+        raise ConfigError("name", f"no sweep {name!r} at {experiment} to resume")
+    if not resume and state is not None:
+        raise ConfigError("name", f"sweep {name!r} already exists at {experiment}: --resume it or choose another name")
+    if state is not None:
+        check_same_config(state.config, to_dict(cfg), name)
+    return name, storage, experiment, state
+
+
+def preflight(cfg: SweepConfig) -> None:
+    """What would otherwise fail in every trial, or hang: the corpus, the cluster's size, the State API."""
+    import ray
+
+    check_sources(cfg.trial.data)
+    connect_ray()
+    check_capacity(cfg, ray.cluster_resources())
+    check_state_api()
 
 
 def pinned_trial(trial: PretrainConfig, experiment: str) -> PretrainConfig:
@@ -221,7 +235,7 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def trial_records(grid, cfg: SweepConfig, base: PretrainConfig) -> list[TrialRecord]:
+def trial_records(grid, base: PretrainConfig) -> list[TrialRecord]:
     """Each trial's parameters, outcome and last result. Tune marks the last result `done` when a trial ends or
     its scheduler stops it; a trial without an error, a completion report or that mark was cut off by an
     interrupted sweep (`unfinished`)."""

@@ -67,9 +67,9 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 def score_proxy(result: TrainingResult, cfg: PretrainConfig, proxy: ProxyConfig) -> dict[str, float]:
     """The offline token-set TaR of a seeded neuron sample per layer, on the final model; also logged to the
     trial's MLflow run. A failure here is logged and leaves the objective out: the training is not lost."""
-    from crate.interp import proxy_score
-
     try:
+        from crate.interp import proxy_score
+
         with tempfile.TemporaryDirectory() as scratch:
             model = load_model(local_file(result.model_file, cfg.train.storage_path, Path(scratch)))
         blocks = np.stack(list(read_blocks(cfg.data.val, cfg.data.context, proxy.blocks, cfg.data.text_field)))
