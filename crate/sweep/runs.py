@@ -1,6 +1,7 @@
 """The sweep in MLflow: one parent run, whose children are the trials' own training runs (each opened by the
 pretraining loop on rank 0 with `mlflow.parentRunId` and the sweep/trial tags). After the sweep every child is
-marked with its trial's outcome; a trial ASHA stopped ends KILLED (its run was cut off, never closed)."""
+marked with its trial's outcome; a trial ASHA stopped ends KILLED (its run was cut off, never closed), and no run
+of the sweep is left RUNNING."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ log = logging.getLogger("crate.sweep")
 
 OUTCOME_TAG = "crate.sweep.outcome"
 # outcome -> the MLflow status its run ends with
-RUN_STATUS = {"completed": "FINISHED", "stopped": "KILLED", "failed": "FAILED", "superseded": "KILLED"}
+RUN_STATUS = {"completed": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
 
 
 def parent_tracking(cfg: SweepConfig) -> TrackingConfig:
@@ -57,9 +58,17 @@ def mark_trial_runs(parent: Tracker, sweep_id: str, outcomes: dict[str, str]) ->
         run_ids.setdefault(trial, run.info.run_id)
         child = Tracker(parent.config, parent.client, run.info.run_id)
         child.set_tags({OUTCOME_TAG: outcome})
-        if run.info.status != RUN_STATUS[outcome] and not (outcome == "superseded" and run.info.status == "FAILED"):
-            child.end(RUN_STATUS[outcome])
+        status = final_status(outcome, run.info.status)
+        if status != run.info.status:
+            child.end(status)
     return run_ids
+
+
+def final_status(outcome: str, current: str) -> str:
+    """A superseded attempt keeps how it ended and is closed (KILLED) only if it was cut off while running."""
+    if outcome == "superseded":
+        return "KILLED" if current == "RUNNING" else current
+    return RUN_STATUS[outcome]
 
 
 def count_outcomes(outcomes: Iterable[str]) -> dict[str, int]:
