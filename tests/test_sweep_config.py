@@ -195,6 +195,12 @@ def test_a_sweep_whose_trials_all_failed_reports_the_table_alone(tmp_path):
     assert [f.name for f in files] == ["summary.csv", "summary.md"]
 
 
+@pytest.mark.parametrize("metric", ["neurons/zero_fraction", "neurons/relative_recon_error"])
+def test_every_metric_a_sweep_may_rank_by_is_a_column(metric):
+    table = summary_table(records(), ["model.ista_sparsity", "model.ista_step_size"], metric, "min")
+    assert metric in table.columns and table["outcome"][0] == "completed"
+
+
 @pytest.mark.parametrize("grid", [True, False])
 def test_report_files_are_written(tmp_path, grid):
     table = summary_table(records(), ["model.ista_sparsity", "model.ista_step_size"], "val/loss", "min")

@@ -11,13 +11,14 @@ from typing import Any, Sequence
 
 import polars as pl
 
+from crate.sweep.config import EVAL_METRICS
+
 LAMBDA, ETA = "model.ista_sparsity", "model.ista_step_size"
 PAPER_DEFAULT = {LAMBDA: 0.1, ETA: 0.1}  # arXiv 2410.16443 trains every CRATE with η = λ = 0.1
-OBJECTIVES = ("val/loss", "val/ppl", "neurons/active_per_token", "neurons/dead_fraction", "neurons/lasso_objective",
-              "neurons/relative_recon_error", "proxy_tar/mean")
+OBJECTIVES = (*EVAL_METRICS, "proxy_tar/mean")
 SHORT = {LAMBDA: "λ", ETA: "η", "model.ista_steps": "ISTA steps", "model.ista_overcomplete": "overcomplete",
          "train.optim.lr": "lr", "val/loss": "val loss", "val/ppl": "val ppl", "neurons/active_per_token": "active/token",
-         "neurons/dead_fraction": "dead", "neurons/lasso_objective": "LASSO obj.",
+         "neurons/dead_fraction": "dead", "neurons/zero_fraction": "zero", "neurons/lasso_objective": "LASSO obj.",
          "neurons/relative_recon_error": "recon err", "proxy_tar/mean": "proxy TaR"}
 # Pareto axes: (column, label, True when more is better)
 SPARSITY_AXES = (("neurons/active_per_token", "mean active neurons per token", False),
