@@ -11,6 +11,9 @@ class ConfigError(ValueError):
         self.message = message
         super().__init__(f"{field}: {message}")
 
+    def __reduce__(self):  # picklable, so it crosses Ray task and actor boundaries intact
+        return (ConfigError, (self.field, self.message))
+
     def under(self, prefix: str) -> "ConfigError":
         """The same error with its field path nested under `prefix`."""
         return ConfigError(f"{prefix}.{self.field}" if prefix else self.field, self.message)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,6 +13,13 @@ log = logging.getLogger(__name__)
 
 LOCAL_STORE = "mlruns"  # the embedded default store, inside the working directory
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+# MLflow accepts alphanumerics, _ - . space : / in metric and param names; anything else fails the whole batch.
+_NOT_ALLOWED_IN_NAMES = re.compile(r"[^\w\-. :/]")
+
+
+def metric_name(name: str) -> str:
+    """`data/share/Gutenberg (PG-19)` -> `data/share/Gutenberg _PG-19_`: a name MLflow accepts."""
+    return _NOT_ALLOWED_IN_NAMES.sub("_", name)
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -51,11 +59,12 @@ class Tracker:
         self.client = client
         self.run_id = run_id
         self._failures = 0
+        self._switched_off = False  # too many failures; run_id stays known so a resumed job reopens the run
         self._monitor = None
 
     @property
     def active(self) -> bool:
-        return self.run_id is not None
+        return self.run_id is not None and not self._switched_off
 
     @classmethod
     def start(cls, config: TrackingConfig, run_name: str, params: Mapping[str, Any] | None = None,
@@ -133,19 +142,19 @@ class Tracker:
             if self._failures >= self.config.max_consecutive_failures:
                 log.warning("MLflow failed %d times in a row: tracking is off for the rest of this job",
                             self._failures)
-                self.run_id = None
+                self._switched_off = True
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        batch = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items() if v is not None]
         self._call("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
+        items = [Param(metric_name(k), str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             chunk = items[start:start + 100]
             self._call("log_params", lambda: self.client.log_batch(self.run_id, params=chunk))
