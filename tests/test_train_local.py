@@ -102,3 +102,10 @@ def test_submitting_a_finished_run_again_does_no_work(tmp_path):
     again = launch(config(tmp_path, "train.engine=torch", "train.run_name=twice"))
     assert again.checkpoint == first.checkpoint
     assert again.metrics["val/loss"] == first.metrics["val/loss"] and again.metrics["step"] == 6
+
+
+def test_checkpoints_on_cloud_storage_are_reported_as_uris():
+    from crate.train.launch import checkpoint_uri
+
+    assert checkpoint_uri("bucket/runs/a/checkpoint_00000006", "s3://bucket/runs") == "s3://bucket/runs/a/checkpoint_00000006"
+    assert checkpoint_uri("/data/runs/a/checkpoint_00000006", "/data/runs") == "/data/runs/a/checkpoint_00000006"

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -70,8 +67,7 @@ def score_proxy(result: TrainingResult, cfg: PretrainConfig, proxy: ProxyConfig)
     try:
         from crate.interp import proxy_score
 
-        with tempfile.TemporaryDirectory() as scratch:
-            model = load_model(local_file(result.model_file, cfg.train.storage_path, Path(scratch)))
+        model = load_model(result.model_file)  # a local path or a storage URI
         blocks = np.stack(list(read_blocks(cfg.data.val, cfg.data.context, proxy.blocks, cfg.data.text_field)))
         scores = proxy_score(model, blocks, neurons_per_layer=proxy.neurons_per_layer, seed=proxy.seed)
     except Exception:  # noqa: BLE001 - the proxy is an extra objective, never worth the trial
@@ -87,15 +83,3 @@ def score_proxy(result: TrainingResult, cfg: PretrainConfig, proxy: ProxyConfig)
         tracker.end("FINISHED")
     return scores
 
-
-def local_file(path: str, storage: str, scratch: Path) -> Path:
-    """`path` as Ray Train reports it (relative to the storage filesystem); downloaded when storage is remote."""
-    if "://" not in storage:
-        return Path(path)
-    import pyarrow.fs
-
-    filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage)
-    local = scratch / Path(path).name
-    with filesystem.open_input_stream(path) as source, open(local, "wb") as target:
-        shutil.copyfileobj(source, target)
-    return local

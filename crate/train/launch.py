@@ -88,7 +88,14 @@ def _fit_on_ray(cfg: PretrainConfig, job: dict, run_name: str, storage: str, cal
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})
-    return TrainingResult(run_name, metrics, result.checkpoint.path if result.checkpoint else "")
+    return TrainingResult(run_name, metrics, checkpoint_uri(result.checkpoint.path, storage) if result.checkpoint else "")
+
+
+def checkpoint_uri(path: str, storage: str) -> str:
+    """Ray reports a checkpoint's path on its storage filesystem (`bucket/run/...` for `s3://bucket`): make it a
+    URI that `crate.model.load_model` and every other job can open."""
+    scheme = storage.split("://", 1)[0] if "://" in storage else None
+    return f"{scheme}://{path}" if scheme and "://" not in path else path
 
 
 def connect_ray() -> bool:
