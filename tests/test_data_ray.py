@@ -1,9 +1,7 @@
 """crate.data's Ray Data engine: the same blocks, states and counters as the in-process engine, resume under
 Ray, a pipeline built inside a Ray actor (as in a Ray Train worker), and pretokenizing with Ray tasks."""
 
-import gc
 import json
-import os
 from collections import Counter
 
 import pytest
@@ -16,15 +14,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_instance():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+def ray_instance(ray_cluster):
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    gc.collect()  # close abandoned streams (their Ray Data executors) while Ray is still up
-    ray.shutdown()
+    return ray
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,10 @@
 and scores SAE features exactly like neurons, and the results feed the comparison and the viewer."""
 
 import json
-import os
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 
 from crate.config import load_config
@@ -57,11 +55,8 @@ def test_the_source_encodes_the_layer_it_was_trained_on(subject):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False)
-    yield
-    ray.shutdown()
+def cluster(ray_cluster):
+    return ray_cluster
 
 
 @pytest.mark.slow

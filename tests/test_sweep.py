@@ -10,7 +10,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -23,16 +22,12 @@ pytestmark = pytest.mark.slow
 DEAD = 50.0  # λ so large that every ISTA code is zero: such a trial cannot learn and ASHA stops it at step 2
 
 
+RAY_DASHBOARD = True  # Tune + Train: see conftest.ray_cluster
+
+
 @pytest.fixture(scope="module")
-def ray_address():
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    # The dashboard stays on: Ray Train frees the placement group of a trial Tune has stopped through the State
-    # API (without it the next trial waits forever; run_sweep checks for it).
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+def ray_address(ray_cluster):
+    return ray_cluster
 
 
 def sweep_file(tmp: Path, name: str, space: dict, **settings) -> Path:

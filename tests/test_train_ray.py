@@ -12,7 +12,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from crate.config import load_config
@@ -24,13 +23,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_address():
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+def ray_address(ray_cluster):
+    return ray_cluster
 
 
 def overrides(tmp, run_name, *extra):

@@ -37,7 +37,7 @@ def interp_dir(tmp_path_factory):
     provenance = {"model": "crate-tiny-abc", "features": "neurons", "checkpoint": CHECKPOINT, "arch": "crate",
                   "n_layer": 2}
     collection = root / "records" / "c0"
-    records, stats, results = {}, [], []
+    stats, results = [], []
     for layer, n in N_FEATURES.items():
         rows = []
         for neuron in range(n):

@@ -79,7 +79,6 @@ class Tracker:
             log.warning("MLflow tracking server %s is unreachable: the job goes on without tracking", uri)
             return cls(config)
         try:
-            import mlflow
             from mlflow.tracking import MlflowClient
 
             client = MlflowClient(tracking_uri=uri)

@@ -1,0 +1,23 @@
+"""Shared fixtures. Ray: one instance per test module (2 CPUs, a small object store), shut down at its end."""
+
+import gc
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(request):
+    """The module's Ray instance; yields its GCS address (what RAY_ADDRESS takes). A module that runs Tune with
+    Train sets `RAY_DASHBOARD = True`: Ray Train frees a stopped trial's placement group through the State API,
+    which the dashboard serves (without it the next trial waits forever)."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback-only test instances
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")  # 2 busy cores start workers slowly
+    ray.init(num_cpus=2, object_store_memory=200 * 2**20,
+             include_dashboard=getattr(request.module, "RAY_DASHBOARD", False))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray.get_runtime_context().gcs_address
+    gc.collect()  # close abandoned data streams (their Ray Data executors) while Ray is still up
+    ray.shutdown()
