@@ -144,6 +144,8 @@ class Tracker:
                 self._switched_off = True
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.active:
+            return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -151,6 +153,8 @@ class Tracker:
         self._call("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.active:
+            return
         from mlflow.entities import Param
 
         items = [Param(metric_name(k), str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()]
@@ -159,6 +163,8 @@ class Tracker:
             self._call("log_params", lambda: self.client.log_batch(self.run_id, params=chunk))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.active:
+            return
         from mlflow.entities import RunTag
 
         batch = [RunTag(k, str(v)) for k, v in tags.items()]
