@@ -92,16 +92,27 @@ def parse_config(cls: type[T], description: str, argv: Sequence[str] | None = No
     return config, args
 
 
-def describe_fields(cls: type, prefix: str = "") -> list[str]:
+def describe_fields(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
+    """`dotted.name = default` for every leaf field, read from default instances where they can be built, so that
+    a nested config's own default (a factory with other settings than its class's) is what is shown."""
+    defaults = defaults if defaults is not None else _built(cls)
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name = f"{prefix}{f.name}"
+        value = getattr(defaults, f.name) if defaults is not None else _built(lambda: _default(f))
         if dataclasses.is_dataclass(hints[f.name]):
-            lines.extend(describe_fields(hints[f.name], f"{name}."))
+            lines.extend(describe_fields(hints[f.name], f"{name}.", value))
         else:
-            lines.append(f"{name} = {_default(f)!r}")
+            lines.append(f"{name} = {value!r}")
     return lines
+
+
+def _built(factory: Any) -> Any:
+    try:
+        return factory()
+    except (TypeError, ConfigError):  # required fields, or defaults that only validate together with others
+        return None
 
 
 def _default(f: dataclasses.Field) -> Any:

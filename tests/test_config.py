@@ -52,3 +52,14 @@ def test_unknown_recipe_and_malformed_override():
         load_config(Outer, "no-such-recipe")
     with pytest.raises(ConfigError, match="dotted.key=value"):
         parse_override("steps")
+
+
+def test_help_shows_nested_defaults_from_their_factories():
+    """`--help` lists the defaults a user gets, including a nested config built by a factory with its own
+    settings (the interpretability job's Anthropic collection: 800 blocks of 8-token windows)."""
+    from crate.cli import describe_fields
+    from crate.interp.config import InterpConfig
+
+    lines = describe_fields(InterpConfig)
+    assert "anthropic_records.blocks = 800" in lines and "anthropic_records.window = 8" in lines
+    assert "records.blocks = 8000" in lines and "records.window = 64" in lines
