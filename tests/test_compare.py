@@ -1,6 +1,7 @@
 """Table 2 from hand-made results: the paper's own per-layer numbers must give the paper's means and variances."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from crate.interp.schema import RESULTS_SCHEMA, write_parquet
-from crate.results.compare import compare, read_results
+from crate.results.compare import compare, read_results, write_comparison
 
 _spec = importlib.util.spec_from_file_location("compare_job", Path(__file__).parents[1] / "jobs" / "compare.py")
 compare_job = importlib.util.module_from_spec(_spec)
@@ -96,8 +97,8 @@ def test_the_job_writes_markdown_csv_and_plot_and_logs_them(results, tmp_path, c
                       "tracking.system_metrics=false"])
     markdown = (tmp_path / "out" / "table2.md").read_text()
     assert markdown == capsys.readouterr().out.rstrip("\n") + "\n"
-    assert "| crate-12l | 12 | neurons | 6.80 (7.09) | — |" in markdown
-    assert "| gpt-3l+SAE | 3 | sae | 5.93 (" in markdown
+    assert "| crate-12l | 12 | neurons | — | 6.80 (7.09) | — |" in markdown
+    assert "| gpt-3l+SAE | 3 | sae | — | 5.93 (" in markdown
     assert "| crate-3l | gpt-3l | 3 | +155.1% | +517.1% | +255.4% |" in markdown
     csv = pl.read_csv(tmp_path / "out" / "table2.csv")
     assert set(csv["rule"]) == {"paper", "all"} and len(csv) == 2 * 7
@@ -109,6 +110,23 @@ def test_the_job_writes_markdown_csv_and_plot_and_logs_them(results, tmp_path, c
     assert {a.path for a in client.list_artifacts(run.info.run_id, "comparison")} == {
         f"comparison/{name}" for name in ("table2.md", "table2.csv", "layers.csv", "improvements.csv", "layers.png")}
     assert run.data.metrics["crate-12l.neurons.tar.mean"] == pytest.approx(6.8)
+
+
+def test_validation_losses_come_from_the_checkpoints_training_state(tmp_path):
+    """The pretraining job saves trainer_state.json beside model.pt; its last evaluation is the model's loss in
+    the table and on the loss-vs-interpretability plot. A checkpoint without one gets no loss, not an error."""
+    for name, loss in (("crate-3l", 4.25), ("gpt-3l", 4.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text(
+            json.dumps({"step": 128, "history": {"train": [[128, 9.9]], "val": [[64, 5.0], [128, loss]]}}))
+    all_rows = [{**r, "checkpoint": str(tmp_path / r["model"] / "model.pt")}
+                for arch in ("crate", "gpt") for r in rows(f"{arch}-3l", arch, 3, "tar", TAR[(arch, 3)])]
+    all_rows += [{**r, "checkpoint": str(tmp_path / "released.pt")} for r in rows("crate-12l", "crate", 12, "tar", TAR[("crate", 12)])]
+    comparison = compare(read_results([write_results(tmp_path / "r.parquet", all_rows)]))
+    assert [summary_of(comparison, m)["val_loss"] for m in ("crate-3l", "gpt-3l", "crate-12l")] == [4.25, 4.0, None]
+    paths = write_comparison(comparison, tmp_path / "out")
+    assert "| crate-3l | 3 | neurons | 4.250 | 9.10 (0.26) |" in paths[0].read_text()
+    assert paths[-1].name == "loss_vs_interpretability.png" and paths[-1].stat().st_size > 10_000
 
 
 def test_missing_results_are_named_before_any_work(tmp_path, capsys):

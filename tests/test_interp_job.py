@@ -35,7 +35,7 @@ def cluster(ray_cluster):
 def subject(tmp_path_factory):
     root = tmp_path_factory.mktemp("interp-job")
     torch.manual_seed(0)
-    save_model(build_model("crate-tiny"), root / "tiny.pt", mlflow_run_id="train-run-1", step=5)
+    save_model(build_model("crate-tiny"), root / "tiny.pt", mlflow_run_id="train-run-1", run_name="tiny-run", step=5)
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": TEXT * (i % 5 + 1)}) + "\n" for i in range(60)))
     return root
@@ -57,7 +57,7 @@ def test_job_collects_with_actors_scores_and_tracks_one_linked_run(cluster, subj
     assert table.num_rows == 2 * 6 * 2 and len({tuple(r.values()) for r in table.select(list(RESULT_KEY)).to_pylist()}) == 24
     failures = [r["reason"] for r in table.to_pylist() if r["status"] == "failed"]
     assert not failures, failures[:3]
-    assert set(table["checkpoint_run_id"].to_pylist()) == {"train-run-1"} and set(table["model"].to_pylist()) == {"train-run-1@5"}
+    assert set(table["checkpoint_run_id"].to_pylist()) == {"train-run-1"} and set(table["model"].to_pylist()) == {"tiny-run@5"}  # named by its training run
     assert [(m["metric"], m["layers"]) for m in summary["models"]] == [("random", 2), ("tar", 2)]
     records_dir = next((tmp_path / "records").iterdir())
     provenance = read_provenance(records_dir / "layer_00.parquet")

@@ -62,8 +62,9 @@ class Subject:
         model = load_model(path)
         metadata = getattr(model, "checkpoint_metadata", {}) or {}  # absent for the paper's released checkpoints
         run_id, step = metadata.get("mlflow_run_id"), metadata.get("step")
-        if run_id and step is not None:
-            model_id = f"{run_id}@{step}"
+        trained_as = metadata.get("run_name") or run_id  # tables and plots label the model by its run name
+        if trained_as and step is not None:
+            model_id = f"{trained_as}@{step}"
         else:
             digest = hashlib.sha256()
             with open(path, "rb") as f:

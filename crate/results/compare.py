@@ -15,6 +15,7 @@ GPT-SAE rows). Scores are Pearson correlations; reports show them ×100 as the p
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -51,7 +52,7 @@ class CompareConfig:
 @dataclass
 class Comparison:
     layers: pl.DataFrame  # one row per series × metric × layer
-    summary: pl.DataFrame  # one row per series × metric × rule
+    summary: pl.DataFrame  # one row per series × metric × rule, with the model's validation loss where known
     improvements: pl.DataFrame  # one row per CRATE/GPT pair × metric × rule (+ metric "average")
 
 
@@ -102,12 +103,28 @@ def improvements(summary: pl.DataFrame) -> pl.DataFrame:
     return both.with_columns(improvement=(pl.col("crate_mean") - pl.col("gpt_mean")) / pl.col("gpt_mean").abs())
 
 
+def validation_losses(results: pl.DataFrame) -> pl.DataFrame:
+    """Per model, the validation loss of its checkpoint: the last evaluation in the trainer state that the
+    pretraining job saves beside `model.pt` (null for checkpoints without one, e.g. remote or released ones)."""
+    rows = [{"model": model, "val_loss": _saved_val_loss(checkpoint)}
+            for model, checkpoint in results.select("model", "checkpoint").unique(maintain_order=True).iter_rows()]
+    return pl.DataFrame(rows, schema={"model": pl.String, "val_loss": pl.Float64}).unique("model", keep="first")
+
+
+def _saved_val_loss(checkpoint: str | None) -> float | None:
+    state_file = Path(checkpoint).parent / "trainer_state.json" if checkpoint else None
+    if state_file is None or not state_file.is_file():
+        return None
+    evaluations = json.loads(state_file.read_text()).get("history", {}).get("val") or []
+    return float(evaluations[-1][1]) if evaluations else None
+
+
 def compare(results: pl.DataFrame, exclude_last_from: int = 6) -> Comparison:
     if results["n_layer"].null_count():  # rows without the model's depth: assume its deepest scored layer is last
         log.warning("some results do not record the model's depth; taking the deepest scored layer as its last")
         results = results.with_columns(pl.col("n_layer").fill_null(pl.col("layer").max().over("model") + 1))
     layers = layer_scores(results)
-    summary = summarise(layers, exclude_last_from)
+    summary = summarise(layers, exclude_last_from).join(validation_losses(results), on="model", how="left")
     return Comparison(layers, summary, improvements(summary))
 
 
@@ -127,19 +144,21 @@ def render_markdown(comparison: Comparison, exclude_last_from: int = 6) -> str:
              "Scores are Pearson correlations ×100: per layer the mean over its scored features (undefined and "
              "failed scores excluded), then the mean and the population variance across layers of those "
              f"per-layer means. Last layer excluded for models with ≥ {exclude_last_from} layers, as the paper "
-             "does; the same numbers over all layers follow.", ""]
+             "does; the same numbers over all layers follow. Val loss: the checkpoint's last validation loss "
+             "(nats/token), where its training state is at hand.", ""]
     for rule, title in ((PAPER_RULE, f"last layer excluded from {exclude_last_from} layers on"),
                         (ALL_LAYERS, "all layers")):
         rows = ordered.filter(pl.col("rule") == rule)
         lines += [f"## Mean (variance) across layers — {title}", "",
-                  "| model | L | features | " + " | ".join(metrics) + " |",
-                  "|---|---|---|" + "---|" * len(metrics)]
+                  "| model | L | features | val loss | " + " | ".join(metrics) + " |",
+                  "|---|---|---|---|" + "---|" * len(metrics)]
         for key, group in rows.group_by(["model", "feature_kind", "protocol", "backend", "n_layer"],
                                         maintain_order=True):
             model, kind, protocol, backend, n_layer = key
             cells = {r["metric"]: f"{100 * r['mean']:.2f} ({1e4 * r['variance']:.2f})" for r in group.iter_rows(named=True)}
+            loss = group["val_loss"][0]
             lines.append(f"| {series_label(model, kind, protocol, backend, several)} | {n_layer} | {kind} | "
-                         + " | ".join(cells.get(m, "—") for m in metrics) + " |")
+                         f"{'—' if loss is None else f'{loss:.3f}'} | " + " | ".join(cells.get(m, "—") for m in metrics) + " |")
         lines.append("")
     gains = comparison.improvements
     if not gains.is_empty():
@@ -198,8 +217,39 @@ def plot_layers(comparison: Comparison, path: str | Path, exclude_last_from: int
     return path
 
 
+def plot_loss_vs_scores(comparison: Comparison, path: str | Path) -> Path:
+    """One panel per metric: each model's mean score across layers (last-layer rule) against its validation loss,
+    CRATE and GPT in their own colours — up and to the left is more interpretable at better loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = comparison.summary.filter((pl.col("rule") == PAPER_RULE) & pl.col("val_loss").is_not_null())
+    metrics = metric_order(summary["metric"].unique())
+    colors = {"crate": "tab:blue", "gpt": "tab:orange"}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for row in summary.filter(pl.col("metric") == metric).iter_rows(named=True):
+            marker = "o" if row["feature_kind"] == "neurons" else "s"
+            ax.scatter(row["val_loss"], 100 * row["mean"], color=colors.get(row["arch"], "grey"), marker=marker)
+            ax.annotate(row["model"].split("@")[0], (row["val_loss"], 100 * row["mean"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set(title=metric, xlabel="validation loss (nats/token)", ylabel="score ×100 (mean across layers)")
+        ax.scatter([], [], color=colors["crate"], label="CRATE")
+        ax.scatter([], [], color=colors["gpt"], label="GPT")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_comparison(comparison: Comparison, output_dir: str | Path, exclude_last_from: int = 6) -> list[Path]:
-    """table2.md, table2.csv (summary), layers.csv (per-layer means), improvements.csv, layers.png."""
+    """table2.md, table2.csv (summary), layers.csv (per-layer means), improvements.csv, layers.png and, where the
+    models' validation losses are known, loss_vs_interpretability.png."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "table2.md", out / "table2.csv", out / "layers.csv", out / "improvements.csv"]
@@ -208,6 +258,8 @@ def write_comparison(comparison: Comparison, output_dir: str | Path, exclude_las
     comparison.layers.write_csv(paths[2])
     comparison.improvements.write_csv(paths[3])
     paths.append(plot_layers(comparison, out / "layers.png", exclude_last_from))
+    if comparison.summary["val_loss"].is_not_null().any():
+        paths.append(plot_loss_vs_scores(comparison, out / "loss_vs_interpretability.png"))
     return paths
 
 
