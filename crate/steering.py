@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from crate.errors import ConfigError
+from crate.plots import pyplot, save
 from crate.tracking import Tracker, TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -290,10 +291,7 @@ def write_effects(effects: Sequence[SteeringEffect], output_dir: str | os.PathLi
 def plot_sweeps(effects: Sequence[SteeringEffect], output_dir: str | os.PathLike, n_tokens: int = 5) -> list[Path]:
     """Per steered neuron set: the probabilities of the tokens the largest clamp raises most, and the KL,
     against the clamp value — how the effect grows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     groups: dict[tuple[int, tuple[int, ...]], list[SteeringEffect]] = {}
     for effect in effects:
@@ -311,11 +309,7 @@ def plot_sweeps(effects: Sequence[SteeringEffect], output_dir: str | os.PathLike
         ax_kl.set(xlabel="clamp value", ylabel="KL(steered ‖ original) [nats]", title="size of the effect")
         name = "-".join(map(str, neurons))
         fig.suptitle(f"layer {layer}, neuron {name}, prompt {sweep[0].prompt!r}")
-        fig.tight_layout()
-        path = Path(output_dir) / f"sweep-layer{layer}-neuron{name}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save(fig, Path(output_dir) / f"sweep-layer{layer}-neuron{name}.png"))
     return paths
 
 

@@ -38,6 +38,7 @@ from crate.interp.report import layer_summary, model_summary, plot_layers
 from crate.interp.schema import RESULTS_SCHEMA, result_key, write_parquet
 from crate.interp.scoring import failed_rows
 from crate.interp.store import ResultStore
+from crate.plots import save
 
 log = logging.getLogger(__name__)
 
@@ -271,11 +272,8 @@ class InterpretabilityJob:
                    "layers": layers, "models": models}
         self._write_json("summary.json", summary)
         figure = plot_layers(layers, self.subject.model.config.n_layer, f"{self.subject.model_id} ({cfg.features})")
-        figure.savefig(self.out / "layers.png", dpi=120)
         tracker.log_figure(figure, "layers.png")
-        import matplotlib.pyplot as plt
-
-        plt.close(figure)
+        save(figure, self.out / "layers.png")
         for row in layers:
             prefix = f"{row['protocol']}/{row['metric']}"
             tracker.log_metrics({f"{prefix}/{k}": row[k] for k in ("mean", "std", "ci95", "scored", "undefined", "failed")

@@ -15,6 +15,8 @@ from typing import Mapping
 import numpy as np
 import pyarrow as pa
 
+from crate.plots import pyplot
+
 GROUP = ("model", "features", "protocol", "metric", "backend", "prompt_version", "seed")
 PAPER_DROPS_LAST_LAYER = (6, 12)
 
@@ -67,10 +69,7 @@ def model_summary(layers: list[dict], n_layer: int) -> list[dict]:
 
 def plot_layers(layers: list[dict], n_layer: int, title: str):
     """Mean score ×100 per layer, one line per metric, with 95% CI (sampled) or std/10 bars (the paper's scaling)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axis = plt.subplots(figsize=(7, 4))
     series: dict[str, list[dict]] = {}

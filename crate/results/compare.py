@@ -21,9 +21,11 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import polars as pl
 
 from crate.errors import ConfigError
+from crate.plots import pyplot, save
 from crate.results.tables import metric_order, read_results
 from crate.tracking import Tracker, TrackingConfig
 
@@ -180,11 +182,9 @@ def render_markdown(comparison: Comparison, exclude_last_from: int = 6) -> str:
 def plot_layers(comparison: Comparison, path: str | Path, exclude_last_from: int = 6) -> Path:
     """One panel per metric, one line per series: the per-layer mean ×100 with ± its standard error; a layer
     the last-layer rule drops is drawn hollow."""
-    import matplotlib
     import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = comparison.layers
     several = {k: layers[k].n_unique() > 1 for k in ("protocol", "backend")}
@@ -210,20 +210,13 @@ def plot_layers(comparison: Comparison, path: str | Path, exclude_last_from: int
         ax.set(title=metric, xlabel="layer", ylabel="score ×100 (mean over features)")
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_loss_vs_scores(comparison: Comparison, path: str | Path) -> Path:
     """One panel per metric: each model's mean score across layers (last-layer rule) against its validation loss,
     CRATE and GPT in their own colours — up and to the left is more interpretable at better loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     summary = comparison.summary.filter((pl.col("rule") == PAPER_RULE) & pl.col("val_loss").is_not_null())
     metrics = metric_order(summary["metric"].unique())
@@ -240,11 +233,7 @@ def plot_loss_vs_scores(comparison: Comparison, path: str | Path) -> Path:
         ax.scatter([], [], color=colors["gpt"], label="GPT")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def write_comparison(comparison: Comparison, output_dir: str | Path, exclude_last_from: int = 6) -> list[Path]:

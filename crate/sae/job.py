@@ -25,6 +25,7 @@ import torch
 
 from crate.data.config import DataConfig
 from crate.errors import ConfigError
+from crate.plots import pyplot, save
 from crate.sae.activations import LayerActivations, shuffled_batches
 from crate.sae.evaluate import SAEEvaluation, evaluate_sae
 from crate.sae.model import SAESource, save_sae
@@ -183,10 +184,7 @@ def _atomic_save(payload: dict, path: Path) -> None:
 
 
 def _plot_density(evaluation: SAEEvaluation, path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     density = evaluation.feature_density
     alive = density[density > 0]
@@ -195,7 +193,4 @@ def _plot_density(evaluation: SAEEvaluation, path: Path, title: str) -> Path:
         ax.hist(np.log10(alive), bins=50)
     ax.set(xlabel="log10 firing frequency (alive features)", ylabel="features",
            title=f"{title}: {(density == 0).mean():.1%} dead, L0 {evaluation.l0:.1f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import polars as pl
 
+from crate.plots import pyplot, save
 from crate.sweep.config import EVAL_METRICS
 
 LAMBDA, ETA = "model.ista_sparsity", "model.ista_step_size"
@@ -99,7 +100,7 @@ def pareto_front(points: Sequence[tuple[float, float]], x_higher_better: bool, y
 # --------------------------------------------------------------------------------------------------
 def plot_heatmap(table: pl.DataFrame, metric: str, mode: str, title: str, path: Path) -> None:
     """Grid sweeps: the metric of the best completed trial in every (λ, η) cell."""
-    plt = _pyplot()
+    plt = pyplot()
     lams, etas = sorted(table[LAMBDA].unique().to_list()), sorted(table[ETA].unique().to_list())
     values = [[math.nan] * len(lams) for _ in etas]
     notes = [[""] * len(lams) for _ in etas]
@@ -126,12 +127,12 @@ def plot_heatmap(table: pl.DataFrame, metric: str, mode: str, title: str, path: 
     ax.set_xlabel("λ (ista_sparsity)")
     ax.set_ylabel("η (ista_step_size)")
     ax.set_title(f"{title}: {metric} (red: the paper's λ = η = 0.1)", fontsize=9)
-    _save(fig, path)
+    save(fig, path, dpi=110)
 
 
 def plot_against_params(table: pl.DataFrame, keys: Sequence[str], metric: str, title: str, path: Path) -> None:
     """Other sweeps: the metric against each searched value (λ and η first), one point per trial."""
-    plt = _pyplot()
+    plt = pyplot()
     varying = [k for k in keys if table[k].n_unique() > 1] or list(keys[:1])
     fig, axes = plt.subplots(1, len(varying), figsize=(5 * len(varying), 4), squeeze=False)
     done = table.filter((pl.col("outcome") == "completed") & pl.col(metric).is_not_null())
@@ -148,14 +149,14 @@ def plot_against_params(table: pl.DataFrame, keys: Sequence[str], metric: str, t
         ax.set_ylabel(metric)
         ax.legend(fontsize=7)
     fig.suptitle(f"{title}: {metric} per trial", fontsize=10)
-    _save(fig, path)
+    save(fig, path, dpi=110)
 
 
 def plot_pareto(table: pl.DataFrame, metric: str, mode: str, title: str, path: Path) -> None:
     """The metric against each sparsity/interpretability measure, with the completed trials' Pareto front."""
     from matplotlib.colors import LogNorm
 
-    plt = _pyplot()
+    plt = pyplot()
     axes_used = [axis for axis in SPARSITY_AXES if table[axis[0]].is_not_null().any()]
     fig, axes = plt.subplots(1, len(axes_used), figsize=(5.5 * len(axes_used), 4.5), squeeze=False)
     lams = [v for v in (table[LAMBDA] if LAMBDA in table.columns else []) if v and v > 0]
@@ -182,7 +183,7 @@ def plot_pareto(table: pl.DataFrame, metric: str, mode: str, title: str, path: P
         ax.set_ylabel(metric)
         ax.legend(fontsize=7)
     fig.suptitle(f"{title}: {metric} vs sparsity", fontsize=10)
-    _save(fig, path)
+    save(fig, path, dpi=110)
 
 
 def _mark_default(ax, xs, ys) -> None:
@@ -195,21 +196,6 @@ def _point_label(row: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-
-
 def _default_filter(table: pl.DataFrame) -> pl.Expr:
     if LAMBDA not in table.columns or ETA not in table.columns:
         return pl.lit(False)

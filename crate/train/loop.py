@@ -18,6 +18,7 @@ import torch.distributed as dist
 from crate.config import dump_yaml, flatten, from_dict
 from crate.data import train_batches, val_batches
 from crate.model import build_model
+from crate.plots import pyplot
 from crate.tracking import Tracker
 from crate.train.checkpoint import MODEL_FILE, load_weights_into, plan_resume, restore_engine, write_checkpoint
 from crate.train.config import PretrainConfig
@@ -209,6 +210,7 @@ class Trainer:
             return
         figure = self.history.figure(f"{self.run.name}: {self.cfg.model.preset or self.cfg.model.arch}")
         self.tracker.log_figure(figure, "plots/loss_curve.png")
+        pyplot().close(figure)
         self.tracker.end("FINISHED")
         self._log(f"done: {self.step} steps, {self.tokens_seen:,} tokens")
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from crate.plots import pyplot
+
 # Dense bf16 peak per device (FLOP/s), by substring of the CUDA device name. 1,979 TFLOP/s is H100's
 # sparsity figure; the dense one is 989.
 KNOWN_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12}
@@ -65,10 +67,7 @@ class LossHistory:
         return cls([tuple(p) for p in data.get("train", [])], [tuple(p) for p in data.get("val", [])])
 
     def figure(self, title: str):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(7, 4))
         if self.train:
