@@ -142,7 +142,7 @@ def steering_effects(model, tokenizer, prompt: str, layer: int, neurons: Sequenc
         increased=_moved(tokenizer, base, steered, top_tokens, up=True),
         decreased=_moved(tokenizer, base, steered, top_tokens, up=False),
         sweep_tokens=_shifts(tokenizer, base, steered, sweep_ids),
-        kl_divergence=float(torch.sum(steered * (torch.log(steered + 1e-30) - torch.log(base + 1e-30)))),
+        kl_divergence=_kl_divergence(steered, base),
         generation=generation, steered_generation=steered_generation)
         for value, steered, steered_generation in runs]
 
@@ -151,6 +151,11 @@ def steering_effect(model, tokenizer, prompt: str, layer: int, neurons: int | Se
                     top_tokens: int = 10, new_tokens: int = 20) -> SteeringEffect:
     neurons = [neurons] if isinstance(neurons, int) else list(neurons)
     return steering_effects(model, tokenizer, prompt, layer, neurons, [value], top_tokens, new_tokens)[0]
+
+
+def _kl_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
+    """KL(p ‖ q) in nats; rounding can leave it a hair below zero for (nearly) equal distributions."""
+    return max(0.0, float(torch.sum(p * (torch.log(p + 1e-30) - torch.log(q + 1e-30)))))
 
 
 def _moved(tokenizer, base: torch.Tensor, steered: torch.Tensor, k: int, up: bool) -> list[TokenShift]:
