@@ -63,15 +63,18 @@ stage_llm() {  # the LLM backend on a seeded sample, CRATE-2L vs GPT-2L: the bes
 }
 
 stage_compare() {  # Table 2, per-layer plots, loss vs interpretability; one table per seed
-  python jobs/compare.py "$OUT"/interp/small-*-s1337 --output-dir "$RESULTS/table2"
-  python jobs/compare.py "$OUT"/interp/small-*-s2024 --output-dir "$RESULTS/table2-seed2024"
-  python jobs/compare.py "$OUT"/interp-llm/small-*-s1337 --output-dir "$RESULTS/table2-llm"
+  python jobs/compare.py "$OUT"/interp/small-*-s1337 --output-dir "$RESULTS/table2" tracking.run_name=compare-small
+  python jobs/compare.py "$OUT"/interp/small-*-s2024 --output-dir "$RESULTS/table2-seed2024" \
+    tracking.run_name=compare-small-seed2024
+  python jobs/compare.py "$OUT"/interp-llm/small-*-s1337 --output-dir "$RESULTS/table2-llm" tracking.run_name=compare-small-llm
 }
 
-stage_steer() {  # the paper's demonstration on CRATE-1L: the best-explained neurons, clamped, prompt "1 2 3 4 5"
-  python jobs/steer.py --checkpoint "$(checkpoint small-crate-1l-s1337)" --top-explained 5 --metric tar \
-    --results "$OUT/interp/small-crate-1l-s1337" --value "${STEER_VALUE:-10}" --prompt "1 2 3 4 5" \
-    output_dir="$RESULTS/steering"
+stage_steer() {  # the paper's demonstration on CRATE-1L: its best-explained neurons, clamped, prompt "1 2 3 4 5";
+  # the paper's clamp value is unpublished, so sweep it (this model's largest activations are ≈ 0.7)
+  rm -rf "$RESULTS/steering"
+  python jobs/steer.py --checkpoint "$(checkpoint small-crate-1l-s1337)" --top-explained 3 --metric tar \
+    --results "$OUT/interp/small-crate-1l-s1337" --sweep 0,0.5,1,2,5,10 --prompt "1 2 3 4 5" \
+    output_dir="$RESULTS/steering" tracking.run_name=steer-small-crate-1l-s1337
 }
 
 stage_ablation() {  # λ × η around the paper's 0.1/0.1: the Tune sweep on CPU with the smallest preset
