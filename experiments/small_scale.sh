@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 STANDIN=${STANDIN:?set STANDIN to the offline Pile stand-in (Pile-format .jsonl.zst files)}
 OUT=${OUT:?set OUT to a directory for data, checkpoints and results}
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$OUT/mlflow.db}
-TOKENS=${TOKENS:-2097152}          # training tokens per model (identical for every pair)
+TOKENS=${TOKENS:-524288}           # training tokens per model, identical for every model (docs/results.md: 524,288)
 PRESETS=${PRESETS:-"crate-1l gpt-1l crate-2l gpt-2l crate-3l gpt-3l"}
 SECOND_SEED_PRESETS=${SECOND_SEED_PRESETS:-"crate-2l gpt-2l"}
 TRAIN=(data.train=$OUT/standin-train data.val=$OUT/standin-val train.storage_path=$OUT/runs train.max_tokens=$TOKENS)
