@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from crate.cluster import connect_ray
 from crate.data.config import DataConfig
 from crate.data.shards import pretokenize
 from crate.data.sources import resolve
@@ -71,9 +72,8 @@ def run(cfg: DataBenchmarkConfig) -> Iterator[dict[str, Any]]:
 
         yield {"measure": "tokenize+pack, in-process engine", "cores": 1, "files": cfg.files,
                **one_epoch(data, cfg.micro_batch_size)}
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=os.cpu_count(), object_store_memory=cfg.object_store_mb * 2**20,
-                 include_dashboard=False, log_to_driver=False)
+        connect_ray(num_cpus=os.cpu_count(), object_store_memory=cfg.object_store_mb * 2**20,
+                    include_dashboard=False, log_to_driver=False)
         try:
             for tasks in cfg.read_tasks:
                 ray_data = DataConfig(**{**data.__dict__, "engine": "ray", "read_tasks": tasks})

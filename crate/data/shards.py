@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from crate.cluster import connect_ray
 from crate.data.config import DataConfig, MiB
 from crate.data.documents import ReadOptions, Start, documents
 from crate.data.packing import StreamStats
@@ -192,8 +193,7 @@ def map_files(fn: Callable[..., dict], jobs: list[tuple], use_ray: bool) -> Iter
         return
     import ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    connect_ray(include_dashboard=False, log_to_driver=False)
     dataset = ray.data.from_items([{"job": i} for i in range(len(jobs))], override_num_blocks=len(jobs))
     yield from dataset.map(lambda row: {"done": fn(*jobs[row["job"]]) is not None}, num_cpus=1).iter_rows()
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from crate.cluster import connect_ray
 from crate.interp.collect import RecordCollector, collect
 from crate.interp.protocols import ScoringTask
 from crate.interp.scoring import failed_rows
@@ -43,6 +44,7 @@ def collect_sharded(checkpoint: str, features_spec: str, batches: Sequence[tuple
                     features: dict[int, np.ndarray], seed: int, actors: int, gpus: float) -> RecordCollector:
     import ray
 
+    connect_ray()
     worker = ray.remote(num_cpus=1, num_gpus=gpus)(CollectionWorker)
     workers = [worker.remote(checkpoint, features_spec) for _ in range(actors)]
     shards = [list(batches[i::actors]) for i in range(actors)]
@@ -82,6 +84,7 @@ class ScoringPool:
     def __init__(self, backend_config, workers, seed: int):
         import ray
 
+        connect_ray()
         options = dict(num_cpus=workers.cpus_per_actor, num_gpus=workers.gpus_per_actor,
                        max_concurrency=workers.concurrency, max_restarts=workers.max_actor_restarts,
                        max_task_retries=workers.max_actor_restarts)

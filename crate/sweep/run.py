@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import polars as pl
 
+from crate.cluster import connect_ray
 from crate.config import to_dict
 from crate.data import check_sources
 from crate.errors import ConfigError
@@ -32,7 +33,7 @@ from crate.sweep.state import SweepState, check_same_config, read_state, write_s
 from crate.sweep.trial import COMPLETED, TrialSetup, run_trial
 from crate.tracking import resolve_tracking_uri
 from crate.train import PretrainConfig
-from crate.train.launch import connect_ray, storage_location
+from crate.train.launch import storage_location
 
 log = logging.getLogger("crate.sweep")
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from crate.cluster import connect_ray
 from crate.config import to_dict
 from crate.data import check_sources
 from crate.errors import ConfigError
@@ -96,23 +96,6 @@ def checkpoint_uri(path: str, storage: str) -> str:
     URI that `crate.model.load_model` and every other job can open."""
     scheme = storage.split("://", 1)[0] if "://" in storage else None
     return f"{scheme}://{path}" if scheme and "://" not in path else path
-
-
-def connect_ray() -> bool:
-    """Join the cluster in RAY_ADDRESS (or the one already initialised); else start a local instance.
-    Returns True when the instance was started here."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-        return False
-    # A fresh local instance in Ray 2.60 enables token auth; it listens on loopback only, so turn it off and say so.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    log.info("starting a local Ray instance (token auth %s)", os.environ["RAY_AUTH_MODE"])
-    ray.init()
-    return True
 
 
 def check_resources(cfg: PretrainConfig, available: dict[str, float]) -> None:
