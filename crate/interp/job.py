@@ -220,7 +220,6 @@ class InterpretabilityJob:
         cfg = self.cfg
         collections = {group.collection: self.records(group.collection) for group, _ in self.groups}
         records_id = {m: collections[group.collection].name for group, metrics in self.groups for m in metrics}
-        _ray_init()
         pool = ScoringPool(cfg.backend, cfg.workers, cfg.seed)
         scope = self._scope(pool.identity)
         runs = self._run_ids()
@@ -322,12 +321,6 @@ def _cuda() -> bool:
 
     return torch.cuda.is_available()
 
-
-def _ray_init() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
 def run_interpretability(cfg: InterpConfig) -> dict:
