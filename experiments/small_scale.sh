@@ -3,7 +3,7 @@
 #
 #   STANDIN=../shared/corpus OUT=/data/crate-small bash experiments/small_scale.sh [stage ...]
 #
-# Stages (default: all, in order): data train interpret llm compare steer ablation. Each stage is resumable:
+# Stages (default: all, in order): data train interpret llm compare steer longer ablation. Each stage is resumable:
 # rerunning skips finished work (training resumes from its checkpoints, interpretability from its results).
 # Tables and plots go to docs/results/ (committed); data, checkpoints, records and MLflow stay under $OUT.
 set -euo pipefail
@@ -28,9 +28,9 @@ stage_data() {
   python jobs/pretokenize.py "$STANDIN/val.jsonl.zst" "$OUT/standin-val" --local
 }
 
-train_one() {  # preset seed; a finished run submitted again does nothing
+train_one() {  # preset seed [name prefix [overrides...]]; a finished run submitted again does nothing
   python jobs/pretrain.py --config small model.preset="$1" train.seed="$2" data.seed="$2" \
-    train.run_name="small-$1-s$2" "${TRAIN[@]}"
+    train.run_name="${3:-small}-$1-s$2" "${TRAIN[@]}" "${@:4}"
 }
 
 stage_train() {
@@ -42,11 +42,13 @@ runs() { for preset in $PRESETS; do echo "small-$preset-s1337"; done
          for preset in $SECOND_SEED_PRESETS; do echo "small-$preset-s2024"; done; }
 checkpoint() { local last; last=$(ls -d "$OUT/runs/$1"/checkpoint_* | tail -1); echo "$last/model.pt"; }
 
-stage_interpret() {  # every neuron of every layer, offline token-set baseline, the paper's three metrics
-  for run in $(runs); do
-    python jobs/interpret.py --checkpoint "$(checkpoint "$run")" --metric tar,random,anthropic --backend tokenset \
-      --output "$OUT/interp/$run" "${RECORDS[@]}" tracking.run_name="interp-$run"
-  done
+interpret_one() {  # run: every neuron of every layer, offline token-set baseline, the paper's three metrics
+  python jobs/interpret.py --checkpoint "$(checkpoint "$1")" --metric tar,random,anthropic --backend tokenset \
+    --output "$OUT/interp/$1" "${RECORDS[@]}" tracking.run_name="interp-$1"
+}
+
+stage_interpret() {
+  for run in $(runs); do interpret_one "$run"; done
 }
 
 stage_llm() {  # the LLM backend on a seeded sample, CRATE-2L vs GPT-2L: the best model a package registry offers
@@ -77,6 +79,14 @@ stage_steer() {  # the paper's demonstration on CRATE-1L: its best-explained neu
     output_dir="$RESULTS/steering" tracking.run_name=steer-small-crate-1l-s1337
 }
 
+stage_longer() {  # the 2-layer pair again with 4× the budget: do loss and interpretability gaps move with training?
+  for preset in crate-2l gpt-2l; do
+    train_one "$preset" 1337 longer train.max_tokens=$((4 * TOKENS))
+    interpret_one "longer-$preset-s1337"
+  done
+  python jobs/compare.py "$OUT"/interp/longer-*-s1337 --output-dir "$RESULTS/table2-4x" tracking.run_name=compare-longer
+}
+
 stage_ablation() {  # λ × η around the paper's 0.1/0.1: the Tune sweep on CPU with the smallest preset
   python tune/sweep.py --config tune/ista-cpu.yaml name=ista-cpu \
     trial.data.train="$STANDIN/train-*.jsonl.zst" trial.data.val="$STANDIN/val.jsonl.zst" \
@@ -86,5 +96,5 @@ stage_ablation() {  # λ × η around the paper's 0.1/0.1: the Tune sweep on CPU
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(data train interpret llm compare steer ablation)
+[ ${#stages[@]} -gt 0 ] || stages=(data train interpret llm compare steer longer ablation)
 for stage in "${stages[@]}"; do "stage_$stage"; done
