@@ -322,7 +322,6 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-
 def run_interpretability(cfg: InterpConfig) -> dict:
     """Validate everything cheap first (checkpoint, layers, features, corpus, output lock), then run the job."""
     return InterpretabilityJob(cfg).run()

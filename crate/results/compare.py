@@ -28,6 +28,7 @@ from crate.errors import ConfigError
 from crate.plots import pyplot, save
 from crate.results.tables import metric_order, read_results
 from crate.tracking import Tracker, TrackingConfig
+from crate.train.checkpoint import TRAINER_STATE
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def validation_losses(results: pl.DataFrame) -> pl.DataFrame:
 
 
 def _saved_val_loss(checkpoint: str | None) -> float | None:
-    state_file = Path(checkpoint).parent / "trainer_state.json" if checkpoint else None
+    state_file = Path(checkpoint).parent / TRAINER_STATE if checkpoint else None
     if state_file is None or not state_file.is_file():
         return None
     evaluations = json.loads(state_file.read_text()).get("history", {}).get("val") or []
