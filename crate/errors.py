@@ -17,3 +17,10 @@ class ConfigError(ValueError):
     def under(self, prefix: str) -> "ConfigError":
         """The same error with its field path nested under `prefix`."""
         return ConfigError(f"{prefix}.{self.field}" if prefix else self.field, self.message)
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file cannot be used: unreadable, torn, or holding more than data; `field` is the file."""
+
+    def __reduce__(self):
+        return (CheckpointError, (self.field, self.message))

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from crate.errors import CheckpointError
 from crate.model.build import build_model
 from crate.model.config import ModelConfig
 from crate.model.lm import LanguageModel
@@ -50,11 +52,26 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The raw payload of a checkpoint file (ours or the released nanoGPT-style dict): a local path, or a
     storage URI (`s3://`, `gs://`, ... — where training jobs keep their checkpoints) read through pyarrow."""
     if "://" in str(path) and not str(path).startswith("file://"):
-        return torch.load(io.BytesIO(_read_remote(str(path))), map_location="cpu", weights_only=False)
+        return load_data(io.BytesIO(_read_remote(str(path))), name=str(path))
     path = Path(str(path).removeprefix("file://"))
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_data(path)
+
+
+def load_data(source: str | os.PathLike | io.BytesIO, name: str | None = None,
+              map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load` of data only — tensors, containers, numbers, strings — never code: a pickle that would
+    construct anything else is refused, so a crafted file cannot run code on the machine that opens it."""
+    name = name or str(source)
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise CheckpointError(name, f"refused: the file holds objects other than tensors and plain values, "
+                                    f"which loading would execute ({reason})") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(name, f"not a readable checkpoint (truncated or corrupted?): {error}") from None
 
 
 def _read_remote(uri: str) -> bytes:

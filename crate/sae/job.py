@@ -26,6 +26,7 @@ import torch
 from crate.data.config import DataConfig
 from crate.errors import ConfigError
 from crate.plots import pyplot, save
+from crate.model.checkpoint import load_data
 from crate.sae.activations import LayerActivations, shuffled_batches
 from crate.sae.evaluate import SAEEvaluation, evaluate_sae
 from crate.sae.model import SAESource, save_sae
@@ -89,7 +90,7 @@ def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
     state_path = out / "train_state.pt"
     position = {"data": None}  # the stream position after the last batch read into the shuffle buffer
     if config.resume and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = load_data(state_path, map_location=device)
         trainer.load_state_dict(state["trainer"])
         position["data"] = state["data"]
         log.info("resuming %s at step %d", out, trainer.step)
