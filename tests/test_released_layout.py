@@ -40,3 +40,12 @@ def test_released_weights_land_on_the_right_parameters():
     for key, value in state.items():
         mapped = key.removeprefix("_orig_mod.").replace(".prenorm_1.", ".ln_1.").replace(".prenorm_2.", ".ln_2.")
         assert torch.equal(ours[mapped], value), key
+
+
+def test_a_bare_state_dict_of_an_unknown_width_needs_n_head():
+    from crate.errors import ConfigError
+
+    model = build_model("gpt-tiny")  # width 32: no released model has it
+    with pytest.raises(ConfigError, match="n_head.*known widths: 128 \\(4 heads\\), 768 \\(12 heads\\)"):
+        load_released(model.state_dict())
+    assert load_released(model.state_dict(), n_head=2).config.n_head == 2

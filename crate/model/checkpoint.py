@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
-from crate.errors import CheckpointError
+from crate.errors import CheckpointError, ConfigError
 from crate.model.build import build_model
 from crate.model.config import ModelConfig
 from crate.model.lm import LanguageModel
@@ -133,7 +133,9 @@ def _infer_config(state: Mapping[str, torch.Tensor], n_head: int | None, overrid
     if n_head is None:
         n_head = _RELEASED_HEADS_BY_WIDTH.get(n_embd)
         if n_head is None:
-            raise ValueError(f"cannot infer the number of heads for width {n_embd}: pass n_head=")
+            known = ", ".join(f"{width} ({heads} heads)" for width, heads in _RELEASED_HEADS_BY_WIDTH.items())
+            raise ConfigError("n_head", f"the head count of a width-{n_embd} model is not in its weights; give it "
+                                        f"(load_model(path, n_head=...)); known widths: {known}")
     fields: dict[str, Any] = dict(arch=arch, n_layer=len(layers), n_head=n_head, n_embd=n_embd,
                                   block_size=block_size, vocab_size=vocab_size)
     if arch == "crate":
