@@ -56,11 +56,17 @@ class Subject:
     @classmethod
     def load(cls, checkpoint: str) -> "Subject":
         from crate.model import load_model
+        from crate.model.checkpoint import is_storage_uri
 
         path = Path(checkpoint)
-        if not path.is_file():
-            raise ConfigError("checkpoint", f"no checkpoint file at {checkpoint}")
-        model = load_model(path)
+        if not is_storage_uri(checkpoint):
+            if not path.is_file():
+                raise ConfigError("checkpoint", f"no checkpoint file at {checkpoint}")
+            checkpoint = str(path.resolve())
+        try:
+            model = load_model(checkpoint)
+        except FileNotFoundError as error:  # a storage URI that does not open
+            raise ConfigError("checkpoint", str(error)) from None
         metadata = getattr(model, "checkpoint_metadata", {}) or {}  # absent for the paper's released checkpoints
         run_id, step = metadata.get("mlflow_run_id"), metadata.get("step")
         trained_as = metadata.get("run_name") or run_id  # tables and plots label the model by its run name
@@ -72,7 +78,7 @@ class Subject:
                 for chunk in iter(lambda: f.read(1 << 24), b""):
                     digest.update(chunk)
             model_id = f"{path.stem}-{digest.hexdigest()[:12]}"
-        return cls(model, str(path.resolve()), model_id, run_id, step)
+        return cls(model, checkpoint, model_id, run_id, step)
 
     @property
     def provenance(self) -> dict:

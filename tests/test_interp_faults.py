@@ -1,0 +1,71 @@
+"""The interpretability job under faults, fault first (issue 13 §9-12, 18 §10, 19 §4/7/8): a model known by its
+content, failed rows retried and counted, a dead or hanging backend, a garbage line in the write-ahead log, remote
+checkpoints, defaults that follow the model, GPUs that are asked for and absent. Single-process (scoring in the
+driver, `workers.actors=0`), tiny models, a real HTTP server on loopback."""
+
+import json
+import logging
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from crate.config import load_config
+from crate.errors import ConfigError
+from crate.interp import InterpConfig, run_interpretability
+from crate.model import build_model, save_model
+from test_interp_http import FakeOpenAI
+
+TEXT = ("The cat sat on the mat. A dog ran after the cat, and the cat ran up a tree. "
+        "def area(r):\n    return 3.14 * r * r\n\nprint(area(2))\n")
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interp-faults")
+    torch.manual_seed(0)
+    save_model(build_model("crate-tiny"), root / "tiny.pt", mlflow_run_id="train-run-1", run_name="tiny-run", step=5)
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": TEXT * (i % 5 + 1)}) + "\n" for i in range(60)))
+    return root
+
+
+def overrides(subject, out=None, **extra) -> list[str]:
+    base = {"checkpoint": subject / "tiny.pt", "corpus": subject / "corpus.jsonl",
+            "records.blocks": 12, "records.window": 16, "records.top": 10,
+            "records.random": 10, "records.quantile_pool": 20, "records.per_quantile": 2, "records.batch_blocks": 4,
+            "sample": 4, "metrics": "[tar,random]", "workers.actors": 0, "tracking.enabled": "false", **extra}
+    if out is not None:
+        base["output_dir"] = out
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def job_config(subject, out=None, **extra) -> InterpConfig:
+    return load_config(InterpConfig, None, overrides(subject, out, **extra))
+
+
+# -- 13.12 remote checkpoints: every job that takes a checkpoint accepts what load_model accepts ------------------
+
+def test_every_checkpoint_job_accepts_a_storage_uri(subject, tmp_path):
+    from crate.interp.job import Subject
+    from crate.sae.job import TrainSAEConfig, run_sae_training
+    from crate.steering import SteerConfig, run_steering
+    from crate.tracking import TrackingConfig
+
+    uri = f"file://{subject / 'tiny.pt'}"
+    loaded = Subject.load(uri)
+    assert loaded.checkpoint == uri and loaded.model.config.n_layer == 2
+    with pytest.raises(ConfigError) as error:
+        Subject.load(f"file://{tmp_path / 'missing.pt'}")
+    assert error.value.field == "checkpoint" and "missing.pt" in str(error.value)
+
+    effects = run_steering(SteerConfig(checkpoint=uri, layer=0, neurons=[1], value=5.0, new_tokens=2,
+                                       output_dir=str(tmp_path / "steer"), device="cpu",
+                                       tracking=TrackingConfig(enabled=False)))
+    assert effects and effects[0].checkpoint == uri  # the viewer matches effects to results by this name
+
+    with pytest.raises(ConfigError) as error:  # past the checkpoint: the model loaded, then its layers were checked
+        run_sae_training(TrainSAEConfig(checkpoint=uri, layer=7, output_dir=str(tmp_path / "sae"), device="cpu",
+                                        tracking=TrackingConfig(enabled=False)))
+    assert error.value.field == "layer"
