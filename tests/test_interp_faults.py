@@ -3,9 +3,11 @@ content, failed rows retried and counted, a dead or hanging backend, a garbage l
 checkpoints, defaults that follow the model, GPUs that are asked for and absent. Single-process (scoring in the
 driver, `workers.actors=0`), tiny models, a real HTTP server on loopback."""
 
+import importlib.util
 import json
 import logging
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -17,6 +19,9 @@ from crate.interp import InterpConfig, run_interpretability
 from crate.model import build_model, save_model
 from test_interp_http import FakeOpenAI
 
+_spec = importlib.util.spec_from_file_location("interpret_job", Path(__file__).parents[1] / "jobs" / "interpret.py")
+interpret_job = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(interpret_job)
 TEXT = ("The cat sat on the mat. A dog ran after the cat, and the cat ran up a tree. "
         "def area(r):\n    return 3.14 * r * r\n\nprint(area(2))\n")
 
@@ -69,3 +74,25 @@ def test_every_checkpoint_job_accepts_a_storage_uri(subject, tmp_path):
         run_sae_training(TrainSAEConfig(checkpoint=uri, layer=7, output_dir=str(tmp_path / "sae"), device="cpu",
                                         tracking=TrackingConfig(enabled=False)))
     assert error.value.field == "layer"
+
+
+# -- 18.10 defaults that depend on the model follow the checkpoint; the summary reads as a table -----------------
+
+def test_collection_follows_the_checkpoints_context_and_the_summary_is_a_table(subject, tmp_path, capsys):
+    from crate.interp.schema import read_provenance
+    interpret_job.main([f"--output={tmp_path}", *overrides(subject, sample=2, metrics="[tar,random,anthropic]",
+                                             **{"anthropic_records.blocks": 12, "anthropic_records.per_quantile": 4,
+                                                "anthropic_records.quantile_pool": 40})])
+    printed = capsys.readouterr().out
+    lengths = {read_provenance(d / "layer_00.parquet")["collection"]["block_length"]
+               for d in (tmp_path / "records").iterdir()}
+    assert lengths == {64}  # crate-tiny's context; the defaults say 1024 only for a model that has it
+    assert not printed.lstrip().startswith(("[", "{")), printed[:200]  # not a JSON dump
+    header, *rows = [line for line in printed.splitlines() if line.startswith("|")][:1] + \
+        [line for line in printed.splitlines() if line.startswith("| crate-paper")]
+    assert "metric" in header and "mean" in header and "failed" in header, printed
+    assert sorted(row.split("|")[2].strip() for row in rows) == ["anthropic", "random", "tar"], printed
+    summary = json.loads((tmp_path / "summary.json").read_text())  # the JSON stays in the output folder
+    assert {m["metric"] for m in summary["models"]} == {"tar", "random", "anthropic"}
+    explicit = job_config(subject, **{"records.block_length": 32})
+    assert explicit.records.block_length == 32  # what the user sets is kept

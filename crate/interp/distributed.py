@@ -8,6 +8,8 @@ import Ray.
   each with `concurrency` features in flight; the driver keeps at most actors × concurrency tasks submitted and
   hands every finished feature's rows to `on_rows` at once. A crashed actor is restarted by Ray and its tasks
   retried (`max_actor_restarts`); a task that still fails becomes failed rows, never a failed job.
+  With `workers.actors=0` the same contract runs in the driver process instead (`LocalScoringPool`: one backend,
+  `concurrency` features in flight on threads, no Ray).
 """
 
 from __future__ import annotations
@@ -126,3 +128,38 @@ class ScoringPool:
 
         for actor in self.actors:
             ray.kill(actor)
+
+
+class LocalScoringPool:
+    """`workers.actors=0`: one backend in the driver process, `concurrency` features in flight on threads."""
+
+    def __init__(self, backend_config, workers, seed: int):
+        from crate.interp.backends import build_backend
+        from crate.interp.scoring import identity
+
+        self.backend = build_backend(backend_config, seed)
+        self.concurrency = workers.concurrency
+        self.identity = identity(self.backend)
+
+    def score_tasks(self, tasks: Iterable[tuple[ScoringTask, tuple[str, ...]]], total: int, seed: int,
+                    on_rows: Callable[[list[dict]], None]) -> None:
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        from crate.interp.scoring import score_task
+
+        queue = iter(tasks)
+        in_flight: set = set()
+        with ThreadPoolExecutor(self.concurrency) as threads, \
+                tqdm(total=total, unit="neuron", desc="score", smoothing=0.05, mininterval=2.0) as bar:
+            while True:
+                while len(in_flight) < self.concurrency and (item := next(queue, None)) is not None:
+                    in_flight.add(threads.submit(score_task, *item, self.backend, seed))
+                if not in_flight:
+                    break
+                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:  # score_task turns every error into failed rows
+                    on_rows(future.result())
+                    bar.update(1)
+
+    def close(self) -> None:
+        self.backend.close()

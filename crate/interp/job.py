@@ -106,9 +106,9 @@ def selected_features(cfg: InterpConfig, n_features: dict[int, int]) -> dict[int
 
 class InterpretabilityJob:
     def __init__(self, cfg: InterpConfig):
-        self.cfg = cfg
         self.subject = Subject.load(cfg.checkpoint)
         config = self.subject.model.config
+        self.cfg = cfg = _for_model(cfg, config.block_size)
         self.layers = list(cfg.layers) if cfg.layers is not None else list(range(config.n_layer))
         self.source = feature_source(cfg.features)
         try:
@@ -220,13 +220,13 @@ class InterpretabilityJob:
 
     def run(self) -> dict:
         """Collect (or reuse) records, score every feature not yet scored, summarise; returns the summary."""
-        from crate.interp.distributed import ScoringPool
+        from crate.interp.distributed import LocalScoringPool, ScoringPool
         from crate.tracking import Tracker
 
         cfg = self.cfg
         collections = {group.collection: self.records(group.collection) for group, _ in self.groups}
         records_id = {m: collections[group.collection].name for group, metrics in self.groups for m in metrics}
-        pool = ScoringPool(cfg.backend, cfg.workers, cfg.seed)
+        pool = (ScoringPool if cfg.workers.actors else LocalScoringPool)(cfg.backend, cfg.workers, cfg.seed)
         scope = self._scope(pool.identity)
         runs = self._run_ids()
         tracker = Tracker.start(cfg.tracking, run_name=cfg.tracking.run_name or f"interpret-{self.subject.model_id}",
@@ -245,8 +245,8 @@ class InterpretabilityJob:
 
         try:
             total = self.count_todo(pool.identity["backend"])
-            log.info("scoring %d features with %s (%d actors × %d in flight)", total, pool.identity["backend"],
-                     cfg.workers.actors, cfg.workers.concurrency)
+            log.info("scoring %d features with %s (%s × %d in flight)", total, pool.identity["backend"],
+                     f"{cfg.workers.actors} actors" if cfg.workers.actors else "the driver", cfg.workers.concurrency)
             pool.score_tasks(self.tasks(pool.identity, collections, store), total, cfg.seed, store)
             self.store.compact()
             summary = self.summarize(pool.identity, tracker)
@@ -320,6 +320,17 @@ class InterpretabilityJob:
         if self.subject.run_id:
             tags["crate.model_run_id"] = str(self.subject.run_id)  # the training run this job evaluates
         return tags
+
+
+def _for_model(cfg: InterpConfig, context: int) -> InterpConfig:
+    """`cfg` with the collection settings the user left to the model (block_length) filled in from its context."""
+    filled = {}
+    for name in ("records", "anthropic_records"):
+        try:
+            filled[name] = getattr(cfg, name).for_context(context)
+        except ConfigError as error:
+            raise error.under(name) from None
+    return dataclasses.replace(cfg, **filled)
 
 
 def _cuda() -> bool:
