@@ -96,3 +96,29 @@ def test_collection_follows_the_checkpoints_context_and_the_summary_is_a_table(s
     assert {m["metric"] for m in summary["models"]} == {"tar", "random", "anthropic"}
     explicit = job_config(subject, **{"records.block_length": 32})
     assert explicit.records.block_length == 32  # what the user sets is kept
+
+
+# -- 13.9 a model is known by its content as well as its name ----------------------------------------------------
+
+def test_two_models_with_one_name_never_share_records_or_results(subject, tmp_path, monkeypatch):
+    from crate.interp.job import Subject
+
+    for seed, run in ((0, "a"), (1, "b")):  # two platform checkpoints: same run name, same step, other weights
+        torch.manual_seed(seed)
+        save_model(build_model("crate-tiny"), tmp_path / run / "model.pt", run_name="tiny-run", step=5)
+    a, b = Subject.load(str(tmp_path / "a" / "model.pt")), Subject.load(str(tmp_path / "b" / "model.pt"))
+    assert a.model_id == b.model_id == "tiny-run@5" and a.sha256 != b.sha256 and len(a.sha256) == 64
+    assert Subject.load(f"file://{tmp_path / 'a' / 'model.pt'}").sha256 == a.sha256  # content, not location
+
+    monkeypatch.chdir(tmp_path)  # the default output folder is per model, absolute, under ./interp
+    first = run_interpretability(job_config(subject, checkpoint=tmp_path / "a" / "model.pt"))
+    second = run_interpretability(job_config(subject, checkpoint=tmp_path / "b" / "model.pt"))
+    assert first["output_dir"] == str(tmp_path / "interp" / f"tiny-run@5-{a.sha256[:12]}")
+    assert second["output_dir"] == str(tmp_path / "interp" / f"tiny-run@5-{b.sha256[:12]}")
+    for summary, model in ((first, a), (second, b)):
+        rows = pq.read_table(Path(summary["output_dir"]) / "results.parquet").to_pylist()
+        assert {r["model_sha256"] for r in rows} == {model.sha256} and summary["model_sha256"] == model.sha256
+
+    with pytest.raises(ConfigError) as error:  # b's job pointed at a's folder: refused, naming both
+        run_interpretability(job_config(subject, first["output_dir"], checkpoint=tmp_path / "b" / "model.pt"))
+    assert error.value.field == "output_dir" and a.sha256[:12] in str(error.value) and b.sha256[:12] in str(error.value)

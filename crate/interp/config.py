@@ -162,7 +162,7 @@ class InterpConfig:
     metrics: list[str] = field(default_factory=lambda: ["tar"])  # crate-paper: tar random anthropic; openai: tar top random
     sample: int | None = None  # score a seeded sample of this many features per layer (with a CI on the layer mean)
     seed: int = 0  # random records, neuron sample, explanation sampling
-    output_dir: str | None = None  # default: interp/<checkpoint file stem>
+    output_dir: str | None = None  # default: ./interp/<run>@<step>-<model_sha256[:12]>, one folder per model
     device: str = "auto"  # collection in the driver process: auto = cuda if available
     records: CollectionConfig = field(default_factory=CollectionConfig)  # for tar / random / top
     anthropic_records: CollectionConfig = field(default_factory=anthropic_collection)  # for anthropic
@@ -202,5 +202,5 @@ FLAGS = [
     Flag("--features", "features", "neurons, or a registered source such as sae:PATH", "text"),
     Flag("--sample", "sample", "score a seeded sample of N features per layer", metavar="N"),
     Flag("--layers", "layers", "layer indices (default: all)", "numbers"),
-    Flag("--output", "output_dir", "output directory (default interp/<checkpoint stem>)", "text", "DIR"),
+    Flag("--output", "output_dir", "output directory (default interp/<run>@<step>-<sha12>, one per model)", "text", "DIR"),
 ]

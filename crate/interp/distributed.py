@@ -30,11 +30,15 @@ log = logging.getLogger(__name__)
 
 
 class CollectionWorker:
-    def __init__(self, checkpoint: str, features: str):
+    def __init__(self, checkpoint: str, features: str, sha256: str):
         from crate.interp.features import feature_source
+        from crate.interp.job import model_sha256
         from crate.model import load_model
 
         self.model = load_model(checkpoint)
+        if model_sha256(self.model) != sha256:  # records must come from the model the driver named
+            raise RuntimeError(f"{checkpoint} changed after the job started: model_sha256 {model_sha256(self.model)[:12]}"
+                               f", the job's {sha256[:12]}")
         self.source = feature_source(features)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -42,13 +46,13 @@ class CollectionWorker:
         return collect(self.model, batches, spec, self.source, features, seed, self.device).to("cpu")
 
 
-def collect_sharded(checkpoint: str, features_spec: str, batches: Sequence[tuple[np.ndarray, np.ndarray]], spec,
-                    features: dict[int, np.ndarray], seed: int, actors: int, gpus: float) -> RecordCollector:
+def collect_sharded(checkpoint: str, sha256: str, features_spec: str, batches: Sequence[tuple[np.ndarray, np.ndarray]],
+                    spec, features: dict[int, np.ndarray], seed: int, actors: int, gpus: float) -> RecordCollector:
     import ray
 
     connect_ray()
     worker = ray.remote(num_cpus=1, num_gpus=gpus)(CollectionWorker)
-    workers = [worker.remote(checkpoint, features_spec) for _ in range(actors)]
+    workers = [worker.remote(checkpoint, features_spec, sha256) for _ in range(actors)]
     shards = [list(batches[i::actors]) for i in range(actors)]
     pending = [w.collect.remote(shard, spec, features, seed) for w, shard in zip(workers, shards) if shard]
     merged = None
