@@ -122,3 +122,23 @@ def test_two_models_with_one_name_never_share_records_or_results(subject, tmp_pa
     with pytest.raises(ConfigError) as error:  # b's job pointed at a's folder: refused, naming both
         run_interpretability(job_config(subject, first["output_dir"], checkpoint=tmp_path / "b" / "model.pt"))
     assert error.value.field == "output_dir" and a.sha256[:12] in str(error.value) and b.sha256[:12] in str(error.value)
+
+
+# -- 13.11 a garbage line in the middle of the write-ahead log ----------------------------------------------------
+
+def test_a_garbage_line_in_the_middle_of_the_log_is_quarantined_and_the_job_resumes(subject, tmp_path, caplog):
+    from crate.interp.store import LOG_FILE, QUARANTINE_FILE
+
+    first = run_interpretability(job_config(subject, tmp_path))
+    table = pq.read_table(tmp_path / "results.parquet")
+    extra = [{**row, "neuron": 900 + i, "score": None, "created_at": 0} for i, row in enumerate(table.to_pylist()[:2])]
+    (tmp_path / LOG_FILE).write_bytes(json.dumps(extra[0]).encode() + b"\n" + b'{"model": "tiny-run@5", "lay\xff\n'
+                                      + json.dumps(extra[1]).encode() + b"\n")
+    with caplog.at_level(logging.WARNING, logger="crate.interp.store"):
+        again = run_interpretability(job_config(subject, tmp_path))  # resumes instead of a bare JSONDecodeError
+    assert f"{tmp_path / LOG_FILE}:2" in caplog.text
+    (kept,) = [json.loads(line) for line in (tmp_path / QUARANTINE_FILE).read_text().splitlines()]
+    assert kept["file"] == LOG_FILE and kept["line"] == 2 and kept["text"].startswith('{"model": "tiny-run@5", "lay')
+    assert again["quarantined"] == 1 and first["models"] == again["models"]
+    after = pq.read_table(tmp_path / "results.parquet")
+    assert after.num_rows == table.num_rows + 2  # the readable rows around the garbage were kept

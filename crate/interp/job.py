@@ -309,11 +309,15 @@ class InterpretabilityJob:
                        pc.is_in(table["layer"], pa.array(self.layers, pa.int32())))
         for column, value in equal.items():
             mask = pc.and_(mask, pc.equal(table[column], value))
+        chosen = [(layer << 32) + int(n) for layer, features in self.features.items() for n in features]
+        unit = pc.add(pc.shift_left(pc.cast(table["layer"], pa.int64()), 32), pc.cast(table["neuron"], pa.int64()))
+        mask = pc.and_(mask, pc.is_in(unit, pa.array(chosen, pa.int64())))  # this job's features only
         scoped = table.filter(mask)
         layers = layer_summary(scoped, self.n_features)
         models = model_summary(layers, self.subject.model.config.n_layer)
         summary = {"output_dir": str(self.out), "results": str(self.store.results_path), "model": self.subject.model_id,
-                   "model_sha256": self.subject.sha256, "checkpoint": self.subject.checkpoint, "backend": backend["backend"], "protocol": cfg.protocol, "mlflow_run_id": tracker.run_id,
+                   "model_sha256": self.subject.sha256, "checkpoint": self.subject.checkpoint,
+                   "quarantined": self.store.quarantined, "backend": backend["backend"], "protocol": cfg.protocol, "mlflow_run_id": tracker.run_id,
                    "layers": layers, "models": models}
         self._write_json("summary.json", summary)
         figure = plot_layers(layers, self.subject.model.config.n_layer, f"{self.subject.model_id} ({cfg.features})")
