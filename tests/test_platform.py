@@ -393,3 +393,23 @@ def test_cluster_script_names_the_overlays_it_can_deploy():
     assert run.returncode == 2 and "dev gpu-prod" in run.stderr, run.stderr
     usage = subprocess.run([str(REPO / "platform" / "cluster")], capture_output=True, text=True, timeout=30)
     assert usage.returncode == 2 and all(f"platform/cluster {c}" in usage.stdout for c in ("apply", "job", "submit"))
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_interpret_reads_the_checkpoint_the_pretrain_job_writes_last(kustomization):
+    # Checkpoint folders are named by crate.train.runtime.checkpoint_name (zero-padded); a hand-written path drifts.
+    from crate.config import load_config
+    from crate.train import PretrainConfig
+    from crate.train.checkpoint import MODEL_FILE
+    from crate.train.runtime import checkpoint_name
+
+    docs = render(kustomization)
+    _, _, *pretrain_args = shlex.split(named(docs, "RayJob", "crate-pretrain")["spec"]["entrypoint"])
+    source = pretrain_args[pretrain_args.index("--config") + 1]
+    storage = named(docs, "ConfigMap", "crate-platform")["data"]["CRATE_STORAGE_PATH"]
+    pretrain = load_config(PretrainConfig, source, [a for a in pretrain_args if "=" in a])
+    _, _, *interpret_args = shlex.split(named(docs, "RayJob", "crate-interpret")["spec"]["entrypoint"])
+    checkpoint = interpret_args[interpret_args.index("--checkpoint") + 1]
+    expected = "/".join([storage.rstrip("/"), pretrain.train.run_name, checkpoint_name(pretrain.train.max_steps),
+                         MODEL_FILE])
+    assert checkpoint == expected, kustomization

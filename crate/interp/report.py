@@ -89,3 +89,28 @@ def plot_layers(layers: list[dict], n_layer: int, title: str):
     axis.legend(fontsize=7)
     figure.tight_layout()
     return figure
+
+
+def _number(value: float) -> str:
+    return "-" if value != value else f"{value:.1f}"
+
+
+def format_summary(summary: Mapping) -> str:
+    """The job's summary as a table to read: one line per protocol × metric (scores ×100), then where it is."""
+    scored: dict[tuple, int] = {}
+    for row in summary["layers"]:
+        key = (row["protocol"], row["metric"])
+        scored[key] = scored.get(key, 0) + row["scored"]
+    lines = [f"{summary['model']} (model_sha256 {str(summary.get('model_sha256'))[:12]}), backend {summary['backend']}",
+             "| protocol | metric | layers | mean | mean excl. last | scored | undefined | failed |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in sorted(summary["models"], key=lambda r: (r["protocol"], r["metric"])):
+        lines.append(f"| {row['protocol']} | {row['metric']} | {row['layers']} | {_number(row['mean'])} | "
+                     f"{_number(row['mean_excl_last'])} | {scored.get((row['protocol'], row['metric']), 0)} | "
+                     f"{row['undefined']} | {row['failed']} |")
+    if not summary["models"]:
+        lines.append("| (no scores) | | | | | | | |")
+    lines.append(f"output: {summary['output_dir']} (summary.json, results.parquet, layers.png)")
+    if summary.get("mlflow_run_id"):
+        lines.append(f"MLflow run: {summary['mlflow_run_id']}")
+    return "\n".join(lines)

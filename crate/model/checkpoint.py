@@ -143,3 +143,8 @@ def _infer_config(state: Mapping[str, torch.Tensor], n_head: int | None, overrid
     else:
         fields["bias"] = "transformer.h.0.ln_1.bias" in state
     return ModelConfig(**{**fields, **overrides})
+
+
+def is_storage_uri(path: str | os.PathLike) -> bool:
+    """Whether `path` is a URI (`s3://…`, `gs://…`, `file://…`) that `read_checkpoint` opens, not a local path."""
+    return "://" in str(path)

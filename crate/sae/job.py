@@ -72,7 +72,9 @@ def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
     from crate.data import check_sources, train_batches, val_batches
     from crate.model import load_model
 
-    if not Path(config.checkpoint).is_file():
+    from crate.model.checkpoint import is_storage_uri
+
+    if not is_storage_uri(config.checkpoint) and not Path(config.checkpoint).is_file():
         raise FileNotFoundError(f"no model checkpoint at {config.checkpoint}")
     check_sources(config.data)  # both corpora exist and open, before the model loads
     model = load_model(config.checkpoint).to(_device(config.device)).eval().requires_grad_(False)
@@ -145,8 +147,11 @@ def _device(name: str) -> torch.device:
 
 
 def _source(config: TrainSAEConfig, model) -> SAESource:
+    from crate.model.checkpoint import is_storage_uri
+
     metadata = getattr(model, "checkpoint_metadata", {}) or {}
-    return SAESource(checkpoint=str(Path(config.checkpoint).resolve()), arch=model.config.arch, layer=config.layer,
+    checkpoint = config.checkpoint if is_storage_uri(config.checkpoint) else str(Path(config.checkpoint).resolve())
+    return SAESource(checkpoint=checkpoint, arch=model.config.arch, layer=config.layer,
                      model_run_id=metadata.get("mlflow_run_id"), corpus=config.data.train,
                      extra={"preset": model.config.preset, "n_layer": model.config.n_layer,
                             "step": metadata.get("step")})
