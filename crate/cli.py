@@ -1,6 +1,10 @@
 """The command line every job shares: `--config SOURCE`, `dotted.key=value` overrides, and optional shorthand
 flags that are nothing but overrides (`--layer 3 --neuron 5,7` means `layer=3 neurons=[5,7]`). Flags and
-overrides resolve into one validated config, so `--print-config` shows what a command line means."""
+overrides resolve into one validated config, so `--print-config` shows what a command line means.
+
+Every job ends with `sys.exit(run_job(main))`: bad input, a `ConfigError` whether the config loader or the job's
+own pre-flight checks (a corpus that does not exist, a checkpoint that is not there) raise it, is one line naming
+the dotted field on stderr and exit status 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import re
 import sys
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence, TypeVar
 
 from crate.config import dump_yaml, list_recipes, load_config
 from crate.errors import ConfigError
@@ -85,11 +90,25 @@ def parse_config(cls: type[T], description: str, argv: Sequence[str] | None = No
     try:
         config = load_config(cls, args.config, overrides + rest)
     except ConfigError as error:
-        parser.exit(2, f"{parser.prog}: invalid config: {error}\n")
+        parser.exit(2, error_line(parser.prog, error))
     if args.print_config:
         sys.stdout.write(dump_yaml(config))
         parser.exit(0)
     return config, args
+
+
+def run_job(main: Callable[[], int | None]) -> int:
+    """A job's exit status: `main()`'s (0 for None); a ConfigError that escapes it is one line and status 2."""
+    try:
+        return main() or 0
+    except ConfigError as error:
+        sys.stderr.write(error_line(Path(sys.argv[0]).name, error))
+        return 2
+
+
+def error_line(prog: str, error: ConfigError) -> str:
+    """`prog: error: dotted.field: message`, on one line whatever the message holds."""
+    return f"{prog}: error: {' '.join(str(error).split())}\n"
 
 
 def describe_fields(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:

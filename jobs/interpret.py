@@ -12,7 +12,7 @@ Rerunning the same command resumes. The flags are shorthands for overrides (`--m
 import json
 import sys
 
-from crate.cli import parse_config, setup_logging
+from crate.cli import parse_config, run_job, setup_logging
 from crate.interp import InterpConfig, run_interpretability
 from crate.interp.config import FLAGS
 
@@ -25,4 +25,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

@@ -9,8 +9,7 @@ a normal pretraining run, tracked in MLflow as a child of the sweep's parent run
 import sys
 from pathlib import Path
 
-from crate.cli import config_parser, parse_config, setup_logging
-from crate.errors import ConfigError
+from crate.cli import config_parser, parse_config, run_job, setup_logging
 from crate.sweep import SweepConfig, run_sweep
 
 
@@ -20,12 +19,9 @@ def main(argv=None) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the sweep called `name` (same config): finished trials are not re-run")
     config, args = parse_config(SweepConfig, __doc__, argv, parser=parser)
-    try:
-        result = run_sweep(config, resume=args.resume)
-    except ConfigError as error:
-        parser.exit(2, f"{parser.prog}: invalid config: {error}\n")
+    result = run_sweep(config, resume=args.resume)
     print(result.summary())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))
