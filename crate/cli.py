@@ -51,11 +51,13 @@ class Flag:
 
 def config_parser(cls: type, description: str, default_source: str | None = None,
                   flags: Sequence[Flag] = ()) -> argparse.ArgumentParser:
+    bare = _built(lambda: load_config(cls, default_source)) if default_source else None
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="overrides are dotted.key=value (e.g. train.max_steps=100). Fields and defaults:\n"
-               + "\n".join(f"  {line}" for line in describe_fields(cls))
+        epilog="overrides are dotted.key=value (e.g. train.max_steps=100). Fields and the values a bare run uses"
+               + (f" (from {default_source})" if bare is not None else "") + ":\n"
+               + "\n".join(f"  {line}" for line in describe_fields(cls, defaults=bare))
                + f"\nrecipes: {', '.join(list_recipes())}",
     )
     parser.add_argument("--config", default=default_source,
@@ -122,6 +124,8 @@ def describe_fields(cls: type, prefix: str = "", defaults: Any = None) -> list[s
         value = getattr(defaults, f.name) if defaults is not None else _built(lambda: _default(f))
         if dataclasses.is_dataclass(hints[f.name]):
             lines.extend(describe_fields(hints[f.name], f"{name}.", value))
+        elif isinstance(value, dict) and value and all(hasattr(v, "describe") for v in value.values()):
+            lines.extend(f"{name}.{key} = {item.describe()}" for key, item in value.items())  # a sweep's space
         else:
             lines.append(f"{name} = {value!r}")
     return lines
