@@ -11,7 +11,7 @@ Rerunning the same command resumes. The flags are shorthands for overrides (`--m
 
 import sys
 
-from crate.cli import parse_config, setup_logging
+from crate.cli import parse_config, run_job, setup_logging
 from crate.interp import InterpConfig, run_interpretability
 from crate.interp.config import FLAGS
 from crate.interp.report import format_summary
@@ -25,4 +25,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

@@ -75,7 +75,7 @@ def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
     from crate.model.checkpoint import is_storage_uri
 
     if not is_storage_uri(config.checkpoint) and not Path(config.checkpoint).is_file():
-        raise FileNotFoundError(f"no model checkpoint at {config.checkpoint}")
+        raise ConfigError("checkpoint", f"no model checkpoint at {config.checkpoint}")
     check_sources(config.data)  # both corpora exist and open, before the model loads
     model = load_model(config.checkpoint).to(_device(config.device)).eval().requires_grad_(False)
     if config.layer >= model.config.n_layer:

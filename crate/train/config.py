@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from crate.config import check_name
 from crate.data import DataConfig
 from crate.errors import ConfigError
 from crate.model.config import ModelConfig, preset_fields
@@ -66,6 +67,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
+        if self.run_name:  # None or empty: the job names the run
+            check_name("run_name", self.run_name)
         positive = ("num_workers", "micro_batch_size", "global_batch_size", "max_steps", "log_interval",
                     "eval_interval", "eval_blocks", "checkpoint_interval", "keep_checkpoints")
         for name in positive:
