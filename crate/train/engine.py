@@ -44,6 +44,7 @@ def build_optimizer(model: LanguageModel, train: TrainConfig, device: torch.devi
 class Engine:
     optimizer: torch.optim.Optimizer
     module: LanguageModel
+    skipped_steps = 0  # optimizer steps the engine declined so far (non-finite gradients); torch never skips
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -98,7 +99,7 @@ class TorchEngine(Engine):
                        directory / "engine.pt")
 
     def load(self, directory: Path) -> None:
-        state = torch.load(directory / "engine.pt", map_location=self.device, weights_only=False)
+        state = torch.load(directory / "engine.pt", map_location=self.device, weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -127,6 +128,10 @@ class DeepSpeedEngine(Engine):
         self.engine.backward(loss)  # DeepSpeed scales by 1/accum and reduces at the boundary
         self.engine.step()  # a no-op except at accumulation boundaries
         return loss.detach()
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.engine.skipped_steps  # DeepSpeed's "OVERFLOW! Skipping step"
 
     def finish_step(self) -> float:
         # DeepSpeed already stepped inside the last micro-batch's engine.step() (the accumulation boundary).
