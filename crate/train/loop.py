@@ -72,6 +72,7 @@ class Trainer:
             self.engine = build_engine(model, cfg.train, self.device)
             if resume and resume.full_engine_state:
                 restore_engine(self.engine, resume, self.rank)
+        self.device = self.engine.device  # data, evaluation and metrics go where the engine put the model
         if resume is None:
             torch.manual_seed(cfg.train.seed + self.rank)
         saved = resume.trainer_state if resume else {}
@@ -223,7 +224,7 @@ class Trainer:
                 "mlflow.source.git.commit": run.code_version, **run.tags}
         params = {**flatten(cfg), "run.code_version": run.code_version, "run.world_size": self.world_size,
                   "run.grad_accum_steps": cfg.train.grad_accum_steps, "run.tokens_per_step": cfg.tokens_per_step,
-                  "run.params": self.engine.module.num_params(),
+                  "run.params": self.engine.num_params,
                   **{f"packages.{k}": v for k, v in run.packages.items()}}
         tracker = Tracker.start(cfg.tracking, cfg.tracking.run_name or run.name, params=params, tags=tags,
                                 parent_run_id=run.parent_run_id, resume_run_id=resume_run_id)
