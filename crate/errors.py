@@ -20,7 +20,11 @@ class ConfigError(ValueError):
 
 
 class CheckpointError(ConfigError):
-    """A checkpoint file cannot be used: unreadable, torn, or holding more than data; `field` is the file."""
+    """A checkpoint cannot be trusted or read: unreadable, torn, damaged, or holding more than data (which
+    loading would execute). `field` is the file or checkpoint at fault; the message says what is wrong."""
+
+    def __init__(self, message: str, field: str = "checkpoint"):
+        super().__init__(field, message)
 
     def __reduce__(self):
-        return (CheckpointError, (self.field, self.message))
+        return (CheckpointError, (self.message, self.field))

@@ -196,6 +196,32 @@ def test_gpu_groups_request_what_they_limit_and_land_on_gpu_nodes(kustomization)
             assert shm[mount["name"]]["emptyDir"]["medium"] == "Memory"
 
 
+def gpu_recipes() -> list[str]:
+    from crate.config import load_config
+    from crate.train.config import PretrainConfig
+
+    names = sorted(p.stem for p in (REPO / "crate" / "recipes").glob("*.yaml"))
+    return [n for n in names if load_config(PretrainConfig, n).train.use_gpu]
+
+
+@pytest.mark.parametrize("kustomization", ["base", "overlays/gpu-prod"])
+def test_every_gpu_recipes_workers_fit_in_one_gpu_pod(kustomization):
+    # One pod per run: NCCL between the workers' GPUs over NVLink inside the node, not TCP between pods.
+    from crate.config import load_config
+    from crate.train.config import PretrainConfig
+
+    recipes = gpu_recipes()
+    assert "pile" in recipes and "crate-12l-1gpu" in recipes
+    for where, spec in ray_clusters(render(kustomization)):
+        (group,) = [g for g in spec["workerGroupSpecs"]
+                    if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        for name in recipes:
+            train = load_config(PretrainConfig, name).train
+            assert train.num_workers <= int(limits["nvidia.com/gpu"]), f"{where}: {name}"
+            assert train.num_workers * train.cpus_per_worker <= float(limits["cpu"]), f"{where}: {name}"
+
+
 def test_dev_has_no_gpu_group():
     for where, spec in ray_clusters(render("overlays/dev")):
         assert all("nvidia.com/gpu" not in g["template"]["spec"]["containers"][0]["resources"]["limits"]
@@ -236,7 +262,7 @@ def test_image_installs_the_pinned_package_as_the_manifests_user():
     (torch,) = [d for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch")]
     assert SpecifierSet(torch.removeprefix("torch")).contains(dockerfile_arg("TORCH_VERSION"))
     assert dockerfile_arg("DEEPSPEED_VERSION") == pinned("deepspeed")
-    assert 'pip install ".[platform]"' in DOCKERFILE  # ray, mlflow and the rest exactly as pyproject pins them
+    assert re.search(r'pip install "\.\[platform[,\]]', DOCKERFILE)  # ray, mlflow and the rest as pyproject pins them
     assert re.search(r"^FROM \$\{CUDA_IMAGE\}$", DOCKERFILE, re.M) and ":latest" not in DOCKERFILE
     user = re.findall(r"^USER (\d+):(\d+)$", DOCKERFILE, re.M)[-1]
     for where, pod in pod_specs(render("overlays/gpu-prod")):
@@ -245,6 +271,17 @@ def test_image_installs_the_pinned_package_as_the_manifests_user():
     assert not re.search(r"^ENV .*(PASSWORD|SECRET|TOKEN|ACCESS_KEY)", DOCKERFILE, re.M)
     for copied in ("crate", "jobs", "tune"):  # the package and every directory a RayJob entrypoint names
         assert re.search(rf"^COPY {copied} \./{copied}$", DOCKERFILE, re.M)
+
+
+def test_image_carries_what_every_documented_hf_backend_option_needs():
+    # load_in_4bit: bitsandbytes; device_map: accelerate; GGUF files: gguf + accelerate. Pods have a read-only root.
+    extras = re.search(r'pip install "\.\[([\w,]+)\]"', DOCKERFILE).group(1).split(",")
+    from_extras = {re.split(r"[\[=<>~ ]", d)[0] for extra in extras for d in PYPROJECT["project"]["optional-dependencies"][extra]}
+    assert {"gguf", "accelerate"} <= from_extras
+    assert re.search(r'pip install "\.\[[\w,]+\]" "bitsandbytes==\$\{BITSANDBYTES_VERSION\}"', DOCKERFILE)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", dockerfile_arg("BITSANDBYTES_VERSION"))
+    smoke = re.search(r"^CMD .*import ([\w, ]+);", DOCKERFILE, re.M).group(1)
+    assert {"accelerate", "bitsandbytes", "gguf"} <= {m.strip() for m in smoke.split(",")}
 
 
 def test_image_passes_the_commit_in_the_variable_the_code_reads():

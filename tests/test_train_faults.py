@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from crate.config import load_config
-from crate.errors import ConfigError
+from crate.errors import CheckpointError, ConfigError
 from crate.model import build_model
 from crate.train import PretrainConfig, launch
 from crate.train.checkpoint import load_data, verify, write_checkpoint
 from crate.train.engine import build_engine
-from crate.train.errors import CheckpointError, TrainingDiverged
+from crate.train.errors import TrainingDiverged
 from crate.train.loop import RunInfo, Trainer
 from crate.train.runtime import LocalRuntime
 
@@ -140,7 +140,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused_naming_the_file(storage, tm
     data = (checkpoint / "model.pt").read_bytes()
     manifest["files"]["model.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (checkpoint / "manifest_rank0.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=r"model\.pt: refused: it holds pickled objects"):
+    with pytest.raises(CheckpointError, match=r"model\.pt: refused: the file holds objects"):
         # another engine: the run continues from model.pt (weights only)
         launch(config(storage, *FINISHED, "train.engine=torch", "train.max_steps=8"))
     torch.save({"python": Crafted(marker)}, tmp_path / "rng_rank0.pt")

@@ -68,10 +68,11 @@ def load_data(source: str | os.PathLike | io.BytesIO, name: str | None = None,
         return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise CheckpointError(name, f"refused: the file holds objects other than tensors and plain values, "
-                                    f"which loading would execute ({reason})") from None
+        raise CheckpointError(f"refused: the file holds objects other than tensors and plain values, which "
+                              f"loading would execute ({reason})", field=name) from None
     except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(name, f"not a readable checkpoint (truncated or corrupted?): {error}") from None
+        raise CheckpointError(f"not a readable checkpoint (truncated or corrupted?): {str(error).splitlines()[0]}",
+                              field=name) from None
 
 
 def _read_remote(uri: str) -> bytes:

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +40,11 @@ import torch
 from crate.config import flatten, to_dict
 from crate.data import resume_states
 from crate.errors import ConfigError
-from crate.model.checkpoint import save_weights
+from crate.model.checkpoint import load_data, save_weights
 from crate.model.config import ModelConfig
 from crate.train.config import PretrainConfig, resumable
-from crate.train.errors import CheckpointError, TrainingDiverged
+from crate.errors import CheckpointError
+from crate.train.errors import TrainingDiverged
 from crate.train.evaluate import all_reduce
 
 log = logging.getLogger(__name__)
@@ -218,18 +218,6 @@ def config_changes(trainer_state: dict[str, Any], cfg: PretrainConfig, directory
                           f"intervals and workers: to train with these values, start a new run (a new "
                           f"train.run_name)")
     return changed
-
-
-def load_data(path: Path) -> Any:
-    """A torch file of tensors and plain data. A file holding other pickled objects (which loading would
-    execute) is refused, as is an unreadable one, naming the file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path}: refused: it holds pickled objects, not only tensors and plain data "
-                              f"({str(error).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path} is unreadable ({str(error).splitlines()[0]})") from None
 
 
 def load_weights_into(model: torch.nn.Module, resume: Resume) -> None:

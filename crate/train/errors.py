@@ -1,14 +1,7 @@
-"""Training faults that end a run: a damaged checkpoint, a diverged run. Both are deterministic (resubmitting
-changes nothing), so under Ray Train they fail the job instead of being retried (see `crate.train.loop`)."""
+"""A diverged run ends training. Like a damaged checkpoint (`crate.errors.CheckpointError`) it is deterministic
+(resubmitting changes nothing), so under Ray Train it fails the job instead of being retried (`crate.train.loop`)."""
 
 from __future__ import annotations
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be trusted or read; the message names the checkpoint and the file."""
-
-    def __reduce__(self):  # picklable with its message, so it crosses Ray actor boundaries intact
-        return (type(self), self.args)
 
 
 class TrainingDiverged(RuntimeError):

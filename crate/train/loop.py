@@ -29,11 +29,11 @@ from crate.data import train_batches, val_batches
 from crate.model import build_model
 from crate.plots import pyplot
 from crate.tracking import Tracker
-from crate.errors import ConfigError
+from crate.errors import CheckpointError, ConfigError
 from crate.train.checkpoint import MODEL_FILE, load_weights_into, plan_resume, restore_engine, write_checkpoint
 from crate.train.config import PretrainConfig
 from crate.train.engine import build_engine
-from crate.train.errors import CheckpointError, TrainingDiverged
+from crate.train.errors import TrainingDiverged
 from crate.train.evaluate import all_reduce, evaluate
 from crate.train.metrics import LossHistory, Throughput, peak_flops
 from crate.train.runtime import RayRuntime
@@ -102,6 +102,7 @@ class Trainer:
             self.engine = build_engine(model, cfg.train, self.device)
             if resume and resume.full_engine_state:
                 restore_engine(self.engine, resume, self.rank)
+        self.device = self.engine.device  # data, evaluation and metrics go where the engine put the model
         if resume is None:
             torch.manual_seed(cfg.train.seed + self.rank)
         saved = resume.trainer_state if resume else {}
@@ -280,7 +281,7 @@ class Trainer:
                 "mlflow.source.git.commit": run.code_version, **run.tags}
         params = {**flatten(cfg), "run.code_version": run.code_version, "run.world_size": self.world_size,
                   "run.grad_accum_steps": cfg.train.grad_accum_steps, "run.tokens_per_step": cfg.tokens_per_step,
-                  "run.params": self.engine.module.num_params(),
+                  "run.params": self.engine.num_params,
                   **{f"packages.{k}": v for k, v in run.packages.items()}}
         tracker = Tracker.start(cfg.tracking, cfg.tracking.run_name or run.name, params=params, tags=tags,
                                 parent_run_id=run.parent_run_id, resume_run_id=resume_run_id)
