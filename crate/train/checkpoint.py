@@ -39,11 +39,10 @@ import torch
 
 from crate.config import flatten, to_dict
 from crate.data import resume_states
-from crate.errors import ConfigError
+from crate.errors import CheckpointError, ConfigError
 from crate.model.checkpoint import load_data, save_weights
 from crate.model.config import ModelConfig
 from crate.train.config import PretrainConfig, resumable
-from crate.errors import CheckpointError
 from crate.train.errors import TrainingDiverged
 from crate.train.evaluate import all_reduce
 
