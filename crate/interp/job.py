@@ -59,6 +59,17 @@ def model_sha256(model) -> str:
     return digest.hexdigest()
 
 
+class TooManyFailures(RuntimeError):
+    """More than `max_failed_share` of the job's result rows failed; the summary is written, a rerun retries them."""
+
+    def __init__(self, summary: dict, max_share: float):
+        self.summary = summary
+        failed, rows = summary["failed_rows"], summary["rows"]
+        super().__init__(f"{failed} of {rows} result rows failed ({failed / max(rows, 1):.0%}), more than "
+                         f"max_failed_share={max_share:g}; their reasons are in {summary['results']} "
+                         f"(status failed); rerun the same command to retry only them")
+
+
 @dataclass
 class Subject:
     """The model under study and where it came from. `model_id` is its name in tables and plots (`<run>@<step>`
@@ -295,6 +306,9 @@ class InterpretabilityJob:
         finally:
             pool.close()
             self.store.close()
+        if summary["failed_rows"] > cfg.max_failed_share * summary["rows"]:
+            tracker.end("FAILED")
+            raise TooManyFailures(summary, cfg.max_failed_share)
         tracker.end()
         return summary
 
@@ -318,6 +332,7 @@ class InterpretabilityJob:
         summary = {"output_dir": str(self.out), "results": str(self.store.results_path), "model": self.subject.model_id,
                    "model_sha256": self.subject.sha256, "checkpoint": self.subject.checkpoint,
                    "quarantined": self.store.quarantined, "backend": backend["backend"], "protocol": cfg.protocol, "mlflow_run_id": tracker.run_id,
+                   "rows": scoped.num_rows, "failed_rows": sum(r["failed"] for r in layers),
                    "layers": layers, "models": models}
         self._write_json("summary.json", summary)
         figure = plot_layers(layers, self.subject.model.config.n_layer, f"{self.subject.model_id} ({cfg.features})")
