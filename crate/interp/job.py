@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from crate.config import flatten
 from crate.errors import ConfigError
-from crate.interp.collect import batched, collect
+from crate.interp.collect import batched, collect, records_precision
 from crate.interp.config import InterpConfig
 from crate.interp.features import feature_source
 from crate.interp.prompts import PROMPT_VERSION
@@ -205,8 +205,9 @@ class InterpretabilityJob:
         """The records directory of collection `name` ("records" or "anthropic_records"), collected if needed."""
         cfg, spec = self.cfg, getattr(self.cfg, name)
         sample = {l: f.tolist() for l, f in self.features.items()} if cfg.sample else None
-        collection_id = spec.collection_id(model=self.subject.sha256, corpus=cfg.corpus, features=cfg.features,
-                                           seed=cfg.seed, layers=self.layers, sample=sample)
+        precision = records_precision(self._collection_device())
+        collection_id = spec.collection_id(model=self.subject.sha256, precision=precision, corpus=cfg.corpus,
+                                           features=cfg.features, seed=cfg.seed, layers=self.layers, sample=sample)
         directory = self.out / "records" / collection_id
         if is_complete(directory):
             log.info("records %s: reusing %s", name, directory)
@@ -225,18 +226,23 @@ class InterpretabilityJob:
             collector = collect_sharded(self.subject.checkpoint, self.subject.sha256, cfg.features, batches, spec,
                                         self.features, cfg.seed, cfg.workers.collect_actors, cfg.workers.collect_gpus)
         else:
-            device = cfg.device if cfg.device != "auto" else ("cuda" if _cuda() else "cpu")
             collector = collect(self.subject.model, tqdm(batches, unit="batch", desc=f"collect {name}"), spec,
-                                self.source, self.features, cfg.seed, device)
+                                self.source, self.features, cfg.seed, self._collection_device())
         provenance = {**self.subject.provenance, "features": cfg.features, "corpus": cfg.corpus,
                       "blocks": collector.n_blocks, "collection": dataclasses.asdict(spec),
-                      "collection_id": collection_id, "seed": cfg.seed, "tokenizer": "gpt2",
+                      "collection_id": collection_id, "precision": precision, "seed": cfg.seed, "tokenizer": "gpt2",
                       "code_version": _code_version(), "created_at": time.time()}
         write_records(collector, directory, provenance)
         log.info("records %s: %d blocks × %d tokens, %d layers, %d features in %.1fs -> %s", name, collector.n_blocks,
                  spec.block_length, len(self.layers), sum(len(f) for f in self.features.values()),
                  time.perf_counter() - started, directory)
         return directory
+
+    def _collection_device(self) -> str:
+        """Where records are collected: the actors' GPUs (collect_gpus > 0), else the driver's `device`."""
+        if self.cfg.workers.collect_actors:
+            return "cuda" if self.cfg.workers.collect_gpus > 0 else "cpu"
+        return self.cfg.device if self.cfg.device != "auto" else ("cuda" if _cuda() else "cpu")
 
     # -- stage 2: explain, simulate, score ---------------------------------------------------------------------
     def key(self, backend: str, layer: int, neuron: int, metric: str) -> tuple:
