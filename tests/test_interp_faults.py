@@ -259,3 +259,36 @@ def test_cuda_records_equal_the_cpus():
         same = (cpu["block"] == cuda["block"]) & (cpu["start"] == cuda["start"])
         assert same.mean() > 0.95  # TF32 may reorder near-ties only
         np.testing.assert_allclose(cpu["activations"][same], cuda["activations"][same], rtol=1e-2, atol=1e-3)
+
+
+# -- 19.4 collection and HF backends on GPUs: asked for and absent is an error naming the field -----------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_job_configured_for_gpus_that_sees_none_fails_at_start_naming_the_field(subject, tmp_path):
+    from crate.interp.config import BackendConfig
+    from crate.interp.distributed import CollectionWorker, ScoringWorker
+    from crate.interp.job import Subject
+
+    sha = Subject.load(str(subject / "tiny.pt")).sha256
+    cases = {"workers.collect_gpus": lambda: CollectionWorker(str(subject / "tiny.pt"), "neurons", sha, 1.0).ready(),
+             "workers.gpus_per_actor": lambda: ScoringWorker(BackendConfig(), 0, 1.0).identity(),
+             "device": lambda: run_interpretability(job_config(subject, tmp_path / "a", device="cuda")),
+             "workers.gpus_per_actor ": lambda: run_interpretability(  # scoring in the driver, which has no GPU
+                 job_config(subject, tmp_path / "b", **{"workers.gpus_per_actor": 1}))}
+    for field, start in cases.items():
+        with pytest.raises(ConfigError) as error:
+            start()
+        assert error.value.field == field.strip(), error.value
+    assert not (tmp_path / "a" / "records").exists() and not (tmp_path / "b" / "records").exists()
+
+
+def test_the_cluster_interpret_job_collects_on_gpus():
+    import shlex
+
+    from test_platform import named, render
+
+    for kustomization in ("base", "overlays/gpu-prod"):
+        docs = render(kustomization)
+        args = dict(a.split("=", 1) for a in shlex.split(named(docs, "RayJob", "crate-interpret")["spec"]["entrypoint"])
+                    if "=" in a and not a.startswith("-"))
+        assert int(args["workers.collect_actors"]) >= 1 and float(args["workers.collect_gpus"]) >= 1, kustomization

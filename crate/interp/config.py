@@ -141,11 +141,12 @@ class WorkersConfig:
     a pool of `actors` backend actors with `concurrency` neurons in flight each."""
 
     collect_actors: int = 0
-    collect_gpus: float = 0.0  # per collection actor
+    collect_gpus: float = 0.0  # per collection actor; on a cluster: 1 (the driver runs on the GPU-less head)
     actors: int = 2  # 0: score in the driver process (no Ray), `concurrency` features in flight on threads
     concurrency: int | None = None  # features in flight per actor; default: 4 (http, tokenset), 1 (hf: one per model)
-    gpus_per_actor: float = 0.0  # hf on GPU: 1
+    gpus_per_actor: float = 0.0  # per scoring actor; hf on a cluster: 1 (a 7B model on CPU is hours per feature)
     cpus_per_actor: float = 1.0
+    gpu_wait_s: float = 600.0  # actors that ask for GPUs must start within this (an autoscaler adds GPU nodes)
     max_actor_restarts: int = 2  # a crashed actor is restarted and its in-flight neurons retried
     compact_every: int = 500  # rows between compactions of the write-ahead log into results.parquet
 
@@ -156,6 +157,8 @@ class WorkersConfig:
             raise ConfigError("concurrency", f"must be >= 1, got {self.concurrency}")
         if self.gpus_per_actor < 0 or self.cpus_per_actor < 0 or self.collect_gpus < 0:
             raise ConfigError("gpus_per_actor", "resources must be >= 0")
+        if not self.gpu_wait_s > 0:
+            raise ConfigError("gpu_wait_s", f"must be > 0, got {self.gpu_wait_s}")
 
 
 METRICS_BY_PROTOCOL = {"crate-paper": ("tar", "random", "anthropic"), "openai": ("tar", "top", "random")}

@@ -155,6 +155,7 @@ class InterpretabilityJob:
             if collection.block_length > config.block_size:
                 raise ConfigError(f"{group.collection}.block_length", f"{collection.block_length} exceeds the model's "
                                                                       f"context ({config.block_size})")
+        self._check_devices()
         self._check_corpus()
         self._check_backend()
         self.out = Path(cfg.output_dir or Path("interp") / self.subject.folder).resolve()  # on the driver
@@ -176,6 +177,18 @@ class InterpretabilityJob:
         elif any((self.out / name).exists() for name in ("records", "results.parquet", "results.wal.jsonl")):
             raise ConfigError("output_dir", f"{self.out} holds records or results of a model it does not name "
                                             f"(no model.json); give another --output")
+
+    def _check_devices(self) -> None:
+        """What runs in this process and asks for a GPU must see one (actors check theirs when they start)."""
+        cfg = self.cfg
+        if not cfg.workers.collect_actors and cfg.device.startswith("cuda") and not _cuda():
+            raise ConfigError("device", f"{cfg.device}: this process sees no CUDA device (collection runs here with "
+                                        f"workers.collect_actors=0; set device=cpu or give it collection actors)")
+        if not cfg.workers.actors and cfg.workers.gpus_per_actor > 0 and not _cuda():
+            raise ConfigError("workers.gpus_per_actor", "scoring runs in this process (workers.actors=0), which "
+                                                        "sees no CUDA device")
+        if cfg.backend.kind == "hf" and cfg.workers.actors and cfg.workers.gpus_per_actor == 0:
+            log.warning("the hf backend's actors get no GPU (workers.gpus_per_actor=0): the models run on CPU")
 
     def _check_corpus(self) -> None:
         from crate.data import read_blocks
@@ -224,7 +237,7 @@ class InterpretabilityJob:
             from crate.interp.distributed import collect_sharded
 
             collector = collect_sharded(self.subject.checkpoint, self.subject.sha256, cfg.features, batches, spec,
-                                        self.features, cfg.seed, cfg.workers.collect_actors, cfg.workers.collect_gpus)
+                                        self.features, cfg.seed, cfg.workers)
         else:
             collector = collect(self.subject.model, tqdm(batches, unit="batch", desc=f"collect {name}"), spec,
                                 self.source, self.features, cfg.seed, self._collection_device())
@@ -275,14 +288,25 @@ class InterpretabilityJob:
                    for _, metrics in self.groups for layer in self.layers for n in self.features[layer])
 
     def run(self) -> dict:
-        """Collect (or reuse) records, score every feature not yet scored, summarise; returns the summary."""
+        """Start the backends, collect (or reuse) records, score every feature not yet finished, summarise; returns
+        the summary (raises TooManyFailures after writing it when more than max_failed_share of its rows failed)."""
         from crate.interp.distributed import LocalScoringPool, ScoringPool
+
+        cfg, pool = self.cfg, None
+        try:  # the backends first: one that cannot start (no GPU for it) fails the job before any records are made
+            pool = (ScoringPool if cfg.workers.actors else LocalScoringPool)(cfg.backend, cfg.workers, cfg.seed)
+            collections = {group.collection: self.records(group.collection) for group, _ in self.groups}
+            return self._score(pool, collections)
+        finally:
+            if pool is not None:
+                pool.close()
+            self.store.close()
+
+    def _score(self, pool, collections: dict[str, Path]) -> dict:
         from crate.tracking import Tracker
 
         cfg = self.cfg
-        collections = {group.collection: self.records(group.collection) for group, _ in self.groups}
         records_id = {m: collections[group.collection].name for group, metrics in self.groups for m in metrics}
-        pool = (ScoringPool if cfg.workers.actors else LocalScoringPool)(cfg.backend, cfg.workers, cfg.seed)
         scope = self._scope(pool.identity)
         runs = self._run_ids()
         tracker = Tracker.start(cfg.tracking, run_name=cfg.tracking.run_name or f"interpret-{self.subject.model_id}",
@@ -309,9 +333,6 @@ class InterpretabilityJob:
         except BaseException:
             tracker.end("FAILED")
             raise
-        finally:
-            pool.close()
-            self.store.close()
         if summary["failed_rows"] > cfg.max_failed_share * summary["rows"]:
             tracker.end("FAILED")
             raise TooManyFailures(summary, cfg.max_failed_share)
