@@ -3,9 +3,9 @@
     python jobs/interpret.py --checkpoint ckpt.pt --corpus pile://val --metric tar,random --backend http \
         backend.explainer_model=… backend.base_url=http://vllm:8000/v1
 
-Output directory (default `interp/<checkpoint stem>`): `records/<collection_id>/` (reused by any later job with
-the same checkpoint, corpus, features, seed and collection settings), the results table (crate.interp.store),
-`summary.json`, `layers.png`. Rerunning the same command after a kill resumes: finished records are reused,
+Output directory (default `interp/<checkpoint stem>`, under `CRATE_STORAGE_PATH` when that is a local folder):
+`records/<collection_id>/` (reused by any later job with the same checkpoint, corpus, features, seed and collection
+settings), the results table (crate.interp.store), `summary.json`, `layers.png`. Rerunning the same command after a kill resumes: finished records are reused,
 scored features are skipped, and the MLflow run of the same job scope is reopened.
 """
 
@@ -119,7 +119,10 @@ class InterpretabilityJob:
                                                                       f"context ({config.block_size})")
         self._check_corpus()
         self._check_backend()
-        self.out = Path(cfg.output_dir or Path("interp") / Path(cfg.checkpoint).stem)
+        # under a local CRATE_STORAGE_PATH (the stack's persistent folder) when it is set, else the working dir
+        storage = os.environ.get("CRATE_STORAGE_PATH", "")
+        default = Path("" if "://" in storage else storage) / "interp" / Path(cfg.checkpoint).stem
+        self.out = Path(cfg.output_dir or default)
         self.store = ResultStore(self.out)
 
     def _check_corpus(self) -> None:
