@@ -164,7 +164,9 @@ class StackConfig:
         env = {"RAY_USAGE_STATS_ENABLED": "0", "CRATE_STORAGE_PATH": str(self.storage_path)}
         if self.token_path is None:
             return env | {"RAY_AUTH_MODE": "disabled"} | LOOPBACK_RAY_ENV
-        return env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
+        # nodes may join: a loopback setting inherited from the shell must not leak in
+        return env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+                      "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
 
     @property
     def backend_store_uri(self) -> str:
@@ -447,7 +449,8 @@ def _signal_group(pid: int, sig: int) -> None:
 
 def _check_startable(config: StackConfig) -> None:
     """Fail before starting anything: ports taken, drivers for the chosen stores missing."""
-    ports = {"ray.port": (config.host, config.ray.port), "ray.dashboard_port": (config.host, config.ray.dashboard_port),
+    ports = {"ray.port": (config.host, config.ray.port),
+             "ray.dashboard_port": (config.host, config.ray.dashboard_port),
              "ray.client_port": (config.host, config.ray.client_port),
              "ray.dashboard_agent_port": (config.host, config.ray.dashboard_agent_port),
              "mlflow.port": (config.mlflow_host, config.mlflow.port)}

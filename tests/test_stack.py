@@ -111,7 +111,7 @@ def test_a_stack_beyond_loopback_keeps_ray_token_auth_and_mlflow_on_loopback(tmp
     exports = config.exports()
     assert exports["RAY_ADDRESS"] == "10.1.2.3:6379"
     assert exports["RAY_AUTH_MODE"] == "token" and exports["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "ray_token")
-    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in exports  # multi-node stays possible
+    assert exports["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"  # nodes may join
     assert exports["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"  # MLflow has no auth of its own
 
 
