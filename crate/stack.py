@@ -106,9 +106,12 @@ class StackConfig:
 
     def __post_init__(self) -> None:
         try:
-            ipaddress.ip_address(self.host)
+            unspecified = ipaddress.ip_address(self.host).is_unspecified
         except ValueError:
-            raise ConfigError("host", f"must be an IP address of this machine, got {self.host!r}") from None
+            unspecified = True
+        if unspecified:
+            raise ConfigError("host", f"must be one IP address of this machine (127.0.0.1: loopback only; another "
+                                      f"one: Ray with token auth), got {self.host!r}")
         if self.startup_timeout_s <= 0:
             raise ConfigError("startup_timeout_s", f"must be > 0, got {self.startup_timeout_s}")
         ports = {"ray.port": self.ray.port, "ray.dashboard_port": self.ray.dashboard_port,

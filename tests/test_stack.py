@@ -74,6 +74,7 @@ def in_stack_shell(stack_dir: Path, command: str, timeout: float) -> subprocess.
 # Bad input fails before anything starts.
 
 @pytest.mark.parametrize("override, field", [
+    ("host=0.0.0.0", "host"),  # every interface: name one address
     ("host=localhost", "host"),
     ("mlflow.port=6379", "mlflow.port"),  # the GCS port
     ("mlflow.backend_store_uri=file:///tmp/mlruns", "mlflow.backend_store_uri"),
