@@ -3,12 +3,13 @@
     python jobs/interpret.py --checkpoint ckpt.pt --corpus pile://val --metric tar,random --backend http \
         backend.explainer_model=… backend.base_url=http://vllm:8000/v1
 
-Output directory (default `interp/<label>-<sha12>` under the directory the job was started from, one per model:
-the label is `<run>@<step>`, sha12 the start of its model_sha256): `model.json` (the one model it holds),
-`records/<collection_id>/` (reused by any later job with the same model, corpus, features, seed and collection
-settings), the results table (crate.interp.store), `summary.json`, `layers.png`. Rerunning the same command after
-a kill resumes: finished records are reused, finished features are skipped, failed ones are retried, and the MLflow
-run of the same job scope is reopened.
+Output directory (default `interp/<label>-<sha12>`, one per model, under `CRATE_STORAGE_PATH` when that is a local
+folder — the stack's persistent one — else under the directory the job was started from; the label is
+`<run>@<step>`, sha12 the start of its model_sha256): `model.json` (the one model it holds), `records/<collection_id>/`
+(reused by any later job with the same model, corpus, features, seed and collection settings), the results table
+(crate.interp.store), `summary.json`, `layers.png`. Rerunning the same command after a kill resumes: finished
+records are reused, finished features are skipped, failed ones are retried, and the MLflow run of the same job
+scope is reopened.
 """
 
 from __future__ import annotations
@@ -158,7 +159,10 @@ class InterpretabilityJob:
         self._check_devices()
         self._check_corpus()
         self._check_backend()
-        self.out = Path(cfg.output_dir or Path("interp") / self.subject.folder).resolve()  # on the driver
+        # under a local CRATE_STORAGE_PATH (the stack's persistent folder) when it is set, else the working dir
+        storage = os.environ.get("CRATE_STORAGE_PATH", "")
+        default = Path("" if "://" in storage else storage) / "interp" / self.subject.folder
+        self.out = Path(cfg.output_dir or default).resolve()  # on the driver
         self._check_output()
         self.store = ResultStore(self.out)
         self._write_json("model.json", {"model": self.subject.model_id, "model_sha256": self.subject.sha256,
