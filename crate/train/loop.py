@@ -226,7 +226,8 @@ class Trainer:
                   "run.params": self.engine.module.num_params(),
                   **{f"packages.{k}": v for k, v in run.packages.items()}}
         tracker = Tracker.start(cfg.tracking, cfg.tracking.run_name or run.name, params=params, tags=tags,
-                                parent_run_id=run.parent_run_id, resume_run_id=resume_run_id)
+                                parent_run_id=run.parent_run_id, resume_run_id=resume_run_id,
+                                skip_logged_steps=True)
         if not resume_run_id:
             tracker.log_text(dump_yaml(cfg), "config.yaml")
         return tracker
