@@ -44,7 +44,9 @@ class RunInfo:
 
 def train_worker(job: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from crate.logs import configure
+
+    configure()
     run_training(job, RayRuntime())
 
 
