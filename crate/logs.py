@@ -22,6 +22,8 @@ NOISE = (
     r"Reporting training result \d+: TrainingReport",  # Ray Train, at every report
     r"PreemptionWatcher.*max_restarts",  # Ray Train, an error-level line on every run (harmless)
     r"Setting accelerator to CPU",  # DeepSpeed on CPU hosts
+    r"Setting ds_accelerator to",
+    r"DeepSpeed \S+ built successfully",  # DeepSpeed's op build, printed twice
     r"Using \S+ as PyTorch extensions root",  # DeepSpeed's op build, announced by torch once per process
     r"Loading extension module \w+",
     r"Time to load \w+ op: ",
