@@ -103,3 +103,35 @@ def test_the_quickstart_as_written_trains_and_the_readme_store_shows_it(tmp_path
     assert run.info.run_id in out.stdout and f"mlflow ui --backend-store-uri sqlite:///{store}" in out.stdout
     assert "sqlite:////tmp/ray/" not in output
     assert not [line for line in output.splitlines() if any(n in line for n in NOISE)]
+
+
+RAY_COMPONENTS_VIEW = """
+import subprocess, sys, ray
+other = subprocess.Popen([sys.executable, "-c", "import ray, time; ray.init(num_cpus=1, include_dashboard=False); "
+                          "print('up', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+try:
+    assert other.stdout.readline().strip() == "up"
+    from crate.cluster import connect_ray
+    connect_ray(num_cpus=1)
+
+    @ray.remote(num_cpus=0)
+    def components_view():  # what Ray Train's placement-group cleaner does: the State API, no address given
+        from ray.util.state import list_nodes
+        return len(list_nodes())
+
+    print("nodes", ray.get(components_view.remote()))
+finally:
+    other.terminate()
+    other.wait(120)
+"""
+
+
+@pytest.mark.timeout(600)
+def test_rays_own_components_find_the_instance_a_job_started_with_another_one_on_the_host(tmp_path):
+    """Otherwise Ray Train's placement-group cleaner prints a 30-line `Found multiple active Ray instances`
+    traceback in every run on a machine where another Ray instance runs."""
+    env = {key: os.environ[key] for key in KEPT if key in os.environ}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", RAY_COMPONENTS_VIEW], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=540)
+    assert out.returncode == 0 and "nodes 1" in out.stdout, (out.stdout + out.stderr)[-3000:]
