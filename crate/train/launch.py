@@ -19,7 +19,7 @@ from crate.tracking.locations import absolute_location, describe_run, resolve_lo
 from crate.tracking.provenance import code_version, package_versions
 from crate.train.checkpoint import MODEL_FILE, TRAINER_STATE
 from crate.train.config import PretrainConfig
-from crate.train.loop import RunInfo, run_training, train_worker
+from crate.train.loop import RunInfo, raise_reported_error, run_training, train_worker
 from crate.train.runtime import LocalRuntime
 
 log = logging.getLogger("crate.train")
@@ -68,7 +68,7 @@ def launch(cfg: PretrainConfig, *, parent_run_id: str | None = None, tags: dict[
     if cfg.train.launcher == "local":
         runtime = LocalRuntime(Path(storage) / run.name, cfg.train.keep_checkpoints)
         metrics = run_training(job, runtime)
-        last = runtime.checkpoints()[-1]
+        last = runtime.last_checkpoint
         state = json.loads((last / TRAINER_STATE).read_text())
         return TrainingResult(run.name, metrics, str(last), tracking_summary(cfg, state.get("mlflow_run_id")))
     return _fit_on_ray(cfg, job, run.name, storage, callbacks)
@@ -136,6 +136,7 @@ def _fit_on_ray(cfg: PretrainConfig, job: dict, run_name: str, storage: str, cal
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})
+    raise_reported_error(metrics)  # a deterministic error the workers reported instead of failing (no retries)
     if result.checkpoint is None:
         return TrainingResult(run_name, metrics, "", tracking_summary(cfg, None))
     checkpoint = result.checkpoint
