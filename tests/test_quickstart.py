@@ -24,6 +24,7 @@ README = ROOT / "README.md"
 # What the test walks; a change to the README's commands must come here too.
 QUICKSTART = "pip install torch==2.13.0 -e . && python jobs/pretrain.py"
 MLFLOW_UI = "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts"
+TESTS = "platform/test"
 KEPT = ("PATH", "HOME", "LANG", "TORCH_EXTENSIONS_DIR")  # a user's shell has these; nothing of the platform's
 NOISE = ("TrainingReport(", "Setting accelerator to CPU", "Creating initial MLflow database tables")
 
@@ -40,8 +41,9 @@ def bash_blocks(text: str) -> list[str]:
 
 
 def test_the_readme_names_the_commands_this_test_walks():
-    assert bash_blocks(readme_section("Quickstart"))[0] == QUICKSTART
-    assert MLFLOW_UI in bash_blocks(README.read_text())
+    quickstart = bash_blocks(readme_section("Quickstart"))
+    assert quickstart[:3] == [QUICKSTART, MLFLOW_UI, TESTS]
+    assert f"\n{TESTS}\n" in (ROOT / ".ci" / "run").read_text()  # CI runs the README's test command, verbatim
 
 
 def fresh_copy(target: Path) -> Path:
