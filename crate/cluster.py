@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 log = logging.getLogger(__name__)
+STARTED_HERE = "CRATE_RAY_STARTED_HERE"  # the address of the local instance this process started (RAY_ADDRESS too)
 
 LOOPBACK = "127.0.0.1"
 # What keeps a Ray instance on loopback, for every process it starts (they inherit the environment).
@@ -36,7 +38,7 @@ def connect_ray(**local_options) -> bool:
 
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS") and os.environ["RAY_ADDRESS"] != os.environ.get(STARTED_HERE):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return False
     keep_ray_on_loopback()
@@ -51,7 +53,17 @@ def connect_ray(**local_options) -> bool:
         options["dashboard_port"] = options.get("dashboard_port") or _free_port()
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{LOOPBACK}:{options['dashboard_port']}"
     log.info("starting a local Ray instance on %s (token auth %s)", LOOPBACK, os.environ["RAY_AUTH_MODE"])
-    context = ray.init(**options)
+    # Ray's own components (Ray Train's placement-group cleaner) find their instance through RAY_ADDRESS, else by
+    # scanning the host, which fails when another Ray instance runs there ("Found multiple active Ray
+    # instances"). So the instance gets a known GCS port and every process it starts inherits its address;
+    # address="local" starts it whatever RAY_ADDRESS says.
+    port = _free_port()
+    os.environ["RAY_ADDRESS"] = os.environ[STARTED_HERE] = f"{LOOPBACK}:{port}"
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        context = ray.init(address="local", **options)
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT")
     if context.dashboard_url and os.environ.get("RAY_API_SERVER_ADDRESS") != f"http://{context.dashboard_url}":
         log.warning("Ray's dashboard took %s, not the port chosen for it", context.dashboard_url)
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://{context.dashboard_url}"
@@ -61,8 +73,6 @@ def connect_ray(**local_options) -> bool:
 def _free_port() -> int:
     """A free port chosen by the kernel: not 8265, which every other instance starting meanwhile reaches for
     (Ray moves on from a taken default port, but fails on a taken port it was given)."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]

@@ -173,7 +173,7 @@ def test_submitted_pretraining_run_has_params_metrics_and_a_checkpoint(pretraini
     assert params["train.max_steps"] == str(SMOKE_STEPS)
     assert params["model.preset"] == "crate-tiny"
     metrics = {m["key"]: m for m in run["data"]["metrics"]}
-    assert "train/loss" in metrics and metrics["train/loss"]["step"] == SMOKE_STEPS
+    assert "loss/train" in metrics and metrics["loss/train"]["step"] == SMOKE_STEPS
     run_id = run["info"]["run_id"]
     listed = requests.get(f"{api}/artifacts/list", params={"run_id": run_id, "path": "model"}, timeout=10).json()
     assert [f for f in listed.get("files", []) if not f["is_dir"] and f["file_size"] > 0], listed
@@ -185,7 +185,7 @@ def test_mlflow_ui_shows_the_run_name_and_its_metrics(stack, pretraining_run):
     from selenium.webdriver.support.ui import WebDriverWait
 
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver, "the UI check needs Debian's chromium and chromium-driver (.ci/run installs them)"
+    assert chromium and driver, "the UI check needs Debian's chromium and chromium-driver (platform/test installs them)"
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in BROWSER_FLAGS + [f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}"]:
@@ -197,8 +197,8 @@ def test_mlflow_ui_shows_the_run_name_and_its_metrics(stack, pretraining_run):
     try:
         browser.get(url)
         page = lambda: browser.find_element("tag name", "body").text  # noqa: E731
-        WebDriverWait(browser, 60).until(lambda _: "train/loss" in page() and pretraining_run["name"] in page())
-        loss = next(m["value"] for m in run["data"]["metrics"] if m["key"] == "train/loss")
+        WebDriverWait(browser, 60).until(lambda _: "loss/train" in page() and pretraining_run["name"] in page())
+        loss = next(m["value"] for m in run["data"]["metrics"] if m["key"] == "loss/train")
         assert str(loss).removesuffix(".0") in page(), page()  # JavaScript prints floats as Python does, less ".0"
     finally:
         browser.quit()

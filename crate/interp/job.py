@@ -432,4 +432,6 @@ def _cuda() -> bool:
 
 def run_interpretability(cfg: InterpConfig) -> dict:
     """Validate everything cheap first (checkpoint, layers, features, corpus, output lock), then run the job."""
-    return InterpretabilityJob(cfg).run()
+    from crate.tracking import resolve_locations
+
+    return InterpretabilityJob(resolve_locations(cfg)).run()
