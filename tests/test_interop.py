@@ -131,6 +131,8 @@ def test_bad_input_is_refused_with_the_field_named(tmp_path):
         ExportConfig(output=str(tmp_path / "x"))
     with pytest.raises(ConfigError, match="output"):
         ExportConfig(checkpoint="model.pt")
+    with pytest.raises(ConfigError, match="checkpoint: no checkpoint file at .*model.pt"):
+        ExportConfig(checkpoint=str(tmp_path), output=str(tmp_path / "x"))  # a directory without model.pt
     with pytest.raises(ConfigError, match="checkpoint.*config.json"):
         ExportConfig(checkpoint=str(tmp_path), to="native", output=str(tmp_path / "m.pt"))
     with pytest.raises(SystemExit) as exit_info:

@@ -18,7 +18,7 @@ from typing import Literal
 
 from crate.errors import ConfigError
 from crate.interop.hf import from_hf, hf_tokenizer, to_hf
-from crate.model import LanguageModel, load_model, save_model
+from crate.model import load_model, save_model
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +38,21 @@ class ExportConfig:
         if not self.output:
             raise ConfigError("output", "where to write the converted model is required (--output PATH)")
         source = Path(self.checkpoint)
-        if self.to == "native" and "://" not in self.checkpoint and not (source / "config.json").is_file():
+        if self.to == "native" and not (source / "config.json").is_file():
             raise ConfigError("checkpoint", f"--to native reads a Hugging Face directory; {source} has no config.json")
+        if self.to == "hf" and "://" not in self.checkpoint and not native_file(source).is_file():
+            raise ConfigError("checkpoint", f"no checkpoint file at {native_file(source)}")
         if Path(self.output).resolve() == source.resolve():
             raise ConfigError("output", "must differ from the checkpoint")
 
 
-def native_model(checkpoint: str) -> LanguageModel:
-    """The model of a checkpoint file, or of a training checkpoint directory (its model file)."""
-    path = Path(checkpoint)
+def native_file(path: Path) -> Path:
+    """A checkpoint file as given, or a training checkpoint directory's model file."""
     if path.is_dir():
         from crate.train.checkpoint import MODEL_FILE  # the training package's file name
 
-        path = path / MODEL_FILE
-    return load_model(path)
+        return path / MODEL_FILE
+    return path
 
 
 def run_export(config: ExportConfig) -> Path:
@@ -61,7 +62,8 @@ def run_export(config: ExportConfig) -> Path:
         save_model(model, output, exported_from=str(config.checkpoint))
         log.info("wrote the native %s model %s", model.config.arch, output)
         return output
-    model = native_model(config.checkpoint).eval()
+    remote = "://" in config.checkpoint  # a storage URI: load_model reads it through pyarrow
+    model = load_model(config.checkpoint if remote else native_file(Path(config.checkpoint)))
     tokenizer = hf_tokenizer() if config.tokenizer else None  # fail on a missing vocabulary before writing
     hf = to_hf(model)
     hf.save_pretrained(output)
