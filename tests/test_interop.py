@@ -1,6 +1,7 @@
 """Hugging Face interop: CRATE-LM as a registered `transformers` model, the GPT baseline as a stock GPT-2, both
 converted back, and the exported GPT-2 in TransformerLens's HookedTransformer. Tiny models, offline."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -13,9 +14,10 @@ import pytest
 import torch
 
 from crate.errors import ConfigError
-from crate.interop import CrateLMForCausalLM, from_gpt2, from_hf, hf_tokenizer, to_gpt2, to_hf
+from crate.interop import CrateLMConfig, CrateLMForCausalLM, from_gpt2, from_hf, hf_tokenizer, to_gpt2, to_hf
 from crate.interop.export import ExportConfig
-from crate.model import build_model, load_model, save_model
+from crate.interop.hf import CRATE_FIELDS
+from crate.model import ModelConfig, build_model, load_model, save_model
 from crate.tokenizer import gpt2_tokenizer
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "export.py"
@@ -118,6 +120,15 @@ def test_a_gpt2_with_biases_and_gelu_converts_to_the_native_gpt():
     restored = from_gpt2(gpt2)
     assert restored.config.bias is True and restored.config.activation == "gelu"
     torch.testing.assert_close(logits(restored), logits(native), rtol=0, atol=1e-5)
+
+
+def test_the_crate_lm_config_carries_every_native_crate_field():
+    native_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"arch", "activation", "bias"}
+    assert set(CRATE_FIELDS) == native_fields
+    assert native_fields <= {f.name for f in dataclasses.fields(CrateLMConfig)}
+    config = ModelConfig(n_layer=3, n_head=4, n_embd=64, block_size=32, ista_sparsity=0.3, ista_steps=3)
+    assert CrateLMConfig.from_native(config).to_native() == config
+    assert CrateLMConfig.from_native(config).hidden_size == 64  # the standard names read the native fields
 
 
 def test_the_hf_tokenizer_is_the_projects_gpt2_tokenizer():
