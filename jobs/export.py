@@ -11,7 +11,7 @@ from crate.cli import Flag, parse_config, setup_logging
 from crate.interop.export import ExportConfig, run_export
 
 FLAGS = [
-    Flag("--checkpoint", "checkpoint", "native checkpoint (file or training checkpoint dir), or a HF dir for --to native",
+    Flag("--checkpoint", "checkpoint", "native checkpoint (file or training checkpoint dir); for --to native a HF dir",
          "text", "PATH"),
     Flag("--to", "to", "hf (a Hugging Face directory) or native (a model file)", "text", "FORMAT"),
     Flag("--output", "output", "the directory (--to hf) or model file (--to native) to write", "text", "PATH"),
