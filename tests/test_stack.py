@@ -1,8 +1,8 @@
 """The local stack, for real: `platform/stack up` starts a Ray head and an MLflow server on loopback, a smoke
-pretraining job goes in through the README's own `ray job submit` line, its MLflow run is checked through the REST
-API and in the MLflow UI (headless Chromium), every process of the stack listens on loopback only, `down` leaves no
-process and no listening port behind, and after `up` the same run name resumes from the checkpoint it left in the
-stack's storage."""
+pretraining job goes in through the documented `ray job submit` line (docs/platform.md), its MLflow run is checked
+through the REST API and in the MLflow UI (headless Chromium), every process of the stack listens on loopback only,
+`down` leaves no process and no listening port behind, and after `up` the same run name resumes from the checkpoint
+it left in the stack's storage."""
 
 import json
 import os
@@ -54,16 +54,20 @@ def run_stack(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
                           env=os.environ | {"PYTHON": sys.executable})
 
 
-def readme_submit_line() -> str:
-    """The `ray job submit` line of the README's local-stack section, as a user copies it (comment dropped)."""
-    section = (REPO / "README.md").read_text().split("### Local stack", 1)[1].split("\n### ", 1)[0]
+DOCS = REPO / "docs" / "platform.md"  # the README's Platform section points here
+
+
+def documented_submit_line() -> str:
+    """The `ray job submit` line of the documented local-stack walk-through, as a user copies it (comment dropped)."""
+    section = re.split(r"^#+ Local stack.*$", DOCS.read_text(), maxsplit=1, flags=re.M)[1]
+    section = re.split(r"^#+ ", section, maxsplit=1, flags=re.M)[0]
     lines = [line.split("#", 1)[0].strip() for line in section.splitlines() if line.startswith("ray job submit ")]
-    assert len(lines) == 1, f"expected one `ray job submit` line in the README's local-stack section: {lines}"
+    assert len(lines) == 1, f"expected one `ray job submit` line in the local-stack section of {DOCS}: {lines}"
     return lines[0]
 
 
 def in_stack_shell(stack_dir: Path, command: str, timeout: float) -> subprocess.CompletedProcess:
-    """Run `command` the way the README tells users to: in a shell that sourced the stack's env file."""
+    """Run `command` the way the docs tell users to: in a shell that sourced the stack's env file."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     return subprocess.run(["bash", "-c", f"set -a; . {stack_dir}/env; set +a; {command}"], cwd=REPO, env=env,
@@ -130,10 +134,10 @@ def stack(tmp_path_factory):
     run_stack("down", "--dir", str(stack_dir))
 
 
-def submit_readme_job(stack, run_name: str, *overrides: str) -> subprocess.CompletedProcess:
-    """The README's `ray job submit` line with a run name (and a submission id to ask Ray how it ended)."""
+def submit_documented_job(stack, run_name: str, *overrides: str) -> subprocess.CompletedProcess:
+    """The documented `ray job submit` line with a run name (and a submission id to ask Ray how it ended)."""
     submission_id = f"crate-{run_name}-{uuid.uuid4().hex[:4]}"
-    line = readme_submit_line().replace("ray job submit", f"ray job submit --submission-id {submission_id}", 1)
+    line = documented_submit_line().replace("ray job submit", f"ray job submit --submission-id {submission_id}", 1)
     submitted = in_stack_shell(stack["dir"], " ".join([line, f"train.run_name={run_name}", *overrides]), timeout=420)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -144,9 +148,9 @@ def submit_readme_job(stack, run_name: str, *overrides: str) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def pretraining_run(stack):
-    """A smoke pretraining job submitted exactly as the README says; returns its MLflow run (REST API JSON)."""
+    """A smoke pretraining job submitted exactly as the docs say; returns its MLflow run (REST API JSON)."""
     run_name = f"stack-e2e-{uuid.uuid4().hex[:6]}"
-    submit_readme_job(stack, run_name)
+    submit_documented_job(stack, run_name)
     api = f"{stack['env']['MLFLOW_TRACKING_URI']}/api/2.0/mlflow"
     experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "crate-lm"}, timeout=10)
     experiment_id = experiment.json()["experiment"]["experiment_id"]
@@ -246,7 +250,7 @@ def test_a_resubmitted_run_resumes_from_its_checkpoint_after_down_and_up(stack, 
     assert started.returncode == 0, started.stdout + started.stderr
     assert str(stack["dir"] / "runs") in started.stdout  # `up` says where jobs keep their state
     stack["state"] = json.loads((stack["dir"] / "stack.json").read_text())
-    resumed = submit_readme_job(stack, pretraining_run["name"], f"train.max_steps={SMOKE_STEPS + 2}")
+    resumed = submit_documented_job(stack, pretraining_run["name"], f"train.max_steps={SMOKE_STEPS + 2}")
     assert re.search(rf"resumed at step {SMOKE_STEPS} from checkpoint_{SMOKE_STEPS:08d}", resumed.stdout), \
         resumed.stdout[-4000:]
     assert (run_dir / f"checkpoint_{SMOKE_STEPS + 2:08d}").is_dir()
