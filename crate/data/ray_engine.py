@@ -126,7 +126,7 @@ def table_documents(table: "pa.Table") -> Iterator[tuple[int, Document]]:
     tokens = table.column("tokens").combine_chunks()
     offsets, values = tokens.offsets.to_numpy(), tokens.values.to_numpy()  # offsets index the unsliced values
     missing = tokens.is_null().to_numpy(zero_copy_only=False)
-    names = ("item", "doc", "offset", "set_name", "issue", "lost_bytes", "lost_measured")
+    names = ("item", *Document._fields[1:])  # every field of a Document but its tokens, in order
     columns = [table.column(name).to_pylist() for name in names]
     for row, (index, *fields) in enumerate(zip(*columns)):
         ids = None if missing[row] else values[offsets[row]:offsets[row + 1]]
