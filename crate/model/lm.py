@@ -70,11 +70,13 @@ class LanguageModel(nn.Module):
         return x
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """idx, targets: (B, T) int64 -> logits (B, T, vocab), loss (mean next-token CE, or None)."""
+        """idx, targets: (B, T) int64 -> logits (B, T, vocab), loss (mean next-token CE, or None).
+
+        The log-softmax and the loss run in fp32 whatever the logits' precision (bf16 under autocast)."""
         logits = self.lm_head(self.transformer.ln_f(self.hidden_states(idx)))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
     # ----------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -9,18 +11,43 @@ import torch
 
 from crate.plots import pyplot
 
-# Dense bf16 peak per device (FLOP/s), by substring of the CUDA device name. 1,979 TFLOP/s is H100's
-# sparsity figure; the dense one is 989.
-KNOWN_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12}
+log = logging.getLogger(__name__)
+
+# Dense bf16 tensor-core peak per device (FLOP/s) from NVIDIA's datasheets (which print the sparsity figure,
+# twice these), matched against the CUDA device name as whole words, the specific variants before the family:
+# "NVIDIA H100 PCIe" is not an SXM H100, and "NVIDIA L40S" is not an L40, nor either an L4.
+PEAK_FLOPS_TABLE: list[tuple[str, float]] = [
+    (r"\bH100\b.*\bPCIe\b", 756e12),
+    (r"\bH100\b.*\bNVL\b", 835e12),
+    (r"\bH100\b", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    (r"\bH200\b.*\bNVL\b", 835e12),
+    (r"\bH200\b", 989e12),  # SXM
+    (r"\bGH200\b", 989e12),
+    (r"\bA100\b", 312e12),  # SXM and PCIe alike
+    (r"\bA10G\b", 125e12),
+    (r"\bA10\b", 125e12),
+    (r"\bL40S\b", 362e12),
+    (r"\bL40\b", 181e12),
+    (r"\bL4\b", 121e12),
+]
+
+
+def table_peak_flops(device_name: str) -> float | None:
+    """The table's peak for a CUDA device name, None for a device it does not list."""
+    return next((flops for pattern, flops in PEAK_FLOPS_TABLE if re.search(pattern, device_name, re.IGNORECASE)),
+                None)
 
 
 def peak_flops(device: torch.device, configured: float | None) -> float | None:
-    if configured is not None:
-        return configured
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in KNOWN_PEAK_FLOPS.items() if key in name), None)
+    """The per-device peak MFU is measured against: `train.peak_flops` if set, else the table's; logged."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    peak = configured if configured is not None else table_peak_flops(name) if device.type == "cuda" else None
+    if peak:
+        log.info("MFU against %.0f TFLOP/s per device (%s, %s)", peak / 1e12, name,
+                 "train.peak_flops" if configured is not None else "bf16 dense peak table")
+    else:
+        log.info("no MFU: no known peak for %s (set train.peak_flops)", name)
+    return peak
 
 
 class Throughput:
