@@ -166,6 +166,30 @@ def test_bad_records_are_skipped_or_repaired_counted_and_the_rest_is_read(tmp_pa
     assert stats["documents"] == 5 + len(cut) - 1
 
 
+def test_a_cut_zstd_file_counts_the_bytes_it_lost(tmp_path):
+    """Half a zstd file keeps the records before the cut and counts what was lost past them: exactly, to the end
+    the frame header declares; where the header declares no size (a streamed frame, gzip), only the incomplete
+    record at the cut, a lower bound the warning calls one."""
+    docs = clean_docs(6, 3000)
+    data = jsonl(docs)
+    full = zstandard.ZstdCompressor().compress(data)  # the frame header records the content size
+    (tmp_path / "cut.jsonl.zst").write_bytes(full[: len(full) // 2])
+    streamed = zstandard.ZstdCompressor().compressobj()
+    unsized = streamed.compress(data) + streamed.flush()
+    (tmp_path / "unsized.jsonl.zst").write_bytes(unsized[: len(unsized) // 2])
+    stats = {}
+    for name in ("cut.jsonl.zst", "unsized.jsonl.zst"):
+        stream = val_batches(config(tmp_path / "x", tmp_path / name), B, 0, 1, max_blocks=10**6)
+        list(stream)
+        stats[name] = stream.stats()
+    kept = [d for d in documents(resolve(str(tmp_path / "cut.jsonl.zst"), DataConfig()).units[0], Start(), ReadOptions())]
+    kept_bytes = len(jsonl(docs[: len(kept) - 1]))
+    assert stats["cut.jsonl.zst"]["skipped/corrupt_file"] == 1
+    assert stats["cut.jsonl.zst"]["lost_bytes/corrupt_file"] == len(data) - kept_bytes > len(data) // 3
+    unsized_lost = stats["unsized.jsonl.zst"]["lost_bytes/corrupt_file"]
+    assert 0 < unsized_lost < 2000 and stats["unsized.jsonl.zst"]["lost_bytes/unmeasured_files"] == 1
+
+
 def test_a_100_mb_document_is_skipped_without_being_held_in_memory(tmp_path):
     docs = clean_docs(7, 2)
     with open(tmp_path / "huge.jsonl", "wb") as f:
@@ -446,6 +470,44 @@ def test_bad_sources_fail_before_any_work_naming_the_field(tmp_path, clean, val_
         with pytest.raises(ConfigError) as error:
             load_config(DataConfig, raw)
         assert error.value.field == field
+
+
+def test_preflight_refuses_a_corpus_without_usable_text_naming_the_problem(tmp_path, val_dir):
+    (tmp_path / "cols").mkdir()
+    pq.write_table(pa.Table.from_pylist([{"body": "a document", "meta": {"pile_set_name": "X"}}] * 4),
+                   tmp_path / "cols" / "a.parquet")
+    (tmp_path / "blank").mkdir()
+    for i in range(5):
+        (tmp_path / "blank" / f"{i}.txt").write_text(" \n\t \n" * (i + 1))
+    (tmp_path / "blank" / "b.jsonl").write_text('{"text": "   "}\n{"text": "\\n"}\n')
+    with pytest.raises(ConfigError) as error:
+        check_sources(config(tmp_path / "cols", val_dir))
+    assert error.value.field == "data.train" and "no column 'text'" in error.value.message
+    assert "body" in error.value.message and "text_field" in error.value.message
+    with pytest.raises(ConfigError) as error:
+        check_sources(config(tmp_path / "blank", val_dir))
+    assert error.value.field == "data.train" and "no usable document" in error.value.message
+    assert "empty 7" in error.value.message
+    (tmp_path / "cols_val").mkdir()
+    pq.write_table(pa.Table.from_pylist([{"body": "held out"}]), tmp_path / "cols_val" / "v.parquet")
+    check_sources(config(tmp_path / "cols", tmp_path / "cols_val", text_field="body"))  # the right column passes
+    check_sources(config(tmp_path / "cols", tmp_path / "cols_val", text_field="body",
+                         include_sets=["Y", "unlabelled"]))  # documents that filters drop are no problem
+
+
+def test_a_file_that_vanishes_mid_run_is_skipped_and_counted_not_retried(tmp_path, val_dir):
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(4):
+        (root / f"{i}.jsonl").write_bytes(jsonl(clean_docs(40 + i, 40)))
+    stream = train_batches(config(root, val_dir), B, 0, 1)
+    next(stream)
+    order = [u.name for u in resolve(str(root), DataConfig()).units]
+    vanished = order[epoch_units(4, 0, 0, 0, 1)[-1]]  # the last file of the first epoch: not open yet
+    (root / vanished).unlink()
+    take(stream, 600)  # past the first epoch
+    stats = stream.stats()
+    assert stats["skipped/missing_file"] >= 1 and stats["documents"] > 100
 
 
 def test_builtin_corpus_is_the_stdlib_split_disjointly_and_labelled_github():

@@ -8,6 +8,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 REPO = Path(__file__).parents[1]
@@ -21,6 +23,7 @@ BAD_INPUTS = [
     ("jobs/pretrain.py", ["train.optim.lr=nan"], "train.optim.lr", "finite"),
     ("jobs/pretrain.py", ["train.run_name=../../escape"], "train.run_name", "names a folder"),
     ("jobs/pretrain.py", ["--config", "{tmp}/a.yaml"], "base", "cycle"),
+    ("jobs/pretrain.py", ["data.train={tmp}/columns"], "data.train", "no column 'text'"),
     ("tune/sweep.py", ["trial.data.train=/nonexistent"], "trial.data.train", "no such file"),
     ("tune/sweep.py", ["name=a/b"], "name", "names a folder"),
     ("jobs/interpret.py", ["--checkpoint", "/nonexistent.pt"], "checkpoint", "no checkpoint"),
@@ -40,7 +43,7 @@ BAD_INPUTS = [
 
 def run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=900)  # generous: a loaded machine imports torch and Ray slowly
+                          timeout=600)  # generous: a loaded 2-core machine runs 6 at once
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +52,8 @@ def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("jobs")
     (tmp / "a.yaml").write_text("base: b.yaml\n")
     (tmp / "b.yaml").write_text("base: a.yaml\n")
+    (tmp / "columns").mkdir()
+    pq.write_table(pa.Table.from_pylist([{"body": "a document"}]), tmp / "columns" / "part.parquet")
     calls = [(job, ["--help"]) for job in JOBS]
     calls += [(script, [a.replace("{tmp}", str(tmp)) for a in args]) for script, args, _, _ in BAD_INPUTS]
     with ThreadPoolExecutor(max_workers=6) as pool:

@@ -6,7 +6,11 @@ compressed files are decoded as a stream (never whole), and a record longer than
 skipped without ever being held.
 
 Bad input never stops a stream and never disappears silently: every record that is skipped, repaired or
-filtered comes out as a `Document` with `issue` set, and the stream counts it.
+filtered comes out as a `Document` with `issue` set, and the stream counts it. A damaged compressed file keeps
+the records before the damage and says how many decompressed bytes were lost after them (`lost_bytes`: exact
+to the end of the damaged frame when its header declares its size, else a lower bound, `lost_measured` False).
+A file that disappears while the run is going (deleted, unmounted) cannot come back by retrying: it is skipped
+as `missing_file`, named in a warning, and the stream goes on.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from crate.data.config import DataConfig
-from crate.data.sources import Retry, SourceError, Unit
+from crate.data.sources import MissingFile, Retry, SourceError, Unit
 from crate.tokenizer import EOT_TOKEN, gpt2_tokenizer
 
 log = logging.getLogger(__name__)
@@ -28,7 +32,7 @@ CHUNK_BYTES = 1 << 20  # read size; also the largest piece of text handed to the
 UNLABELLED = "unlabelled"  # set name of records without meta.pile_set_name
 
 # Why a record was skipped (no tokens), repaired (tokens kept), or filtered by include/exclude_sets.
-SKIPPED = ("malformed_json", "missing_text", "empty", "too_long", "corrupt_file")
+SKIPPED = ("malformed_json", "missing_text", "empty", "too_long", "corrupt_file", "missing_file")
 REPAIRED = ("invalid_utf8", "lone_surrogate")
 FILTERED = "filtered"
 
@@ -39,6 +43,20 @@ class Document(NamedTuple):
     doc: int  # index of the record in its file: line, Parquet row, 0 for a whole-file document
     offset: int  # where it starts: byte in the decoded stream (JSON lines, text), row (Parquet)
     issue: str  # "" or one of SKIPPED / REPAIRED / FILTERED
+    lost_bytes: int = 0  # corrupt_file: decompressed bytes after the last record kept that no record came from
+    lost_measured: bool = True  # ... False: the damaged frame declares no size, so lost_bytes is a lower bound
+
+
+class Record(NamedTuple):
+    """One record of a file before tokenization; `text` is None when it is skipped (then `issue` says why)."""
+
+    text: str | None
+    set_name: str
+    doc: int
+    offset: int
+    issue: str
+    lost_bytes: int = 0
+    lost_measured: bool = True
 
 
 class Start(NamedTuple):
@@ -66,19 +84,31 @@ class ReadOptions:
 
 
 class CorruptFile(Exception):
-    """Compressed data that ends early or does not decode: the rest of the file is skipped."""
+    """Compressed data that ends early or does not decode: the rest of the file is skipped. `decoded`: bytes
+    decompressed before the damage; `declared_end`: where the damaged frame should have ended in the decompressed
+    stream, when its header says (None otherwise)."""
+
+    def __init__(self, message: str, decoded: int, declared_end: int | None):
+        super().__init__(message)
+        self.decoded, self.declared_end = decoded, declared_end
 
 
 def documents(unit: Unit, start: Start, options: ReadOptions) -> Iterator[Document]:
     """The documents of `unit` from `start` on, tokenized (GPT-2 BPE, <|endoftext|> appended)."""
-    for text, set_name, doc, offset, issue in records(unit, start, options):
-        if text is not None and not options.keeps(set_name):
-            yield Document(None, set_name, doc, offset, FILTERED)
-        elif text is None:
-            yield Document(None, set_name, doc, offset, issue)
-        else:
-            tokens, repaired = tokenize(text)
-            yield Document(tokens, set_name, doc, offset, issue or repaired)
+    doc, offset = start
+    try:
+        for record in records(unit, start, options):
+            doc, offset = record.doc, record.offset
+            if record.text is not None and not options.keeps(record.set_name):
+                yield Document(None, record.set_name, doc, offset, FILTERED)
+            elif record.text is None:
+                yield Document(None, record.set_name, doc, offset, record.issue, record.lost_bytes, record.lost_measured)
+            else:
+                tokens, repaired = tokenize(record.text)
+                yield Document(tokens, record.set_name, doc, offset, record.issue or repaired)
+    except MissingFile as error:
+        log.warning("%s: the file is gone (%s); skipped from record %d, not retried", unit.name, error, doc)
+        yield Document(None, unit.label or UNLABELLED, doc, offset, "missing_file")
 
 
 def tokenize(text: str) -> tuple[np.ndarray, str]:
@@ -110,10 +140,10 @@ def text_pieces(text: str) -> Iterator[str]:
     yield text[start:]
 
 
-# ---- records: (text | None, set name, doc, offset, issue) ---------------------------------------------------
+# ---- records -------------------------------------------------------------------------------------------------
 
 
-def records(unit: Unit, start: Start, options: ReadOptions) -> Iterator[tuple]:
+def records(unit: Unit, start: Start, options: ReadOptions) -> Iterator[Record]:
     if unit.fmt == "jsonl":
         return jsonl_records(unit, start, options)
     if unit.fmt == "parquet":
@@ -121,20 +151,24 @@ def records(unit: Unit, start: Start, options: ReadOptions) -> Iterator[tuple]:
     return text_records(unit, start, options)
 
 
-def jsonl_records(unit: Unit, start: Start, options: ReadOptions) -> Iterator[tuple]:
+def jsonl_records(unit: Unit, start: Start, options: ReadOptions) -> Iterator[Record]:
     doc, offset = start
     label = unit.label or UNLABELLED
     try:
         for line, length in lines(decoded_chunks(unit, start.offset, options.retry), options.max_document_bytes):
             if line is None:
-                yield None, label, doc, offset, "too_long"
+                yield Record(None, label, doc, offset, "too_long")
             elif line.strip():  # blank lines are not records
                 text, set_name, issue = json_record(line, options, label)
-                yield text, set_name, doc, offset, issue
+                yield Record(text, set_name, doc, offset, issue)
             doc, offset = doc + 1, offset + length
     except CorruptFile as error:
-        log.warning("%s: %s; the rest of the file is skipped (from record %d)", unit.name, error, doc)
-        yield None, label, doc, offset, "corrupt_file"
+        measured = error.declared_end is not None
+        lost = max((error.declared_end if measured else error.decoded) - offset, 0)
+        log.warning("%s: %s; the rest of the file is skipped (from record %d): %s%s decompressed bytes lost%s",
+                    unit.name, error, doc, "" if measured else "at least ", f"{lost:,}",
+                    "" if measured else " (the damaged frame declares no size, so the true loss is unknown)")
+        yield Record(None, label, doc, offset, "corrupt_file", lost, measured)
 
 
 def json_record(line: bytes, options: ReadOptions, label: str) -> tuple[str | None, str, str]:
@@ -149,7 +183,7 @@ def json_record(line: bytes, options: ReadOptions, label: str) -> tuple[str | No
     return text, set_name, issue or repaired
 
 
-def text_records(unit: Unit, start: Start, options: ReadOptions) -> Iterator[tuple]:
+def text_records(unit: Unit, start: Start, options: ReadOptions) -> Iterator[Record]:
     """A `.txt` (or built-in `.py`) file is one document."""
     label = unit.label or UNLABELLED
     if start.doc > 0:  # resumed past this file's only document
@@ -158,13 +192,13 @@ def text_records(unit: Unit, start: Start, options: ReadOptions) -> Iterator[tup
     for chunk in decoded_chunks(unit, 0, options.retry):
         data += chunk
         if len(data) > options.max_document_bytes:
-            yield None, label, 0, 0, "too_long"
+            yield Record(None, label, 0, 0, "too_long")
             return
     text, issue = decode_utf8(bytes(data))
-    yield (text, label, 0, 0, issue) if text.strip() else (None, label, 0, 0, "empty")
+    yield Record(text, label, 0, 0, issue) if text.strip() else Record(None, label, 0, 0, "empty")
 
 
-def parquet_records(unit: Unit, start: Start, options: ReadOptions) -> Iterator[tuple]:
+def parquet_records(unit: Unit, start: Start, options: ReadOptions) -> Iterator[Record]:
     """Rows of a Parquet file; `offset` is the row index, so a resume skips whole row groups unread."""
     import pyarrow.parquet as pq
 
@@ -188,11 +222,13 @@ def parquet_records(unit: Unit, start: Start, options: ReadOptions) -> Iterator[
                 for record in batch.to_pylist():
                     if row >= start.offset:
                         text, set_name, issue = record_fields(record, options, label)
-                        yield text, set_name, row, row, issue
+                        yield Record(text, set_name, row, row, issue)
                     row += 1
         except ValueError as error:  # pyarrow's ArrowInvalid: damaged data (I/O errors propagate, naming the file)
             log.warning("%s: unreadable Parquet (%s); the rest of the file is skipped", unit.name, error)
-            yield None, label, row, row, "corrupt_file"
+            yield Record(None, label, row, row, "corrupt_file")
+        except FileNotFoundError as error:
+            raise MissingFile(f"{unit.name}: not found ({error})") from error
         except OSError as error:
             raise SourceError(f"{unit.name}: {error}") from error
 
@@ -292,21 +328,39 @@ def decompressed(reader: RetryingReader, compression: str) -> Iterator[bytes]:
         return zstandard.ZstdDecompressor().decompressobj() if compression == "zstd" else zlib.decompressobj(31)
 
     decoder, in_frame = new_frame(), False
+    decoded, declared_end = 0, None  # decompressed bytes so far; where the current frame ends, if its header says
     while data := reader.read(CHUNK_BYTES):
         while data:
+            if not in_frame:
+                declared_end = decoded + size if (size := frame_size(data, compression)) is not None else None
             try:
                 out = decoder.decompress(data)
             except (zstandard.ZstdError, zlib.error) as error:
-                raise CorruptFile(f"undecodable {compression} data at compressed byte ~{reader.position}: {error}")
+                raise CorruptFile(f"undecodable {compression} data at compressed byte ~{reader.position}: {error}",
+                                  decoded, declared_end)
             in_frame = True
             if out:
+                decoded += len(out)
                 yield out
             if decoder.eof:
                 data, decoder, in_frame = decoder.unused_data, new_frame(), False
             else:
                 data = b""
     if in_frame:
-        raise CorruptFile(f"truncated: the {compression} stream ends inside a frame")
+        raise CorruptFile(f"truncated: the {compression} stream ends inside a frame", decoded, declared_end)
+
+
+def frame_size(data: bytes, compression: str) -> int | None:
+    """The decompressed size a zstd frame header at the start of `data` declares (None: not declared, or gzip)."""
+    import zstandard
+
+    if compression != "zstd":
+        return None
+    try:
+        size = zstandard.get_frame_parameters(data).content_size
+    except zstandard.ZstdError:
+        return None
+    return None if size == zstandard.CONTENTSIZE_UNKNOWN else size
 
 
 def lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[tuple[bytes | None, int]]:

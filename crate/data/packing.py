@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from crate.data.documents import Document
 
 
 class Block(NamedTuple):
@@ -62,13 +65,18 @@ class StreamStats:
     dropped_tail_tokens: int = 0  # tokens after the last full block of a finite stream
     skipped: Counter = field(default_factory=Counter)  # records without tokens, by reason
     repaired: Counter = field(default_factory=Counter)  # records kept after a repair, by reason
+    lost_bytes: int = 0  # decompressed bytes of damaged files past the last record kept (corrupt_file)
+    unmeasured_files: int = 0  # damaged files whose frame declares no size: their lost_bytes are a lower bound
 
-    def count(self, tokens: np.ndarray | None, issue: str) -> None:
+    def count(self, doc: "Document") -> None:
+        tokens, issue = doc.tokens, doc.issue
         if tokens is None:
             if issue == "filtered":
                 self.filtered += 1
             else:
                 self.skipped[issue] += 1
+                self.lost_bytes += doc.lost_bytes
+                self.unmeasured_files += not doc.lost_measured
             return
         self.documents += 1
         self.tokens += len(tokens)
@@ -82,4 +90,6 @@ class StreamStats:
                "skipped": sum(self.skipped.values())}
         out.update({f"skipped/{reason}": n for reason, n in sorted(self.skipped.items())})
         out.update({f"repaired/{reason}": n for reason, n in sorted(self.repaired.items())})
+        if self.skipped["corrupt_file"]:
+            out.update({"lost_bytes/corrupt_file": self.lost_bytes, "lost_bytes/unmeasured_files": self.unmeasured_files})
         return out

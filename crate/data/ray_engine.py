@@ -116,6 +116,8 @@ def documents_table(rows: list[tuple[int, Document]]) -> "pa.Table":
         "offset": pa.array([d.offset for _, d in rows], pa.int64()),
         "set_name": pa.array([d.set_name for _, d in rows], pa.string()),
         "issue": pa.array([d.issue for _, d in rows], pa.string()),
+        "lost_bytes": pa.array([d.lost_bytes for _, d in rows], pa.int64()),
+        "lost_measured": pa.array([d.lost_measured for _, d in rows], pa.bool_()),
         "tokens": tokens,
     })
 
@@ -124,7 +126,8 @@ def table_documents(table: "pa.Table") -> Iterator[tuple[int, Document]]:
     tokens = table.column("tokens").combine_chunks()
     offsets, values = tokens.offsets.to_numpy(), tokens.values.to_numpy()  # offsets index the unsliced values
     missing = tokens.is_null().to_numpy(zero_copy_only=False)
-    columns = [table.column(name).to_pylist() for name in ("item", "doc", "offset", "set_name", "issue")]
-    for row, (index, doc, offset, set_name, issue) in enumerate(zip(*columns)):
+    names = ("item", *Document._fields[1:])  # every field of a Document but its tokens, in order
+    columns = [table.column(name).to_pylist() for name in names]
+    for row, (index, *fields) in enumerate(zip(*columns)):
         ids = None if missing[row] else values[offsets[row]:offsets[row + 1]]
-        yield index, Document(ids, set_name, doc, offset, issue)
+        yield index, Document(ids, *fields)

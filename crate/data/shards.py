@@ -164,7 +164,7 @@ def write_shard(out: Path, i: int, units: list[Unit], options: ReadOptions) -> d
     with open(tmp, "wb") as tokens_file:
         for unit in units:
             for doc in documents(unit, Start(), options):
-                stats.count(doc.tokens, doc.issue)
+                stats.count(doc)
                 if doc.tokens is None:
                     continue
                 docs.append((n_tokens, set_ids.setdefault(doc.set_name, len(set_ids))))

@@ -38,6 +38,10 @@ class SourceError(RuntimeError):
     """A corpus cannot be listed or read (after retries); the message names the URI or file."""
 
 
+class MissingFile(SourceError):
+    """The file is gone (FileNotFoundError): retrying cannot bring it back, so it never is."""
+
+
 @dataclass(frozen=True)
 class Retry:
     """Bounded retries with exponential backoff around remote I/O; a missing file is never retried."""
@@ -51,7 +55,7 @@ class Retry:
             try:
                 return fn()
             except FileNotFoundError as error:
-                raise SourceError(f"{what}: not found ({error})") from error
+                raise MissingFile(f"{what}: not found ({error})") from error
             except SourceError:
                 raise
             except Exception as error:  # network stacks raise anything from OSError to httpx errors

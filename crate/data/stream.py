@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from crate.data.config import DataConfig
-from crate.data.documents import Document, ReadOptions, Start, documents
+from crate.data.documents import Document, ReadOptions, Start, documents, open_file
 from crate.data.packing import Block, Packer, StreamStats
 from crate.data.shards import TokenShards
 from crate.data.sources import Corpus, SourceError, fingerprint, resolve
@@ -47,6 +47,7 @@ from crate.errors import ConfigError
 
 log = logging.getLogger(__name__)
 WINDOW = 256  # pretokenized epochs shuffle windows of this many consecutive blocks (~256k tokens at 1024)
+PROBE_FILES, PROBE_RECORDS = 32, 1000  # the pre-flight looks this far for one usable document
 
 
 class Batch(NamedTuple):
@@ -159,18 +160,49 @@ def check_sources(cfg: DataConfig, where: str = "data") -> None:
 
 
 def check_corpus(cfg: DataConfig, name: str) -> None:
+    """One corpus's pre-flight: it lists, is not all empty files, and its first files hold a usable document
+    (or one with text that include/exclude_sets filter out) within PROBE_RECORDS records; a Parquet file read
+    has the `text_field` column."""
     corpus = open_corpus(cfg, name)
     if corpus.pretokenized:
         if TokenShards(corpus.shards).n_tokens < cfg.block_length:
             raise ConfigError(name, f"{corpus.uri} holds fewer tokens than one block ({cfg.block_length})")
         return
-    probe = next((u for u in corpus.units if u.size > 0), None)
-    if probe is None:
+    probes = [u for u in corpus.units if u.size > 0]
+    if not probes:
         raise ConfigError(name, f"{corpus.uri}: all {len(corpus.units)} files are empty")
+    options, seen, files = ReadOptions.of(cfg), StreamStats(), 0
     try:
-        next(documents(probe, Start(), ReadOptions.of(cfg)), None)
+        for unit in probes[:PROBE_FILES]:
+            if unit.fmt == "parquet":
+                check_parquet_columns(unit, cfg, name, corpus.uri)
+            for doc in documents(unit, Start(), options):
+                if doc.tokens is not None or doc.issue == "filtered":
+                    return
+                seen.count(doc)
+                if sum(seen.skipped.values()) >= PROBE_RECORDS:
+                    break
+            files += 1
+            if sum(seen.skipped.values()) >= PROBE_RECORDS:
+                break
     except SourceError as error:
         raise ConfigError(name, f"{corpus.uri}: unreadable: {error}") from None
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(seen.skipped.items()))
+    raise ConfigError(name, f"{corpus.uri}: no usable document in the first {sum(seen.skipped.values())} records of "
+                            f"{files} files (skipped: {reasons}); is text_field={cfg.text_field!r} right?")
+
+
+def check_parquet_columns(unit, cfg: DataConfig, name: str, uri: str) -> None:
+    import pyarrow.parquet as pq
+
+    with open_file(unit, ReadOptions.of(cfg).retry) as handle:
+        try:
+            columns = pq.ParquetFile(handle).schema_arrow.names
+        except ValueError:
+            return  # damaged: the stream skips it as corrupt_file and reads on
+    if cfg.text_field not in columns:
+        raise ConfigError(name, f"{uri}: {unit.name} has no column {cfg.text_field!r} (columns: {', '.join(columns)}); "
+                                "set text_field to the column that holds the documents")
 
 
 def open_corpus(cfg: DataConfig, name: str) -> Corpus:
@@ -263,7 +295,7 @@ def text_batches(corpus: Corpus, cfg: DataConfig, batch_size: int, base: dict, s
     for phase in schedule(base, len(corpus.units), cfg.seed):
         tokens_before = stats.tokens
         for item, doc in read_items(phase, corpus, options, cfg):
-            stats.count(doc.tokens, doc.issue)
+            stats.count(doc)
             if doc.tokens is None:
                 continue
             skip = item.token if doc.doc == item.start.doc else 0
@@ -310,7 +342,7 @@ def first_blocks(corpus: Corpus, length: int, max_blocks: int, options: ReadOpti
     packer = Packer(length)
     for u, unit in enumerate(corpus.units):
         for doc in documents(unit, Start(), options):
-            stats.count(doc.tokens, doc.issue)
+            stats.count(doc)
             if doc.tokens is None:
                 continue
             for block in packer.add(doc.tokens, doc.set_name, u):
