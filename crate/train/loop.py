@@ -8,12 +8,11 @@ Every step the loss is averaged over the workers (so every rank decides alike): 
 `train.max_skipped_steps` optimizer steps skipped by the engine in a row, stops the run with `TrainingDiverged`.
 Under Ray Train, errors that a restart would only repeat (a diverged run, a config that does not match the
 checkpoint, no checkpoint that verifies) end the job at once instead of being retried `max_failures` times: the
-workers report the error and return, and the driver raises it (`raise_reported_error`).
+workers return the error instead of raising it, and the driver raises it (`raise_returned_error`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import Counter
@@ -55,27 +54,23 @@ class RunInfo:
 
 # Deterministic failures: a restart from the same checkpoint with the same config would fail the same way.
 FINAL_ERRORS = {error.__name__: error for error in (TrainingDiverged, CheckpointError, ConfigError)}
-ERROR_KEY = "crate/error"
 
 
-def train_worker(job: dict[str, Any]) -> None:
-    """Ray Train's `train_loop_per_worker`."""
+def train_worker(job: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train's `train_loop_per_worker`. Ray retries a worker group that raised; one of the FINAL_ERRORS is
+    returned instead (every rank meets it at the same point: the decisions behind them are collective)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    runtime = RayRuntime()
     try:
-        run_training(job, runtime)
-    except tuple(FINAL_ERRORS.values()) as error:  # every rank raises it at the same point (collective decisions)
-        import ray.train
-
-        args = [error.step, error.reason] if isinstance(error, TrainingDiverged) else list(error.__reduce__()[1])
-        ray.train.report({ERROR_KEY: json.dumps({"type": type(error).__name__, "args": args})})
+        run_training(job, RayRuntime())
+    except tuple(FINAL_ERRORS.values()) as error:
+        return {"error": type(error).__name__, "args": list(error.__reduce__()[1])}
+    return None
 
 
-def raise_reported_error(metrics: dict[str, Any]) -> None:
-    """On the driver: raise the error a Ray Train worker group reported instead of raising (`train_worker`)."""
-    if ERROR_KEY in metrics:
-        error = json.loads(metrics[ERROR_KEY])
-        raise FINAL_ERRORS[error["type"]](*error["args"])
+def raise_returned_error(returned: dict[str, Any] | None) -> None:
+    """On the driver: raise the error that rank 0's `train_worker` returned, if any."""
+    if returned:
+        raise FINAL_ERRORS[returned["error"]](*returned["args"])
 
 
 def run_training(job: dict[str, Any], runtime) -> dict[str, float]:
