@@ -31,6 +31,7 @@ import math
 import os
 import pickle
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -226,10 +227,18 @@ def load_data(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path}: refused: it holds pickled objects, not only tensors and plain data "
-                              f"({str(error).splitlines()[0]})") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if found:
+            raise CheckpointError(f"{path}: refused: it holds pickled objects, not only tensors and plain data "
+                                  f"(it names {found.group(1)}, which loading would call)") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+        raise CheckpointError(f"{path} is damaged ({detail.group(1) if detail else _first_line(error)})") from None
     except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path} is unreadable ({str(error).splitlines()[0]})") from None
+        raise CheckpointError(f"{path} is unreadable ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return next(iter(str(error).splitlines()), "")
 
 
 def load_weights_into(model: torch.nn.Module, resume: Resume) -> None:
@@ -242,7 +251,7 @@ def restore_engine(engine, resume: Resume, rank: int) -> None:
     except Exception as error:  # noqa: BLE001 - whatever the engine raised, say which checkpoint and files
         files = "engine.pt" if engine.kind == "torch" else "engine/"
         raise CheckpointError(f"{resume.directory / files}: the {engine.kind} engine state could not be loaded "
-                              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from error
+                              f"({type(error).__name__}: {_first_line(error)})") from error
     rng_file = resume.directory / f"rng_rank{rank}.pt"
     if rng_file.exists():
         _set_rng_state(load_data(rng_file))
