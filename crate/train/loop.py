@@ -4,8 +4,8 @@ Ray Train runs `train_worker` in every worker; `launcher: local` runs `run_train
 `LocalRuntime`. It is the same code either way: resume first, then optimizer steps of `grad_accum_steps`
 micro-batches, with periodic logging, evaluation and checkpoints. Rank 0 alone talks to MLflow.
 
-Every step the loss is averaged over the workers (so every rank decides alike): a non-finite loss, or more than
-`train.max_skipped_steps` optimizer steps skipped by the engine in a row, stops the run with `TrainingDiverged`.
+Every step the loss is averaged over the workers (so every rank decides alike): a non-finite loss, or
+`train.max_skipped_steps` optimizer steps in a row that the engine skipped, stops the run with `TrainingDiverged`.
 Under Ray Train, errors that a restart would only repeat (a diverged run, a config that does not match the
 checkpoint, no checkpoint that verifies) end the job at once instead of being retried `max_failures` times: the
 workers return the error instead of raising it, and the driver raises it (`raise_returned_error`).
@@ -25,10 +25,10 @@ import yaml
 
 from crate.config import dump_yaml, flatten, from_dict, to_dict
 from crate.data import train_batches, val_batches
+from crate.errors import ConfigError
 from crate.model import build_model
 from crate.plots import pyplot
 from crate.tracking import Tracker
-from crate.errors import ConfigError
 from crate.train.checkpoint import MODEL_FILE, load_weights_into, plan_resume, restore_engine, write_checkpoint
 from crate.train.config import PretrainConfig
 from crate.train.engine import build_engine
