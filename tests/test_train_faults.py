@@ -141,7 +141,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused_naming_the_file(storage, tm
     data = (checkpoint / "model.pt").read_bytes()
     manifest["files"]["model.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (checkpoint / "manifest_rank0.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=r"model\.pt: refused: the file holds objects"):
+    with pytest.raises(CheckpointError, match=r"model\.pt: refused: it holds pickled objects"):
         # another engine: the run continues from model.pt (weights only)
         launch(config(storage, *FINISHED, "train.engine=torch", "train.max_steps=8"))
     torch.save({"python": Crafted(marker)}, tmp_path / "rng_rank0.pt")
@@ -182,3 +182,28 @@ def test_steps_the_engine_skips_in_a_row_stop_the_run(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"at step 3: the engine skipped the last 3 optimizer steps in a row"):
         trainer.fit()
     assert trainer.engine.skipped_steps == 3 and not list((tmp_path / "runs/skips").glob("checkpoint_*"))
+
+
+@pytest.mark.slow
+def test_under_ray_a_diverged_run_fails_at_once_keeping_its_last_good_checkpoint(ray_cluster, tmp_path):
+    """Ray Train rotates what is reported (keep 1 here): a NaN checkpoint reported would evict the good one;
+    and a divergence raised in the workers would be retried from it max_failures times, diverging each time."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = load_config(PretrainConfig, "smoke", [
+        "train.engine=torch", "data.engine=local", "train.cpus_per_worker=0.5", "train.controller_failure_limit=0",
+        "train.max_failures=2", "tracking.system_metrics=false", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"train.storage_path={tmp_path / 'runs'}", "train.run_name=diverges", "train.optim.lr=1e30",
+        "train.checkpoint_interval=1", "train.keep_checkpoints=1", "train.max_steps=8"])
+    with pytest.raises(TrainingDiverged, match=r"at step 2: loss nan"):
+        launch(cfg)
+    run_dir = tmp_path / "runs/diverges"
+    [kept] = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert kept.name == "checkpoint_00000001"
+    assert kept.name in (run_dir / "checkpoint_manager_snapshot.json").read_text()  # what Ray has registered
+    verify(kept)
+    assert all(torch.isfinite(w).all() for w in load_data(kept / "model.pt")["model"].values())
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs(client.get_experiment_by_name("crate-lm").experiment_id)
+    assert run.info.status == "FAILED"
+    assert client.get_metric_history(run.info.run_id, "train/resumed_from_step") == []  # never retried

@@ -81,7 +81,7 @@ def test_the_plain_export_is_the_trained_model(tmp_path):
     model = load_model(result.model_file).eval()
     assert model.config.preset == "crate-tiny"
     assert result.metrics["step"] == 6 and result.metrics["val/loss"] < math.log(50304)
-    engine_state = torch.load(Path(result.checkpoint) / "engine.pt", weights_only=False)["model"]
+    engine_state = torch.load(Path(result.checkpoint) / "engine.pt", weights_only=True)["model"]
     for name, value in model.state_dict().items():
         assert torch.equal(value, engine_state[name].float()), name
 

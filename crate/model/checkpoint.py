@@ -62,17 +62,24 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def load_data(source: str | os.PathLike | io.BytesIO, name: str | None = None,
               map_location: str | torch.device = "cpu") -> Any:
     """`torch.load` of data only — tensors, containers, numbers, strings — never code: a pickle that would
-    construct anything else is refused, so a crafted file cannot run code on the machine that opens it."""
+    construct anything else is refused, so a crafted file cannot run code on the machine that opens it.
+    A refused, damaged or unreadable file is a CheckpointError naming it."""
     name = name or str(source)
     try:
         return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"refused: the file holds objects other than tensors and plain values, which "
-                              f"loading would execute ({reason})", field=name) from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if found:
+            raise CheckpointError(f"refused: it holds pickled objects, not only tensors and plain data (it names "
+                                  f"{found.group(1)}, which loading would call)", field=name) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+        raise CheckpointError(f"damaged ({detail.group(1) if detail else first_line(error)})", field=name) from None
     except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"not a readable checkpoint (truncated or corrupted?): {str(error).splitlines()[0]}",
-                              field=name) from None
+        raise CheckpointError(f"unreadable, truncated or not a torch file ({first_line(error)})", field=name) from None
+
+
+def first_line(error: BaseException) -> str:
+    return next(iter(str(error).splitlines()), "")
 
 
 def _read_remote(uri: str) -> bytes:

@@ -40,7 +40,7 @@ import torch
 from crate.config import flatten, to_dict
 from crate.data import resume_states
 from crate.errors import CheckpointError, ConfigError
-from crate.model.checkpoint import load_data, save_weights
+from crate.model.checkpoint import first_line, load_data, save_weights
 from crate.model.config import ModelConfig
 from crate.train.config import PretrainConfig, resumable
 from crate.train.errors import TrainingDiverged
@@ -153,8 +153,8 @@ def newest_complete(candidates: Iterable[Path]) -> Path | None:
             verify(directory)
             return directory
         except CheckpointError as error:
-            log.warning("skipping checkpoint %s: %s", directory, error)
-            skipped.append(f"{directory.name}: {error}")
+            log.warning("skipping checkpoint %s: %s", directory, error.message)
+            skipped.append(f"{directory.name}: {error.message}")
     if skipped:
         raise CheckpointError("no complete, verified checkpoint to resume from (" + "; ".join(skipped) + "); to "
                               "start over, move these away or give the run a new train.run_name")
@@ -229,7 +229,7 @@ def restore_engine(engine, resume: Resume, rank: int) -> None:
     except Exception as error:  # noqa: BLE001 - whatever the engine raised, say which checkpoint and files
         files = "engine.pt" if engine.kind == "torch" else "engine/"
         raise CheckpointError(f"{resume.directory / files}: the {engine.kind} engine state could not be loaded "
-                              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from error
+                              f"({type(error).__name__}: {first_line(error)})") from error
     rng_file = resume.directory / f"rng_rank{rank}.pt"
     if rng_file.exists():
         _set_rng_state(load_data(rng_file))

@@ -19,7 +19,7 @@ from crate.tracking.locations import absolute_location, describe_run, resolve_lo
 from crate.tracking.provenance import code_version, package_versions
 from crate.train.checkpoint import MODEL_FILE, TRAINER_STATE
 from crate.train.config import PretrainConfig
-from crate.train.loop import RunInfo, raise_reported_error, run_training, train_worker
+from crate.train.loop import RunInfo, raise_returned_error, run_training, train_worker
 from crate.train.runtime import LocalRuntime
 
 log = logging.getLogger("crate.train")
@@ -135,8 +135,8 @@ def _fit_on_ray(cfg: PretrainConfig, job: dict, run_name: str, storage: str, cal
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    raise_returned_error(result.return_value)  # a deterministic error, returned by the workers so Ray does not retry
     metrics = dict(result.metrics or {})
-    raise_reported_error(metrics)  # a deterministic error the workers reported instead of failing (no retries)
     if result.checkpoint is None:
         return TrainingResult(run_name, metrics, "", tracking_summary(cfg, None))
     checkpoint = result.checkpoint

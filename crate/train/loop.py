@@ -4,16 +4,15 @@ Ray Train runs `train_worker` in every worker; `launcher: local` runs `run_train
 `LocalRuntime`. It is the same code either way: resume first, then optimizer steps of `grad_accum_steps`
 micro-batches, with periodic logging, evaluation and checkpoints. Rank 0 alone talks to MLflow.
 
-Every step the loss is averaged over the workers (so every rank decides alike): a non-finite loss, or more than
-`train.max_skipped_steps` optimizer steps skipped by the engine in a row, stops the run with `TrainingDiverged`.
+Every step the loss is averaged over the workers (so every rank decides alike): a non-finite loss, or
+`train.max_skipped_steps` optimizer steps in a row that the engine skipped, stops the run with `TrainingDiverged`.
 Under Ray Train, errors that a restart would only repeat (a diverged run, a config that does not match the
 checkpoint, no checkpoint that verifies) end the job at once instead of being retried `max_failures` times: the
-workers report the error and return, and the driver raises it (`raise_reported_error`).
+workers return the error instead of raising it, and the driver raises it (`raise_returned_error`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import Counter
@@ -26,10 +25,10 @@ import yaml
 
 from crate.config import dump_yaml, flatten, from_dict, to_dict
 from crate.data import train_batches, val_batches
+from crate.errors import ConfigError
 from crate.model import build_model
 from crate.plots import pyplot
 from crate.tracking import Tracker
-from crate.errors import CheckpointError, ConfigError
 from crate.train.checkpoint import MODEL_FILE, load_weights_into, plan_resume, restore_engine, write_checkpoint
 from crate.train.config import PretrainConfig
 from crate.train.engine import build_engine
@@ -55,29 +54,25 @@ class RunInfo:
 
 # Deterministic failures: a restart from the same checkpoint with the same config would fail the same way.
 FINAL_ERRORS = {error.__name__: error for error in (TrainingDiverged, CheckpointError, ConfigError)}
-ERROR_KEY = "crate/error"
 
 
-def train_worker(job: dict[str, Any]) -> None:
-    """Ray Train's `train_loop_per_worker`."""
+def train_worker(job: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train's `train_loop_per_worker`. Ray retries a worker group that raised; one of the FINAL_ERRORS is
+    returned instead (every rank meets it at the same point: the decisions behind them are collective)."""
     from crate.logs import configure
 
     configure()
-    runtime = RayRuntime()
     try:
-        run_training(job, runtime)
-    except tuple(FINAL_ERRORS.values()) as error:  # every rank raises it at the same point (collective decisions)
-        import ray.train
-
-        args = [error.step, error.reason] if isinstance(error, TrainingDiverged) else list(error.__reduce__()[1])
-        ray.train.report({ERROR_KEY: json.dumps({"type": type(error).__name__, "args": args})})
+        run_training(job, RayRuntime())
+    except tuple(FINAL_ERRORS.values()) as error:
+        return {"error": type(error).__name__, "args": list(error.__reduce__()[1])}
+    return None
 
 
-def raise_reported_error(metrics: dict[str, Any]) -> None:
-    """On the driver: raise the error a Ray Train worker group reported instead of raising (`train_worker`)."""
-    if ERROR_KEY in metrics:
-        error = json.loads(metrics[ERROR_KEY])
-        raise FINAL_ERRORS[error["type"]](*error["args"])
+def raise_returned_error(returned: dict[str, Any] | None) -> None:
+    """On the driver: raise the error that rank 0's `train_worker` returned, if any."""
+    if returned:
+        raise FINAL_ERRORS[returned["error"]](*returned["args"])
 
 
 def run_training(job: dict[str, Any], runtime) -> dict[str, float]:
