@@ -203,3 +203,14 @@ def test_the_device_check_runs_on_torch_alone_one_json_line_per_check():
     assert all(line["ok"] for line in lines.values()), lines
     assert "DeepSpeed" in lines["benchmark/platform"]["skipped"]
     assert [r["preset"] for r in lines["benchmark/core"]["results"]] == ["crate-tiny", "gpt-tiny"]
+
+
+def test_the_torch_engine_state_loads_tensors_and_plain_values_only(tmp_path):
+    torch.manual_seed(0)
+    cfg = TrainConfig(launcher="local", engine="torch", micro_batch_size=MICRO, global_batch_size=MICRO)
+    engine = TorchEngine(build_model(PRESET, block_size=CONTEXT), cfg, torch.device("cpu"), "fp32")
+    engine.save(tmp_path, 0)
+    engine.load(tmp_path)  # what the engine writes, it reads
+    torch.save({"model": engine.module.state_dict(), "optimizer": Path("an arbitrary object")}, tmp_path / "engine.pt")
+    with pytest.raises(ValueError, match=str(tmp_path / "engine.pt")):
+        engine.load(tmp_path)
