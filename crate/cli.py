@@ -1,6 +1,10 @@
 """The command line every job shares: `--config SOURCE`, `dotted.key=value` overrides, and optional shorthand
 flags that are nothing but overrides (`--layer 3 --neuron 5,7` means `layer=3 neurons=[5,7]`). Flags and
-overrides resolve into one validated config, so `--print-config` shows what a command line means."""
+overrides resolve into one validated config, so `--print-config` shows what a command line means.
+
+Every job ends with `sys.exit(run_job(main))`: bad input, a `ConfigError` whether the config loader or the job's
+own pre-flight checks (a corpus that does not exist, a checkpoint that is not there) raise it, is one line naming
+the dotted field on stderr and exit status 2, never a traceback."""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import re
 import sys
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence, TypeVar
 
 from crate.config import dump_yaml, list_recipes, load_config
 from crate.errors import ConfigError
@@ -46,11 +51,13 @@ class Flag:
 
 def config_parser(cls: type, description: str, default_source: str | None = None,
                   flags: Sequence[Flag] = ()) -> argparse.ArgumentParser:
+    bare = _built(lambda: load_config(cls, default_source)) if default_source else None
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="overrides are dotted.key=value (e.g. train.max_steps=100). Fields and defaults:\n"
-               + "\n".join(f"  {line}" for line in describe_fields(cls))
+        epilog="overrides are dotted.key=value (e.g. train.max_steps=100). Fields and the values a bare run uses"
+               + (f" (from {default_source})" if bare is not None else "") + ":\n"
+               + "\n".join(f"  {line}" for line in describe_fields(cls, defaults=bare))
                + f"\nrecipes: {', '.join(list_recipes())}",
     )
     parser.add_argument("--config", default=default_source,
@@ -85,11 +92,25 @@ def parse_config(cls: type[T], description: str, argv: Sequence[str] | None = No
     try:
         config = load_config(cls, args.config, overrides + rest)
     except ConfigError as error:
-        parser.exit(2, f"{parser.prog}: invalid config: {error}\n")
+        parser.exit(2, error_line(parser.prog, error))
     if args.print_config:
         sys.stdout.write(dump_yaml(config))
         parser.exit(0)
     return config, args
+
+
+def run_job(main: Callable[[], int | None]) -> int:
+    """A job's exit status: `main()`'s (0 for None); a ConfigError that escapes it is one line and status 2."""
+    try:
+        return main() or 0
+    except ConfigError as error:
+        sys.stderr.write(error_line(Path(sys.argv[0]).name, error))
+        return 2
+
+
+def error_line(prog: str, error: ConfigError) -> str:
+    """`prog: error: dotted.field: message`, on one line whatever the message holds."""
+    return f"{prog}: error: {' '.join(str(error).split())}\n"
 
 
 def describe_fields(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
@@ -103,6 +124,8 @@ def describe_fields(cls: type, prefix: str = "", defaults: Any = None) -> list[s
         value = getattr(defaults, f.name) if defaults is not None else _built(lambda: _default(f))
         if dataclasses.is_dataclass(hints[f.name]):
             lines.extend(describe_fields(hints[f.name], f"{name}.", value))
+        elif isinstance(value, dict) and value and all(hasattr(v, "describe") for v in value.values()):
+            lines.extend(f"{name}.{key} = {item.describe()}" for key, item in value.items())  # a sweep's space
         else:
             lines.append(f"{name} = {value!r}")
     return lines

@@ -6,7 +6,9 @@ validated at load time.
 - A source is a YAML path or the name of a recipe shipped in `crate/recipes/` (`crate-2l-pile` ->
   `crate/recipes/crate-2l-pile.yaml`). A YAML file may start from another with `base: <source>`.
 - Overrides are `dotted.key=value`; values are parsed as YAML scalars/lists (`1e-4`, `true`, `[a, b]`).
-- Unknown keys, wrong types and invalid values raise `ConfigError` naming the dotted field, before any work.
+- Unknown keys (with the closest field suggested), wrong types, non-finite floats (NaN, inf) and invalid values
+  raise `ConfigError` naming the dotted field, before any work; so do a `base:` cycle, a `base:` that is not one
+  source, a file that is not UTF-8 or not YAML, and a key given twice in one mapping.
 - A dataclass may define `defaults_for(raw) -> dict` (e.g. ModelConfig's `preset`) and `__post_init__`
   validation raising `ConfigError(field, message)`.
 """
@@ -14,6 +16,9 @@ validated at load time.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -36,26 +41,78 @@ def load_config(cls: type[T], source: str | Path | Mapping[str, Any] | None = No
     return from_dict(cls, raw)
 
 
-def read_source(source: str | Path | None) -> dict[str, Any]:
+def read_source(source: str | Path | None, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping a YAML file or recipe holds, its `base:` chain merged in (`_chain`: the files that led here)."""
     if source is None:
         return {}
-    path = Path(source)
-    if not path.is_file():
-        recipe = RECIPES_DIR / f"{source}.yaml"
-        if not recipe.is_file():
-            raise ConfigError("config", f"{source!r} is neither a YAML file nor a recipe (recipes: {', '.join(list_recipes())})")
-        path = recipe
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError("config", f"{path} is not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise ConfigError("config", f"{path} must hold a mapping at the top level")
+    path = source_path(source, "base" if _chain else "config")
+    if path.resolve() in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, path.resolve()))
+        raise ConfigError("base", f"{_chain[-1]}: a cycle of base files: {cycle}")
+    data = read_yaml(path)
     base = data.pop("base", None)
     if base is not None:
-        base_path = path.parent / base if (path.parent / str(base)).is_file() else base
-        data = merge(read_source(base_path), data)
+        if not isinstance(base, str):
+            raise ConfigError("base", f"{path}: must name one YAML file or recipe, got {base!r}")
+        base_path = path.parent / base if (path.parent / base).is_file() else base
+        data = merge(read_source(base_path, (*_chain, path.resolve())), data)
     return data
+
+
+def source_path(source: str | Path, field: str = "config") -> Path:
+    """The YAML file of a path or a recipe name; ConfigError on `field` if it is neither."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    recipe = RECIPES_DIR / f"{source}.yaml"
+    if not recipe.is_file():
+        raise ConfigError(field, f"{source!r} is neither a YAML file nor a recipe (recipes: {', '.join(list_recipes())})")
+    return recipe
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The top-level mapping of a UTF-8 YAML file; a key given twice in one mapping is an error, not last-wins."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise ConfigError("config", f"{path} is not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}); "
+                                    "save it as UTF-8") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            check_unique_keys(node, path)
+        result = loader.construct_document(node) if node is not None else {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError("config", f"{path} is not valid YAML: {problem}{where}") from None
+    finally:
+        loader.dispose()
+    if result is None:
+        return {}
+    if not isinstance(result, dict):
+        raise ConfigError("config", f"{path} must hold a mapping at the top level")
+    return result
+
+
+def check_unique_keys(node: yaml.Node, path: Path, prefix: str = "") -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                raise ConfigError(_join(prefix, key), f"given twice in {path} (lines {seen[key]} and "
+                                                      f"{key_node.start_mark.line + 1}); keep one")
+            if key is not None:
+                seen[key] = key_node.start_mark.line + 1
+            check_unique_keys(value_node, path, _join(prefix, key or "?"))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            check_unique_keys(item, path, f"{prefix}[{index}]")
 
 
 def list_recipes() -> list[str]:
@@ -104,7 +161,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ConfigError(_join(path, unknown[0]), f"unknown field; {cls.__name__} has: {', '.join(fields)}")
+        close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1)
+        hint = f"did you mean {_join(path, close[0])}? " if close else ""
+        raise ConfigError(_join(path, unknown[0]), f"unknown field; {hint}{cls.__name__} has: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {name: coerce(value, hints[name], _join(path, name)) for name, value in data.items()}
     try:
@@ -178,11 +237,13 @@ def coerce(value: Any, type_: Any, path: str) -> Any:
     if type_ is float:
         if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(path, f"must be a finite number, got {value!r}")
         return float(value)
     if type_ is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -191,6 +252,16 @@ def coerce(value: Any, type_: Any, path: str) -> Any:
     if isinstance(type_, type) and not isinstance(value, type_):
         raise ConfigError(path, f"expected {type_.__name__}, got {value!r}")
     return value
+
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(field: str, name: str) -> None:
+    """A name that becomes one folder (a run, a sweep): no path separators, no `..`, no leading dot."""
+    if not NAME.match(name):
+        raise ConfigError(field, f"{name!r}: use up to 128 letters, digits, '.', '_' and '-', starting with a letter "
+                                 "or digit (it names a folder under the storage path)")
 
 
 def _join(prefix: str, key: str) -> str:

@@ -17,3 +17,14 @@ class ConfigError(ValueError):
     def under(self, prefix: str) -> "ConfigError":
         """The same error with its field path nested under `prefix`."""
         return ConfigError(f"{prefix}.{self.field}" if prefix else self.field, self.message)
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint cannot be trusted or read: unreadable, torn, damaged, or holding more than data (which
+    loading would execute). `field` is the file or checkpoint at fault; the message says what is wrong."""
+
+    def __init__(self, message: str, field: str = "checkpoint"):
+        super().__init__(field, message)
+
+    def __reduce__(self):
+        return (CheckpointError, (self.message, self.field))

@@ -209,7 +209,7 @@ def run_steering(config: SteerConfig) -> list[SteeringEffect]:
     from crate.tokenizer import gpt2_tokenizer
 
     targets = _chosen_neurons(config)  # reads the results table before the model loads
-    checkpoint = str(Path(config.checkpoint).resolve())
+    checkpoint = _checkpoint_name(config.checkpoint)
     model = load_model(config.checkpoint).to(_device(config.device))
     tokenizer = gpt2_tokenizer()
     tracker = Tracker.start(config.tracking, run_name=config.tracking.run_name or f"steer-{Path(config.checkpoint).stem}",
@@ -244,10 +244,17 @@ def _chosen_neurons(config: SteerConfig) -> list[tuple[int, list[int], str | Non
 
     best = top_explained(config.results, config.top_explained, metric=config.metric, layer=config.layer)
     scored_on = {row.checkpoint for row in best} - {None}
-    if scored_on and str(Path(config.checkpoint).resolve()) not in scored_on:
+    if scored_on and _checkpoint_name(config.checkpoint) not in scored_on:
         log.warning("the results in %s were computed on %s, not on %s: the neuron indices may mean other neurons",
                     config.results, ", ".join(sorted(scored_on)), config.checkpoint)
     return [(row.layer, [row.neuron], row.explanation) for row in best]
+
+
+def _checkpoint_name(checkpoint: str) -> str:
+    """How results and effects name a checkpoint: a storage URI as given, a local file by its absolute path."""
+    from crate.model.checkpoint import is_storage_uri
+
+    return checkpoint if is_storage_uri(checkpoint) else str(Path(checkpoint).resolve())
 
 
 def _device(name: str) -> torch.device:

@@ -7,7 +7,7 @@
 import json
 import sys
 
-from crate.cli import parse_config, setup_logging
+from crate.cli import parse_config, run_job, setup_logging
 from crate.train.benchmark import BenchmarkConfig, run
 
 
@@ -19,4 +19,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from crate.cli import parse_config, setup_logging
+from crate.cli import parse_config, run_job, setup_logging
 from crate.interp.benchmark import BenchmarkConfig, run_benchmark
 
 
@@ -24,4 +24,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

@@ -8,7 +8,7 @@ the per-layer plot; markdown + CSV + PNG, logged to MLflow.
 
 import sys
 
-from crate.cli import Flag, parse_config, setup_logging
+from crate.cli import Flag, parse_config, run_job, setup_logging
 from crate.results.compare import CompareConfig, run_compare
 
 FLAGS = [
@@ -25,4 +25,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

@@ -7,10 +7,10 @@
 import argparse
 import sys
 
+from crate.cli import run_job
 from crate.config import load_config
 from crate.data.config import DataConfig
 from crate.data.stats import corpus_stats
-from crate.errors import ConfigError
 
 
 def main(argv=None) -> int:
@@ -19,14 +19,11 @@ def main(argv=None) -> int:
                                                                  "key=value sets a DataConfig field")
     args = parser.parse_args(argv)
     overrides = [p for p in args.paths if "=" in p and "://" not in p.split("=", 1)[0]]
-    try:
-        cfg = load_config(DataConfig, None, overrides)
-    except ConfigError as error:
-        parser.exit(2, f"invalid option: {error}\n")
+    cfg = load_config(DataConfig, None, overrides)
     stats = corpus_stats([p for p in args.paths if p not in overrides], cfg)
     print(stats.report())
     return 0 if stats.readable else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

@@ -9,20 +9,20 @@
 Rerunning the same command resumes. The flags are shorthands for overrides (`--metric tar` = `metrics=[tar]`).
 """
 
-import json
 import sys
 
-from crate.cli import parse_config, setup_logging
+from crate.cli import parse_config, run_job, setup_logging
 from crate.interp import InterpConfig, run_interpretability
 from crate.interp.config import FLAGS
+from crate.interp.report import format_summary
 
 
 def main(argv=None) -> None:
     setup_logging()
     config, _ = parse_config(InterpConfig, __doc__, argv, flags=FLAGS)
     summary = run_interpretability(config)
-    print(json.dumps(summary["models"], indent=1))
+    print(format_summary(summary))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

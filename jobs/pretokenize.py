@@ -11,10 +11,9 @@ set DataConfig fields (text_field, include_sets, exclude_sets, pile_url, max_doc
 import argparse
 import sys
 
-from crate.cli import setup_logging
+from crate.cli import run_job, setup_logging
 from crate.config import load_config
 from crate.data import DataConfig, pretokenize
-from crate.errors import ConfigError
 
 
 def main(argv=None) -> int:
@@ -26,14 +25,11 @@ def main(argv=None) -> int:
     parser.add_argument("--local", action="store_true", help="tokenize in this process instead of Ray tasks")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(DataConfig, None, args.overrides)
-    except ConfigError as error:
-        parser.exit(2, f"invalid option: {error}\n")
+    cfg = load_config(DataConfig, None, args.overrides)
     index = pretokenize(args.corpus, args.out, cfg, args.shard_bytes, use_ray=not args.local)
     print(f"{args.out}: {index['n_tokens']:,} tokens in {len(index['shards'])} shards; {index['stats']}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

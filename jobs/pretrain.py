@@ -7,7 +7,7 @@
 
 import sys
 
-from crate.cli import parse_config, setup_logging
+from crate.cli import parse_config, run_job, setup_logging
 from crate.train import PretrainConfig, launch
 
 
@@ -18,4 +18,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

@@ -9,11 +9,10 @@ Resumable (finished input files are skipped); `key=value` sets DataConfig fields
 import argparse
 import sys
 
-from crate.cli import setup_logging
+from crate.cli import run_job, setup_logging
 from crate.config import load_config
 from crate.data import DataConfig
 from crate.data.reshard import reshard
-from crate.errors import ConfigError
 
 
 def main(argv=None) -> int:
@@ -25,13 +24,10 @@ def main(argv=None) -> int:
     parser.add_argument("--local", action="store_true", help="convert in this process instead of Ray tasks")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(DataConfig, None, args.overrides)
-    except ConfigError as error:
-        parser.exit(2, f"invalid option: {error}\n")
+    cfg = load_config(DataConfig, None, args.overrides)
     print(f"{args.out}: {reshard(args.corpus, args.out, cfg, args.file_bytes, use_ray=not args.local)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

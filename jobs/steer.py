@@ -7,7 +7,7 @@
 
 import sys
 
-from crate.cli import Flag, parse_config, setup_logging
+from crate.cli import Flag, parse_config, run_job, setup_logging
 from crate.steering import SteerConfig, run_steering
 
 FLAGS = [
@@ -30,4 +30,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

@@ -10,7 +10,7 @@ Rerunning the same command resumes from the last checkpoint in the output direct
 
 import sys
 
-from crate.cli import Flag, parse_config, setup_logging
+from crate.cli import Flag, parse_config, run_job, setup_logging
 from crate.sae.job import TrainSAEConfig, run_sae_training
 
 FLAGS = [
@@ -29,4 +29,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

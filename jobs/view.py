@@ -6,7 +6,7 @@
 
 import sys
 
-from crate.cli import Flag, parse_config, setup_logging
+from crate.cli import Flag, parse_config, run_job, setup_logging
 from crate.results.viewer import ViewerConfig, run_viewer
 
 FLAGS = [
@@ -22,4 +22,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main))

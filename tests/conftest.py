@@ -1,4 +1,5 @@
-"""Shared fixtures. Ray: one instance per test module (2 CPUs, a small object store), shut down at its end."""
+"""Shared fixtures. Ray: one instance per test module (2 CPUs, a small object store), started the way every job
+starts its local instance (crate.cluster.connect_ray: loopback only), shut down at its end."""
 
 import gc
 import os
@@ -13,10 +14,12 @@ def ray_cluster(request):
     which the dashboard serves (without it the next trial waits forever)."""
     import ray
 
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback-only test instances
+    from crate.cluster import connect_ray
+
+    os.environ.pop("RAY_ADDRESS", None)  # a shell that sourced a stack's env must not send the tests there
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")  # 2 busy cores start workers slowly
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20,
-             include_dashboard=getattr(request.module, "RAY_DASHBOARD", False))
+    assert connect_ray(num_cpus=2, object_store_memory=200 * 2**20,
+                       include_dashboard=getattr(request.module, "RAY_DASHBOARD", False)), "Ray was already initialised"
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray.get_runtime_context().gcs_address
     gc.collect()  # close abandoned data streams (their Ray Data executors) while Ray is still up

@@ -143,3 +143,25 @@ def test_a_model_without_a_recorded_depth_takes_its_deepest_layer_as_last(tmp_pa
     row = summary_of(compare(read_results([path])), "crate-6l")
     assert row["layers"] == "0,1,2,3,4" and 100 * row["mean"] == pytest.approx(7.96, abs=0.006)
     assert 1e4 * row["variance"] == pytest.approx(2.29, abs=0.006)
+
+
+@pytest.mark.parametrize("n_layer", [3, 6, 8, 12, 24])
+def test_interpretability_summaries_and_table_2_aggregate_by_one_rule(tmp_path, n_layer):
+    """The job's own summary and Table 2 agree at every depth, the paper's (3, 6, 12) and others (8, 24)."""
+    from crate.interp.report import layer_summary, model_summary
+
+    per_layer = [float(3 * l % 7 + l) for l in range(n_layer)]
+    all_rows = rows(f"crate-{n_layer}l", "crate", n_layer, "tar", per_layer)
+    comparison = compare(read_results([str(write_results(tmp_path / "r.parquet", all_rows))]))
+    paper, every = (summary_of(comparison, f"crate-{n_layer}l", rule=rule) for rule in ("paper", "all"))
+    table = pa.Table.from_pylist([{k: r[k] for k in ("model", "features", "protocol", "metric", "backend",
+                                                   "prompt_version", "seed", "layer", "score", "status")}
+                                  for r in all_rows])
+    layers = layer_summary(table)
+    ours, = model_summary(layers, n_layer)
+    assert ours["mean_excl_last"] / 100 == pytest.approx(paper["mean"])  # the job reports ×100
+    assert ours["mean"] / 100 == pytest.approx(every["mean"])
+    assert ours["variance_excl_last"] / 100**2 == pytest.approx(paper["variance"])
+    assert (paper["layers"].count(",") + 1 == n_layer - 1) == (n_layer >= 6)
+    stds = comparison.layers.filter(pl.col("model") == f"crate-{n_layer}l")["std"].to_list()
+    assert [r["std"] / 100 for r in layers] == pytest.approx(stds)

@@ -63,3 +63,88 @@ def test_help_shows_nested_defaults_from_their_factories():
     lines = describe_fields(InterpConfig)
     assert "anthropic_records.blocks = 800" in lines and "anthropic_records.window = 8" in lines
     assert "records.blocks = 8000" in lines and "records.window = 64" in lines
+
+
+# ---- bad input: every one a ConfigError naming its field, at load time (issue 13, items 4 and 13) -----------
+
+
+@pytest.mark.parametrize("override, field_path", [
+    ("model.ista_step_size=nan", "model.ista_step_size"), ("model.ista_sparsity=nan", "model.ista_sparsity"),
+    ("model.ista_sparsity=.nan", "model.ista_sparsity"), ("train.optim.lr=inf", "train.optim.lr"),
+    ("train.optim.lr=nan", "train.optim.lr"), ("train.optim.grad_clip=nan", "train.optim.grad_clip"),
+    ("train.optim.min_lr=-inf", "train.optim.min_lr"), ("model.dropout=-.inf", "model.dropout"),
+    ("train.peak_flops=inf", "train.peak_flops"),  # an optional float too
+])
+def test_non_finite_floats_are_refused_by_name(override, field_path):
+    from crate.train.config import PretrainConfig
+
+    with pytest.raises(ConfigError) as error:
+        load_config(PretrainConfig, "quickstart", [override])
+    assert error.value.field == field_path and "finite" in error.value.message
+
+
+def test_a_base_cycle_is_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nsteps: 1\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nsteps: 2\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(Outer, tmp_path / "a.yaml")
+    assert error.value.field == "base" and "cycle" in error.value.message and "a.yaml" in error.value.message
+
+
+@pytest.mark.parametrize("base", ["[1, 2]", "{x: 1}", "7"])
+def test_a_base_that_is_not_one_source_is_named(tmp_path, base):
+    (tmp_path / "c.yaml").write_text(f"base: {base}\nsteps: 1\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(Outer, tmp_path / "c.yaml")
+    assert error.value.field == "base"
+
+
+def test_non_utf8_yaml_is_named(tmp_path):
+    (tmp_path / "latin.yaml").write_bytes("steps: 3  # réglage\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as error:
+        load_config(Outer, tmp_path / "latin.yaml")
+    assert error.value.field == "config" and "UTF-8" in error.value.message and "line 1" in error.value.message
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    (tmp_path / "dup.yaml").write_text("steps: 3\ninner:\n  rate: 0.1\n  rate: 0.2\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(Outer, tmp_path / "dup.yaml")
+    assert error.value.field == "inner.rate" and "twice" in error.value.message and "lines 3 and 4" in error.value.message
+    (tmp_path / "ok.yaml").write_text("steps: 3\ninner: {rate: 0.1}\nother: {rate: 0.2}\n")  # same key, other map
+    with pytest.raises(ConfigError, match="unknown field"):
+        load_config(Outer, tmp_path / "ok.yaml")
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "/abs", "..", ".hidden", "a\\b", "x" * 300])
+def test_run_names_that_are_not_one_folder_are_refused(name):
+    from crate.train.config import PretrainConfig
+
+    with pytest.raises(ConfigError) as error:
+        load_config(PretrainConfig, "quickstart", [f"train.run_name={name}"])
+    assert error.value.field == "train.run_name"
+
+
+def test_an_empty_run_name_still_means_automatic():
+    from crate.train.config import PretrainConfig
+
+    assert load_config(PretrainConfig, "quickstart", ["train.run_name="]).train.run_name == ""
+    assert load_config(PretrainConfig, "quickstart", ["train.run_name=crate-tiny_v2.1"]).train.run_name
+
+
+def test_an_absurd_block_size_is_refused_before_anything_is_allocated():
+    with pytest.raises(ConfigError) as error:
+        load_config(Outer, None, ["model.block_size=1000000000"])
+    assert error.value.field == "model.block_size" and "65536" in error.value.message
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("train.max_step=5", "train.max_steps"), ("model.ista_sparsty=0.1", "model.ista_sparsity"),
+    ("trian.max_steps=5", "train"),
+])
+def test_unknown_keys_suggest_the_closest_field(override, suggestion):
+    from crate.train.config import PretrainConfig
+
+    with pytest.raises(ConfigError) as error:
+        load_config(PretrainConfig, "quickstart", [override])
+    assert f"did you mean {suggestion}?" in error.value.message

@@ -439,7 +439,7 @@ def test_bad_sources_fail_before_any_work_naming_the_field(tmp_path, clean, val_
     for cfg, field, message in cases:
         with pytest.raises(ConfigError, match=message) as error:
             check_sources(cfg)
-        assert error.value.field == field
+        assert error.value.field == f"data.{field}"  # the full dotted field of the section that holds it
     for raw, field in [({"train": "stdlib://test"}, "train"), ({"val": "pile://dev"}, "val"),
                        ({"engine": "spark"}, "engine"), ({"context": 0}, "context"),
                        ({"include_sets": ["A"], "exclude_sets": ["A"]}, "exclude_sets")]:

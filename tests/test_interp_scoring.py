@@ -189,7 +189,7 @@ def test_summaries_count_nans_and_drop_the_last_layer_of_6_and_12_layer_models()
     table = pa.Table.from_pylist(result_rows({l: [0.1 * (l + 1), 0.3 * (l + 1), None, "x"] for l in range(6)}))
     layers = layer_summary(table)
     assert [(r["layer"], r["scored"], r["undefined"], r["failed"]) for r in layers][:2] == [(0, 2, 1, 1), (1, 2, 1, 1)]
-    assert layers[0]["mean"] == pytest.approx(20.0) and layers[0]["std"] == pytest.approx(math.sqrt(200))
+    assert layers[0]["mean"] == pytest.approx(20.0) and layers[0]["std"] == pytest.approx(10.0)  # population std
     six, = model_summary(layers, n_layer=6)
     assert six["mean"] == pytest.approx(20 * 3.5) and six["mean_excl_last"] == pytest.approx(20 * 3.0)
     three, = model_summary([r for r in layers if r["layer"] < 3], n_layer=3)
@@ -201,7 +201,8 @@ def test_sampled_layers_get_a_finite_population_corrected_confidence_interval():
     sampled, = layer_summary(table, {0: 100})
     complete, = layer_summary(table, {0: 4})
     t = 3.182446305284263  # t(0.975, 3)
-    assert sampled["ci95"] == pytest.approx(t * sampled["std"] / 2 * math.sqrt(96 / 99))
+    sample_std = math.sqrt(sum((x - 25.0) ** 2 for x in (10, 20, 30, 40)) / 3)
+    assert sampled["ci95"] == pytest.approx(t * sample_std / 2 * math.sqrt(96 / 99))
     assert complete["ci95"] == 0.0
 
 

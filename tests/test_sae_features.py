@@ -38,7 +38,7 @@ def subject(tmp_path_factory):
 
 def test_the_source_encodes_the_layer_it_was_trained_on(subject):
     model = build_model("crate-tiny")
-    model.load_state_dict(torch.load(subject / "crate.pt", weights_only=False)["model"])
+    model.load_state_dict(torch.load(subject / "crate.pt", weights_only=True)["model"])
     source = feature_source(f"sae:{subject / 'sae.pt'}")
     assert source.kind == "sae" and source.n_features(model, 1) == 2 * model.config.n_neurons
     tokens = torch.tensor(np.random.default_rng(0).integers(0, 50257, (2, 12)))

@@ -210,3 +210,24 @@ def test_report_files_are_written(tmp_path, grid):
         "summary.csv", "summary.md", "plots/loss_vs_lambda_eta.png", "plots/pareto.png"]
     assert all(f.stat().st_size > 0 for f in files)
     assert pl.read_csv(tmp_path / "summary.csv")["trial"].len() == 6
+
+
+def test_help_prints_the_defaults_a_bare_run_uses(capsys):
+    """`tune/sweep.py --help` lists what a bare `python tune/sweep.py` runs: the small embedded sweep
+    (tune/quickstart.yaml, tiny trials on the built-in corpus), its trials' fields as the recipe sets them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_job", REPO / "tune" / "sweep.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    with pytest.raises(SystemExit) as exit_:
+        job.main(["--help"])
+    shown = capsys.readouterr().out
+    assert exit_.value.code == 0 and f"(default: {REPO / 'tune' / 'quickstart.yaml'})" in " ".join(shown.split())
+    bare = load_config(SweepConfig, REPO / "tune" / "quickstart.yaml")
+    assert bare.expected_trials == 4 and bare.trial.train.max_steps <= 20 and bare.trial.data.train == "stdlib://train"
+    for line in (f"trial.train.max_steps = {bare.trial.train.max_steps}", f"trial.data.context = {bare.trial.data.context}",
+                 f"trial.model.block_size = {bare.trial.model.block_size}", "scheduler.kind = 'fifo'",
+                 "space.model.ista_sparsity = grid [0.05, 0.2]"):
+        assert f"  {line}\n" in shown, line
+    assert "600000" not in shown and "context = 1024" not in shown

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 from crate.cluster import connect_ray
 from crate.data.config import DataConfig
 from crate.data.shards import pretokenize
-from crate.data.sources import resolve
+from crate.data.sources import resolve_input
 from crate.data.stream import read_blocks, train_batches
 from crate.errors import ConfigError
 
@@ -61,7 +61,7 @@ def run(cfg: DataBenchmarkConfig) -> Iterator[dict[str, Any]]:
     import ray
 
     corpus = cfg.corpus or (str(SHARED_CORPUS) if SHARED_CORPUS.is_dir() else "stdlib://train")
-    units = resolve(corpus, DataConfig()).units
+    units = resolve_input(corpus, DataConfig(), raw=True).units
     yield machine(corpus)
     with tempfile.TemporaryDirectory() as scratch:
         subset = Path(scratch) / "subset"

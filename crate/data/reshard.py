@@ -21,7 +21,7 @@ from pathlib import Path
 from crate.data.config import DataConfig, MiB
 from crate.data.documents import ReadOptions, Start, records
 from crate.data.shards import map_files, progress_bar, write_atomic
-from crate.data.sources import SourceError, Unit, resolve
+from crate.data.sources import Unit, resolve_input
 
 log = logging.getLogger(__name__)
 ROW_GROUP_BYTES = 16 * MiB  # text per Parquet row group: the granularity of column reads and of resume
@@ -30,9 +30,7 @@ ROW_GROUP_BYTES = 16 * MiB  # text per Parquet row group: the granularity of col
 def reshard(corpus: str, out: str | os.PathLike, cfg: DataConfig, file_bytes: int = 256 * MiB,
             use_ray: bool = True, progress: bool = True) -> dict[str, int]:
     """Convert `corpus` into Parquet parts under `out`; returns the merged record counts."""
-    source = resolve(corpus, cfg)
-    if source.pretokenized:
-        raise SourceError(f"{corpus} is pretokenized; reshard reads raw text")
+    source = resolve_input(corpus, cfg, raw=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     options = ReadOptions.of(cfg)

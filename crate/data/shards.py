@@ -29,7 +29,7 @@ from crate.cluster import connect_ray
 from crate.data.config import DataConfig, MiB
 from crate.data.documents import ReadOptions, Start, documents
 from crate.data.packing import StreamStats
-from crate.data.sources import INDEX_FILE, SourceError, Unit, resolve
+from crate.data.sources import INDEX_FILE, SourceError, Unit, resolve_input
 from crate.tokenizer import EOT_TOKEN
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,7 @@ class TokenShards:
 def pretokenize(corpus: str, out: str | os.PathLike, cfg: DataConfig, shard_bytes: int = 64 * MiB,
                 use_ray: bool = True, progress: bool = True) -> dict:
     """Tokenize `corpus` into shards under `out` (resumable); returns the index. Filters of `cfg` apply."""
-    source = resolve(corpus, cfg)
-    if source.pretokenized:
-        raise SourceError(f"{corpus} is already pretokenized")
+    source = resolve_input(corpus, cfg, raw=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     groups = group_units(source.units, shard_bytes)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from crate.data.config import DataConfig
+from crate.errors import ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,6 +98,18 @@ def resolve(uri: str, cfg: DataConfig) -> Corpus:
         root = cfg.pile_url.rstrip("/")
         return resolve_files(f"{root}/train/*.jsonl.zst" if rest == "train" else f"{root}/{rest}.jsonl.zst", retry)
     return resolve_files(uri, retry)
+
+
+def resolve_input(uri: str, cfg: DataConfig, field: str = "corpus", raw: bool = False) -> Corpus:
+    """`resolve` for a job's input: one that cannot be listed (or, with `raw`, that is pretokenized) is a
+    ConfigError on `field`, raised before any work."""
+    try:
+        corpus = resolve(uri, cfg)
+    except SourceError as error:
+        raise ConfigError(field, str(error)) from None
+    if raw and corpus.pretokenized:
+        raise ConfigError(field, f"{uri} is pretokenized; this job reads raw text")
+    return corpus
 
 
 def builtin_units(split: str) -> tuple[Unit, ...]:

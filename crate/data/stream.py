@@ -146,24 +146,31 @@ def read_blocks(source: str, block_length: int, max_blocks: int, text_field: str
         yield block.tokens.astype(np.int64)
 
 
-def check_sources(cfg: DataConfig) -> None:
+def check_sources(cfg: DataConfig, where: str = "data") -> None:
     """Pre-flight before any worker starts: both corpora exist, list, are non-empty and open; ConfigError
-    naming `train` or `val` otherwise. Reads at most the first record of one file per corpus."""
-    if cfg.train == cfg.val:
-        raise ConfigError("val", f"is the same corpus as train ({cfg.train}); give a held-out split")
-    for name in ("train", "val"):
-        corpus = open_corpus(cfg, name)
-        if corpus.pretokenized:
-            if TokenShards(corpus.shards).n_tokens < cfg.block_length:
-                raise ConfigError(name, f"{corpus.uri} holds fewer tokens than one block ({cfg.block_length})")
-            continue
-        probe = next((u for u in corpus.units if u.size > 0), None)
-        if probe is None:
-            raise ConfigError(name, f"{corpus.uri}: all {len(corpus.units)} files are empty")
-        try:
-            next(documents(probe, Start(), ReadOptions.of(cfg)), None)
-        except SourceError as error:
-            raise ConfigError(name, f"{corpus.uri}: unreadable: {error}") from None
+    naming `<where>.train` or `<where>.val` otherwise (`where`: the config section holding `cfg`)."""
+    try:
+        if cfg.train == cfg.val:
+            raise ConfigError("val", f"is the same corpus as train ({cfg.train}); give a held-out split")
+        for name in ("train", "val"):
+            check_corpus(cfg, name)
+    except ConfigError as error:
+        raise error.under(where) from None
+
+
+def check_corpus(cfg: DataConfig, name: str) -> None:
+    corpus = open_corpus(cfg, name)
+    if corpus.pretokenized:
+        if TokenShards(corpus.shards).n_tokens < cfg.block_length:
+            raise ConfigError(name, f"{corpus.uri} holds fewer tokens than one block ({cfg.block_length})")
+        return
+    probe = next((u for u in corpus.units if u.size > 0), None)
+    if probe is None:
+        raise ConfigError(name, f"{corpus.uri}: all {len(corpus.units)} files are empty")
+    try:
+        next(documents(probe, Start(), ReadOptions.of(cfg)), None)
+    except SourceError as error:
+        raise ConfigError(name, f"{corpus.uri}: unreadable: {error}") from None
 
 
 def open_corpus(cfg: DataConfig, name: str) -> Corpus:

@@ -71,6 +71,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
 
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = (load_model(cfg.checkpoint) if cfg.checkpoint else build_model(cfg.preset)).to(device).eval()
+    cfg = dataclasses.replace(cfg, records=cfg.records.for_context(model.config.block_size))  # block_length: the model's
     spec, n_layer = cfg.records, model.config.n_layer
     blocks = _blocks(cfg, model.config.vocab_size)
     features = {layer: np.arange(model.config.n_neurons) for layer in range(n_layer)}

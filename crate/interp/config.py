@@ -22,7 +22,7 @@ class CollectionConfig:
     """Which activation records are kept per feature (paper §5: `interpret/activations_crate_overcomplete.py`)."""
 
     blocks: int = 8000  # the first `blocks` blocks of the corpus (paper: 8000 × 1024 tokens of Pile validation)
-    block_length: int = 1024  # tokens per block = one forward context
+    block_length: int | None = None  # tokens per block = one forward context; default: the model's (paper: 1024)
     window: int = 64  # tokens per record
     # centered: the top/random/quantile units are tokens and a record is the window around one (paper; windows of
     #   neighbouring top tokens overlap). fragments: the block is cut into aligned, non-overlapping windows and a
@@ -38,12 +38,8 @@ class CollectionConfig:
 
     def __post_init__(self) -> None:
         for name in ("blocks", "block_length", "window", "top", "random", "batch_blocks"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.window > self.block_length:
-            raise ConfigError("window", f"a {self.window}-token window does not fit a {self.block_length}-token block")
-        if self.windows != "centered" and self.block_length % self.window:
-            raise ConfigError("window", f"fragments need block_length ({self.block_length}) divisible by window")
         edges = self.quantile_edges
         if edges and (len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])) or edges[0] < 0 or edges[-1] > 1):
             raise ConfigError("quantile_edges", f"need >= 2 strictly increasing values in [0, 1], got {edges}")
@@ -51,6 +47,12 @@ class CollectionConfig:
             raise ConfigError("per_quantile", "per_quantile and quantile_pool must be >= 0")
         if self.n_bins and self.per_quantile > self.quantile_pool:
             raise ConfigError("quantile_pool", f"must be >= per_quantile ({self.per_quantile})")
+        if self.block_length is None:  # checked again once the model's context fills it in (`for_context`)
+            return
+        if self.window > self.block_length:
+            raise ConfigError("window", f"a {self.window}-token window does not fit a {self.block_length}-token block")
+        if self.windows != "centered" and self.block_length % self.window:
+            raise ConfigError("window", f"fragments need block_length ({self.block_length}) divisible by window")
 
     @property
     def n_bins(self) -> int:
@@ -61,6 +63,10 @@ class CollectionConfig:
         if self.windows != "auto":
             return self
         return replace(self, windows="fragments" if protocol == "openai" else "centered")
+
+    def for_context(self, context: int) -> "CollectionConfig":
+        """These settings with an unset block_length filled in by a model's context (`block_size`)."""
+        return self if self.block_length is not None else replace(self, block_length=context)
 
     def collection_id(self, **context: object) -> str:
         """A short hash naming these settings plus `context` (checkpoint, corpus, features, seed)."""
@@ -127,16 +133,18 @@ class WorkersConfig:
 
     collect_actors: int = 0
     collect_gpus: float = 0.0  # per collection actor
-    actors: int = 2
-    concurrency: int = 4  # http: concurrent requests per actor; hf: keep 1 per GPU
+    actors: int = 2  # 0: score in the driver process (no Ray), `concurrency` features in flight on threads
+    concurrency: int | None = None  # features in flight per actor; default: 4 (http, tokenset), 1 (hf: one per model)
     gpus_per_actor: float = 0.0  # hf on GPU: 1
     cpus_per_actor: float = 1.0
     max_actor_restarts: int = 2  # a crashed actor is restarted and its in-flight neurons retried
     compact_every: int = 500  # rows between compactions of the write-ahead log into results.parquet
 
     def __post_init__(self) -> None:
-        if self.collect_actors < 0 or self.actors < 1 or self.concurrency < 1 or self.compact_every < 1:
-            raise ConfigError("actors", "need collect_actors >= 0, actors >= 1, concurrency >= 1, compact_every >= 1")
+        if self.collect_actors < 0 or self.actors < 0 or self.compact_every < 1:
+            raise ConfigError("actors", "need collect_actors >= 0, actors >= 0, compact_every >= 1")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ConfigError("concurrency", f"must be >= 1, got {self.concurrency}")
         if self.gpus_per_actor < 0 or self.cpus_per_actor < 0 or self.collect_gpus < 0:
             raise ConfigError("gpus_per_actor", "resources must be >= 0")
 
@@ -154,7 +162,7 @@ class InterpConfig:
     metrics: list[str] = field(default_factory=lambda: ["tar"])  # crate-paper: tar random anthropic; openai: tar top random
     sample: int | None = None  # score a seeded sample of this many features per layer (with a CI on the layer mean)
     seed: int = 0  # random records, neuron sample, explanation sampling
-    output_dir: str | None = None  # default: interp/<checkpoint file stem>
+    output_dir: str | None = None  # default: ./interp/<run>@<step>-<model_sha256[:12]>, one folder per model
     device: str = "auto"  # collection in the driver process: auto = cuda if available
     records: CollectionConfig = field(default_factory=CollectionConfig)  # for tar / random / top
     anthropic_records: CollectionConfig = field(default_factory=anthropic_collection)  # for anthropic
@@ -176,6 +184,8 @@ class InterpConfig:
             raise ConfigError("sample", f"must be >= 1, got {self.sample}")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise ConfigError("layers", f"must be non-negative layer indices, got {self.layers}")
+        if self.workers.concurrency is None:  # one HF model answers one call at a time; HTTP servers batch
+            self.workers.concurrency = 1 if self.backend.kind == "hf" else 4
         self.records = self.records.resolved(self.protocol)
         self.anthropic_records = self.anthropic_records.resolved(self.protocol)
         for group, _ in metric_groups(self.protocol, self.metrics):
@@ -192,5 +202,5 @@ FLAGS = [
     Flag("--features", "features", "neurons, or a registered source such as sae:PATH", "text"),
     Flag("--sample", "sample", "score a seeded sample of N features per layer", metavar="N"),
     Flag("--layers", "layers", "layer indices (default: all)", "numbers"),
-    Flag("--output", "output_dir", "output directory (default interp/<checkpoint stem>)", "text", "DIR"),
+    Flag("--output", "output_dir", "output directory (default interp/<run>@<step>-<sha12>, one per model)", "text", "DIR"),
 ]

@@ -8,6 +8,8 @@ import Ray.
   each with `concurrency` features in flight; the driver keeps at most actors × concurrency tasks submitted and
   hands every finished feature's rows to `on_rows` at once. A crashed actor is restarted by Ray and its tasks
   retried (`max_actor_restarts`); a task that still fails becomes failed rows, never a failed job.
+  With `workers.actors=0` the same contract runs in the driver process instead (`LocalScoringPool`: one backend,
+  `concurrency` features in flight on threads, no Ray).
 """
 
 from __future__ import annotations
@@ -28,11 +30,15 @@ log = logging.getLogger(__name__)
 
 
 class CollectionWorker:
-    def __init__(self, checkpoint: str, features: str):
+    def __init__(self, checkpoint: str, features: str, sha256: str):
         from crate.interp.features import feature_source
+        from crate.interp.job import model_sha256
         from crate.model import load_model
 
         self.model = load_model(checkpoint)
+        if model_sha256(self.model) != sha256:  # records must come from the model the driver named
+            raise RuntimeError(f"{checkpoint} changed after the job started: model_sha256 {model_sha256(self.model)[:12]}"
+                               f", the job's {sha256[:12]}")
         self.source = feature_source(features)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -40,13 +46,13 @@ class CollectionWorker:
         return collect(self.model, batches, spec, self.source, features, seed, self.device).to("cpu")
 
 
-def collect_sharded(checkpoint: str, features_spec: str, batches: Sequence[tuple[np.ndarray, np.ndarray]], spec,
-                    features: dict[int, np.ndarray], seed: int, actors: int, gpus: float) -> RecordCollector:
+def collect_sharded(checkpoint: str, sha256: str, features_spec: str, batches: Sequence[tuple[np.ndarray, np.ndarray]],
+                    spec, features: dict[int, np.ndarray], seed: int, actors: int, gpus: float) -> RecordCollector:
     import ray
 
     connect_ray()
     worker = ray.remote(num_cpus=1, num_gpus=gpus)(CollectionWorker)
-    workers = [worker.remote(checkpoint, features_spec) for _ in range(actors)]
+    workers = [worker.remote(checkpoint, features_spec, sha256) for _ in range(actors)]
     shards = [list(batches[i::actors]) for i in range(actors)]
     pending = [w.collect.remote(shard, spec, features, seed) for w, shard in zip(workers, shards) if shard]
     merged = None
@@ -126,3 +132,38 @@ class ScoringPool:
 
         for actor in self.actors:
             ray.kill(actor)
+
+
+class LocalScoringPool:
+    """`workers.actors=0`: one backend in the driver process, `concurrency` features in flight on threads."""
+
+    def __init__(self, backend_config, workers, seed: int):
+        from crate.interp.backends import build_backend
+        from crate.interp.scoring import identity
+
+        self.backend = build_backend(backend_config, seed)
+        self.concurrency = workers.concurrency
+        self.identity = identity(self.backend)
+
+    def score_tasks(self, tasks: Iterable[tuple[ScoringTask, tuple[str, ...]]], total: int, seed: int,
+                    on_rows: Callable[[list[dict]], None]) -> None:
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        from crate.interp.scoring import score_task
+
+        queue = iter(tasks)
+        in_flight: set = set()
+        with ThreadPoolExecutor(self.concurrency) as threads, \
+                tqdm(total=total, unit="neuron", desc="score", smoothing=0.05, mininterval=2.0) as bar:
+            while True:
+                while len(in_flight) < self.concurrency and (item := next(queue, None)) is not None:
+                    in_flight.add(threads.submit(score_task, *item, self.backend, seed))
+                if not in_flight:
+                    break
+                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:  # score_task turns every error into failed rows
+                    on_rows(future.result())
+                    bar.update(1)
+
+    def close(self) -> None:
+        self.backend.close()

@@ -3,10 +3,12 @@
     python jobs/interpret.py --checkpoint ckpt.pt --corpus pile://val --metric tar,random --backend http \
         backend.explainer_model=… backend.base_url=http://vllm:8000/v1
 
-Output directory (default `interp/<checkpoint stem>`): `records/<collection_id>/` (reused by any later job with
-the same checkpoint, corpus, features, seed and collection settings), the results table (crate.interp.store),
-`summary.json`, `layers.png`. Rerunning the same command after a kill resumes: finished records are reused,
-scored features are skipped, and the MLflow run of the same job scope is reopened.
+Output directory (default `interp/<label>-<sha12>` under the directory the job was started from, one per model:
+the label is `<run>@<step>`, sha12 the start of its model_sha256): `model.json` (the one model it holds),
+`records/<collection_id>/` (reused by any later job with the same model, corpus, features, seed and collection
+settings), the results table (crate.interp.store), `summary.json`, `layers.png`. Rerunning the same command after
+a kill resumes: finished records are reused, finished features are skipped, failed ones are retried, and the MLflow
+run of the same job scope is reopened.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
@@ -43,42 +46,66 @@ from crate.plots import save
 log = logging.getLogger(__name__)
 
 
+def model_sha256(model) -> str:
+    """The model's identity by content: SHA-256 over its config and every tensor of its state dict (name, dtype,
+    shape, bytes), so the same weights hash alike wherever and in whatever file layout they are stored."""
+    import torch
+
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 @dataclass
 class Subject:
-    """The model under study and where it came from."""
+    """The model under study and where it came from. `model_id` is its name in tables and plots (`<run>@<step>`
+    for platform checkpoints); `sha256` (model_sha256) is what it is."""
 
     model: object
     checkpoint: str
     model_id: str
+    sha256: str
     run_id: str | None
     step: int | None
 
     @classmethod
     def load(cls, checkpoint: str) -> "Subject":
         from crate.model import load_model
+        from crate.model.checkpoint import is_storage_uri
 
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise ConfigError("checkpoint", f"no checkpoint file at {checkpoint}")
-        model = load_model(path)
+        if not is_storage_uri(checkpoint):
+            if not Path(checkpoint).is_file():
+                raise ConfigError("checkpoint", f"no checkpoint file at {checkpoint}")
+            checkpoint = str(Path(checkpoint).resolve())
+        try:
+            model = load_model(checkpoint)
+        except FileNotFoundError as error:  # a storage URI that does not open
+            raise ConfigError("checkpoint", str(error)) from None
+        sha256 = model_sha256(model)
         metadata = getattr(model, "checkpoint_metadata", {}) or {}  # absent for the paper's released checkpoints
         run_id, step = metadata.get("mlflow_run_id"), metadata.get("step")
         trained_as = metadata.get("run_name") or run_id  # tables and plots label the model by its run name
         if trained_as and step is not None:
             model_id = f"{trained_as}@{step}"
         else:
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    digest.update(chunk)
-            model_id = f"{path.stem}-{digest.hexdigest()[:12]}"
-        return cls(model, str(path.resolve()), model_id, run_id, step)
+            model_id = f"{PurePosixPath(checkpoint).stem}-{sha256[:12]}"
+        return cls(model, checkpoint, model_id, sha256, run_id, step)
+
+    @property
+    def folder(self) -> str:
+        """The default output folder's name: the label and the content hash, in characters safe in a path."""
+        label = re.sub(r"[^\w.@+-]", "_", self.model_id)
+        return label if label.endswith(self.sha256[:12]) else f"{label}-{self.sha256[:12]}"
 
     @property
     def provenance(self) -> dict:
         c = self.model.config
         return {"checkpoint": self.checkpoint, "checkpoint_run_id": self.run_id, "checkpoint_step": self.step,
-                "model": self.model_id, "preset": c.preset, "arch": c.arch, "n_layer": c.n_layer}
+                "model": self.model_id, "model_sha256": self.sha256, "preset": c.preset, "arch": c.arch,
+                "n_layer": c.n_layer}
 
 
 def _code_version() -> str:
@@ -100,9 +127,9 @@ def selected_features(cfg: InterpConfig, n_features: dict[int, int]) -> dict[int
 
 class InterpretabilityJob:
     def __init__(self, cfg: InterpConfig):
-        self.cfg = cfg
         self.subject = Subject.load(cfg.checkpoint)
         config = self.subject.model.config
+        self.cfg = cfg = _for_model(cfg, config.block_size)
         self.layers = list(cfg.layers) if cfg.layers is not None else list(range(config.n_layer))
         self.source = feature_source(cfg.features)
         try:
@@ -119,8 +146,25 @@ class InterpretabilityJob:
                                                                       f"context ({config.block_size})")
         self._check_corpus()
         self._check_backend()
-        self.out = Path(cfg.output_dir or Path("interp") / Path(cfg.checkpoint).stem)
+        self.out = Path(cfg.output_dir or Path("interp") / self.subject.folder).resolve()  # on the driver
+        self._check_output()
         self.store = ResultStore(self.out)
+        self._write_json("model.json", {"model": self.subject.model_id, "model_sha256": self.subject.sha256,
+                                        "checkpoint": self.subject.checkpoint})
+
+    def _check_output(self) -> None:
+        """An output folder holds one model's records and results: refuse another model's (by content)."""
+        identity = self.out / "model.json"
+        if identity.is_file():
+            theirs = json.loads(identity.read_text())
+            if theirs.get("model_sha256") != self.subject.sha256:
+                raise ConfigError("output_dir", f"{self.out} holds {theirs.get('model')} (model_sha256 "
+                                                f"{str(theirs.get('model_sha256'))[:12]}), not this checkpoint's "
+                                                f"{self.subject.model_id} ({self.subject.sha256[:12]}); give another "
+                                                f"--output or leave it unset (a folder per model)")
+        elif any((self.out / name).exists() for name in ("records", "results.parquet", "results.wal.jsonl")):
+            raise ConfigError("output_dir", f"{self.out} holds records or results of a model it does not name "
+                                            f"(no model.json); give another --output")
 
     def _check_corpus(self) -> None:
         from crate.data import read_blocks
@@ -150,7 +194,7 @@ class InterpretabilityJob:
         """The records directory of collection `name` ("records" or "anthropic_records"), collected if needed."""
         cfg, spec = self.cfg, getattr(self.cfg, name)
         sample = {l: f.tolist() for l, f in self.features.items()} if cfg.sample else None
-        collection_id = spec.collection_id(model=self.subject.model_id, corpus=cfg.corpus, features=cfg.features,
+        collection_id = spec.collection_id(model=self.subject.sha256, corpus=cfg.corpus, features=cfg.features,
                                            seed=cfg.seed, layers=self.layers, sample=sample)
         directory = self.out / "records" / collection_id
         if is_complete(directory):
@@ -167,8 +211,8 @@ class InterpretabilityJob:
         if cfg.workers.collect_actors:
             from crate.interp.distributed import collect_sharded
 
-            collector = collect_sharded(self.subject.checkpoint, cfg.features, batches, spec, self.features, cfg.seed,
-                                        cfg.workers.collect_actors, cfg.workers.collect_gpus)
+            collector = collect_sharded(self.subject.checkpoint, self.subject.sha256, cfg.features, batches, spec,
+                                        self.features, cfg.seed, cfg.workers.collect_actors, cfg.workers.collect_gpus)
         else:
             device = cfg.device if cfg.device != "auto" else ("cuda" if _cuda() else "cpu")
             collector = collect(self.subject.model, tqdm(batches, unit="batch", desc=f"collect {name}"), spec,
@@ -185,7 +229,8 @@ class InterpretabilityJob:
 
     # -- stage 2: explain, simulate, score ---------------------------------------------------------------------
     def key(self, backend: str, layer: int, neuron: int, metric: str) -> tuple:
-        return result_key({"model": self.subject.model_id, "features": self.cfg.features, "layer": layer,
+        return result_key({"model": self.subject.model_id, "model_sha256": self.subject.sha256,
+                           "features": self.cfg.features, "layer": layer,
                            "neuron": neuron, "protocol": self.cfg.protocol, "metric": metric, "backend": backend,
                            "prompt_version": PROMPT_VERSION, "seed": self.cfg.seed})
 
@@ -214,13 +259,13 @@ class InterpretabilityJob:
 
     def run(self) -> dict:
         """Collect (or reuse) records, score every feature not yet scored, summarise; returns the summary."""
-        from crate.interp.distributed import ScoringPool
+        from crate.interp.distributed import LocalScoringPool, ScoringPool
         from crate.tracking import Tracker
 
         cfg = self.cfg
         collections = {group.collection: self.records(group.collection) for group, _ in self.groups}
         records_id = {m: collections[group.collection].name for group, metrics in self.groups for m in metrics}
-        pool = ScoringPool(cfg.backend, cfg.workers, cfg.seed)
+        pool = (ScoringPool if cfg.workers.actors else LocalScoringPool)(cfg.backend, cfg.workers, cfg.seed)
         scope = self._scope(pool.identity)
         runs = self._run_ids()
         tracker = Tracker.start(cfg.tracking, run_name=cfg.tracking.run_name or f"interpret-{self.subject.model_id}",
@@ -239,8 +284,8 @@ class InterpretabilityJob:
 
         try:
             total = self.count_todo(pool.identity["backend"])
-            log.info("scoring %d features with %s (%d actors × %d in flight)", total, pool.identity["backend"],
-                     cfg.workers.actors, cfg.workers.concurrency)
+            log.info("scoring %d features with %s (%s × %d in flight)", total, pool.identity["backend"],
+                     f"{cfg.workers.actors} actors" if cfg.workers.actors else "the driver", cfg.workers.concurrency)
             pool.score_tasks(self.tasks(pool.identity, collections, store), total, cfg.seed, store)
             self.store.compact()
             summary = self.summarize(pool.identity, tracker)
@@ -257,17 +302,22 @@ class InterpretabilityJob:
     def summarize(self, backend: dict[str, str], tracker) -> dict:
         cfg = self.cfg
         table = self.store.table()
-        mask = pc.and_(pc.and_(pc.equal(table["model"], self.subject.model_id), pc.equal(table["features"], cfg.features)),
-                       pc.and_(pc.equal(table["protocol"], cfg.protocol), pc.equal(table["backend"], backend["backend"])))
-        mask = pc.and_(mask, pc.and_(pc.is_in(table["metric"], pa.array(cfg.metrics)),
-                                     pc.and_(pc.equal(table["seed"], cfg.seed),
-                                             pc.equal(table["prompt_version"], PROMPT_VERSION))))
-        mask = pc.and_(mask, pc.is_in(table["layer"], pa.array(self.layers, pa.int32())))
+        equal = {"model": self.subject.model_id, "model_sha256": self.subject.sha256, "features": cfg.features,
+                 "protocol": cfg.protocol, "backend": backend["backend"], "seed": cfg.seed,
+                 "prompt_version": PROMPT_VERSION}
+        mask = pc.and_(pc.is_in(table["metric"], pa.array(cfg.metrics)),
+                       pc.is_in(table["layer"], pa.array(self.layers, pa.int32())))
+        for column, value in equal.items():
+            mask = pc.and_(mask, pc.equal(table[column], value))
+        chosen = [(layer << 32) + int(n) for layer, features in self.features.items() for n in features]
+        unit = pc.add(pc.shift_left(pc.cast(table["layer"], pa.int64()), 32), pc.cast(table["neuron"], pa.int64()))
+        mask = pc.and_(mask, pc.is_in(unit, pa.array(chosen, pa.int64())))  # this job's features only
         scoped = table.filter(mask)
         layers = layer_summary(scoped, self.n_features)
         models = model_summary(layers, self.subject.model.config.n_layer)
         summary = {"output_dir": str(self.out), "results": str(self.store.results_path), "model": self.subject.model_id,
-                   "backend": backend["backend"], "protocol": cfg.protocol, "mlflow_run_id": tracker.run_id,
+                   "model_sha256": self.subject.sha256, "checkpoint": self.subject.checkpoint,
+                   "quarantined": self.store.quarantined, "backend": backend["backend"], "protocol": cfg.protocol, "mlflow_run_id": tracker.run_id,
                    "layers": layers, "models": models}
         self._write_json("summary.json", summary)
         figure = plot_layers(layers, self.subject.model.config.n_layer, f"{self.subject.model_id} ({cfg.features})")
@@ -288,7 +338,7 @@ class InterpretabilityJob:
 
     # -- bookkeeping ------------------------------------------------------------------------------------------
     def _scope(self, backend: dict[str, str]) -> str:
-        return json.dumps([self.subject.model_id, self.cfg.features, self.cfg.protocol, sorted(self.cfg.metrics),
+        return json.dumps([self.subject.model_id, self.subject.sha256, self.cfg.features, self.cfg.protocol, sorted(self.cfg.metrics),
                            backend["backend"], PROMPT_VERSION, self.cfg.seed, self.layers, self.cfg.sample])
 
     def _run_ids(self) -> dict[str, str]:
@@ -303,17 +353,29 @@ class InterpretabilityJob:
     def _params(self) -> dict:
         params = {k: v for k, v in flatten(self.cfg).items() if not k.startswith("tracking.")}
         config = self.subject.model.config
-        params.update({"model.id": self.subject.model_id, "model.arch": config.arch, "model.n_layer": config.n_layer,
+        params.update({"model.id": self.subject.model_id, "model.sha256": self.subject.sha256, "model.arch": config.arch, "model.n_layer": config.n_layer,
                        "model.n_neurons": config.n_neurons, "prompt_version": PROMPT_VERSION})
         return params
 
     def _tags(self, backend: dict[str, str]) -> dict[str, str]:
         tags = {"crate.job": "interpret", "crate.arch": self.subject.model.config.arch, "crate.model_id": self.subject.model_id,
+                "crate.model_sha256": self.subject.sha256,
                 "crate.checkpoint": self.subject.checkpoint, "crate.backend": backend["backend"],
                 "crate.protocol": self.cfg.protocol}
         if self.subject.run_id:
             tags["crate.model_run_id"] = str(self.subject.run_id)  # the training run this job evaluates
         return tags
+
+
+def _for_model(cfg: InterpConfig, context: int) -> InterpConfig:
+    """`cfg` with the collection settings the user left to the model (block_length) filled in from its context."""
+    filled = {}
+    for name in ("records", "anthropic_records"):
+        try:
+            filled[name] = getattr(cfg, name).for_context(context)
+        except ConfigError as error:
+            raise error.under(name) from None
+    return dataclasses.replace(cfg, **filled)
 
 
 def _cuda() -> bool:

@@ -2,9 +2,10 @@
 
 Scores are reported ×100 (paper Table 2). A layer's mean is over its "scored" features; "undefined" (NaN) scores
 are counted, never averaged; "failed" ones are counted separately. When a layer was sampled (`--sample N` of its
-F features), `ci95` is the half-width of a 95% t-interval on the layer mean with the finite-population correction
-√((F−n)/(F−1)); over all F features it is 0. Model means average the layer means: over all layers, and — the
-paper's rule for 6- and 12-layer models — without the last layer (`mean_excl_last`; equal to `mean` otherwise).
+F features), `ci95` is the half-width of a 95% t-interval on the layer mean (from the sample standard deviation)
+with the finite-population correction √((F−n)/(F−1)); over all F features it is 0. `std` and the model means
+follow the one rule of `crate.interp.aggregate`: over all layers (`mean`), and without the last layer for models
+of 6 or more layers (`mean_excl_last`; equal to `mean` otherwise).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import Mapping
 import numpy as np
 import pyarrow as pa
 
+from crate.interp.aggregate import across_layers, layer_stats, scored_layers
 from crate.plots import pyplot
 
 GROUP = ("model", "features", "protocol", "metric", "backend", "prompt_version", "seed")
-PAPER_DROPS_LAST_LAYER = (6, 12)
 
 
 def _t_quantile(df: int) -> float:
@@ -36,33 +37,32 @@ def layer_summary(table: pa.Table, layer_sizes: Mapping[int, int] | None = None)
     out = []
     for key, members in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         scores = np.array([r["score"] for r in members if r["status"] == "scored"], dtype=np.float64) * 100
-        n = len(scores)
-        std = float(scores.std(ddof=1)) if n > 1 else float("nan")
+        stats = layer_stats(scores)
+        n = stats["scored"]
         population = (layer_sizes or {}).get(key[-1])
         ci95 = float("nan")
         if n > 1:
             fpc = math.sqrt(max(population - n, 0) / (population - 1)) if population and population > 1 else 1.0
-            ci95 = _t_quantile(n - 1) * std / math.sqrt(n) * fpc
+            ci95 = _t_quantile(n - 1) * float(scores.std(ddof=1)) / math.sqrt(n) * fpc
         out.append({**dict(zip((*GROUP, "layer"), key)), "n": len(members), "scored": n,
                     "undefined": sum(r["status"] == "undefined" for r in members),
                     "failed": sum(r["status"] == "failed" for r in members),
-                    "mean": float(scores.mean()) if n else float("nan"), "std": std, "ci95": ci95})
+                    "mean": stats["mean"], "std": stats["std"], "ci95": ci95})
     return out
 
 
 def model_summary(layers: list[dict], n_layer: int) -> list[dict]:
-    """Per GROUP: the mean of the layer means over all layers and without the last layer for 6/12-layer models."""
+    """Per GROUP: the mean of the layer means over all layers, and under the paper's last-layer rule."""
     groups: dict[tuple, list[dict]] = {}
     for row in layers:
         groups.setdefault(tuple(row[k] for k in GROUP), []).append(row)
     out = []
     for key, rows in groups.items():
         means = {r["layer"]: r["mean"] for r in rows if not math.isnan(r["mean"])}
-        kept = {l: m for l, m in means.items() if not (n_layer in PAPER_DROPS_LAST_LAYER and l == n_layer - 1)}
-        out.append({**dict(zip(GROUP, key)), "layers": len(means),
-                    "mean": float(np.mean(list(means.values()))) if means else float("nan"),
-                    "mean_excl_last": float(np.mean(list(kept.values()))) if kept else float("nan"),
-                    "variance_excl_last": float(np.var(list(kept.values()))) if kept else float("nan"),
+        kept = {l: means[l] for l in scored_layers(means, n_layer)}
+        mean_excl_last, variance_excl_last = across_layers(kept)
+        out.append({**dict(zip(GROUP, key)), "layers": len(means), "mean": across_layers(means)[0],
+                    "mean_excl_last": mean_excl_last, "variance_excl_last": variance_excl_last,
                     "undefined": sum(r["undefined"] for r in rows), "failed": sum(r["failed"] for r in rows)})
     return out
 
@@ -80,7 +80,7 @@ def plot_layers(layers: list[dict], n_layer: int, title: str):
         bars = [r["ci95"] if not math.isnan(r["ci95"]) else r["std"] / 10 for r in rows]
         axis.errorbar([r["layer"] for r in rows], [r["mean"] for r in rows], yerr=np.nan_to_num(bars), marker="o",
                       capsize=3, label=label)
-    if n_layer in PAPER_DROPS_LAST_LAYER:
+    if scored_layers([n_layer - 1], n_layer) == []:
         axis.axvspan(n_layer - 1.5, n_layer - 0.5, color="0.9", label="excluded from the paper's mean")
     axis.set_xticks(sorted({r["layer"] for r in layers}))
     axis.set_xlabel("layer")
@@ -89,3 +89,28 @@ def plot_layers(layers: list[dict], n_layer: int, title: str):
     axis.legend(fontsize=7)
     figure.tight_layout()
     return figure
+
+
+def _number(value: float) -> str:
+    return "-" if value != value else f"{value:.1f}"
+
+
+def format_summary(summary: Mapping) -> str:
+    """The job's summary as a table to read: one line per protocol × metric (scores ×100), then where it is."""
+    scored: dict[tuple, int] = {}
+    for row in summary["layers"]:
+        key = (row["protocol"], row["metric"])
+        scored[key] = scored.get(key, 0) + row["scored"]
+    lines = [f"{summary['model']} (model_sha256 {str(summary.get('model_sha256'))[:12]}), backend {summary['backend']}",
+             "| protocol | metric | layers | mean | mean excl. last | scored | undefined | failed |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in sorted(summary["models"], key=lambda r: (r["protocol"], r["metric"])):
+        lines.append(f"| {row['protocol']} | {row['metric']} | {row['layers']} | {_number(row['mean'])} | "
+                     f"{_number(row['mean_excl_last'])} | {scored.get((row['protocol'], row['metric']), 0)} | "
+                     f"{row['undefined']} | {row['failed']} |")
+    if not summary["models"]:
+        lines.append("| (no scores) | | | | | | | |")
+    lines.append(f"output: {summary['output_dir']} (summary.json, results.parquet, layers.png)")
+    if summary.get("mlflow_run_id"):
+        lines.append(f"MLflow run: {summary['mlflow_run_id']}")
+    return "\n".join(lines)

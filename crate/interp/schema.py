@@ -8,6 +8,7 @@ Layout of one job's output directory (`InterpConfig.output_dir`):
     records/<collection_id>/layer_LL.parquet    activation records of layer LL        (RECORDS_SCHEMA)
     records/<collection_id>/features.parquet    per-feature activation statistics     (FEATURES_SCHEMA)
     records/<collection_id>/_COMPLETE           written last: the collection finished
+    model.json                                  the model this directory belongs to (label, model_sha256)
     results.parquet                             one row per scored feature × metric   (RESULTS_SCHEMA)
     results.wal.jsonl                           rows finished since the last compaction (see crate.interp.store)
 
@@ -29,7 +30,12 @@ the evaluation stream with the feature's activation at every token.
 | activations | list<float32> | the feature's activation at each token of the window |
 
 Parquet key-value metadata `crate.interp` holds the provenance (JSON): checkpoint path, its MLflow run id and
-step, model id, features spec, corpus, the collection settings, collection id, tokenizer, code version.
+step, model id, model_sha256, features spec, corpus, the collection settings, collection id, tokenizer, code version.
+
+**Model identity**: `model` is a model's name in tables and plots (`<run name>@<step>` for platform checkpoints,
+`<file stem>-<sha12>` for others); `model_sha256` is what it is: SHA-256 over its config and weights
+(`crate.interp.job.model_sha256`). Both are in every result key and the collection id, and an output directory's
+`model.json` names the one model whose records and results it holds (a job for another model refuses it).
 
 **Feature statistics** — one row per feature of a collection: `count` units seen, `mean`, `variance`,
 `density` (fraction of units > 0), `max`, and `quantile_boundaries` (the activation at each quantile edge,
@@ -45,7 +51,8 @@ NaN when it is undefined. `status` says why:
 | "undefined" | NaN | true or simulated activations are constant over the scored tokens (counted, never averaged) |
 | "failed" | NaN | the backend failed (after retries) or produced unusable output; `reason` says which |
 
-Columns, in order: the key (model, features, layer, neuron, protocol, metric, backend, prompt_version, seed), then
+Columns, in order: the key (model, model_sha256, features, layer, neuron, protocol, metric, backend, prompt_version,
+seed), then
 score, status, reason, explanation, explain_excerpts, excerpts (record refs, see `excerpt_ref`), simulated
 (per-excerpt simulated activations, 0..10 scale), n_defaulted (simulated values that fell back to 0: no value token
 among the returned logprobs, or an unparseable sampled line), attempts (LLM calls incl. retries), duration_s,
@@ -63,7 +70,7 @@ from typing import Any, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: results keyed by model_sha256 too
 METADATA_KEY = b"crate.interp"
 COMPLETE_MARKER = "_COMPLETE"
 
@@ -102,10 +109,11 @@ FEATURES_SCHEMA = pa.schema([
     ("quantile_boundaries", pa.list_(pa.float32())),
 ])
 
-RESULT_KEY = ("model", "features", "layer", "neuron", "protocol", "metric", "backend", "prompt_version", "seed")
+RESULT_KEY = ("model", "model_sha256", "features", "layer", "neuron", "protocol", "metric", "backend", "prompt_version", "seed")
 
 RESULTS_SCHEMA = pa.schema([
     ("model", pa.string()),
+    ("model_sha256", pa.string()),
     ("features", pa.string()),
     ("layer", pa.int32()),
     ("neuron", pa.int32()),

@@ -2,7 +2,9 @@
 
 Every finished feature's rows are appended at once to `results.wal.jsonl` (one JSON line per row, flushed and
 fsynced), and every `compact_every` rows the log is folded into `results.parquet` (atomic rename) and emptied.
-On open, a torn last line (a kill mid-write) is cut off, and the done keys are read from both files; a row whose
+On open, a torn last line (a kill mid-write) is cut off; any other line that cannot be read back as a row (garbage
+from a bad disk or a hand edit) is moved to `results.quarantine.jsonl` (with its file and line number, counted in
+`quarantined` and named in a warning) so the job resumes; then the done keys are read from both files; a row whose
 RESULT_KEY is already there is never appended again, and compaction keeps the first row per key, so the table
 holds each key exactly once even if a kill lands between compaction's rename and the log's truncation.
 One job writes a directory at a time (an exclusive lock on `results.lock`).
@@ -25,6 +27,7 @@ from crate.interp.schema import RESULT_KEY, RESULTS_SCHEMA, result_key, write_pa
 
 log = logging.getLogger(__name__)
 RESULTS_FILE, LOG_FILE, LOCK_FILE = "results.parquet", "results.wal.jsonl", "results.lock"
+QUARANTINE_FILE = "results.quarantine.jsonl"
 
 
 class ResultStoreLocked(RuntimeError):
@@ -35,6 +38,18 @@ def _json_safe(value):
     if isinstance(value, float) and math.isnan(value):
         return None  # NaN scores are stored as null in the log and restored on read
     return value
+
+
+def _readable(line: bytes) -> bool:
+    """Whether a log line is a JSON row that fits RESULTS_SCHEMA."""
+    try:
+        row = json.loads(line)
+        result_key(row)
+        pa.Table.from_pylist([{**row, "score": float("nan") if row.get("score") is None else row["score"]}],
+                             schema=RESULTS_SCHEMA)
+    except (ValueError, KeyError, TypeError, pa.ArrowException):
+        return False
+    return True
 
 
 class ResultStore:
@@ -57,6 +72,12 @@ class ResultStore:
     def results_path(self) -> Path:
         return self.directory / RESULTS_FILE
 
+    @property
+    def quarantined(self) -> int:
+        """Unreadable log lines kept aside in QUARANTINE_FILE (by this and earlier opens)."""
+        path = self.directory / QUARANTINE_FILE
+        return sum(1 for _ in open(path, "rb")) if path.is_file() else 0
+
     def _repair_log(self) -> None:
         path = self.directory / LOG_FILE
         if not path.is_file():
@@ -67,6 +88,21 @@ class ResultStore:
             log.warning("dropping a torn last line (%d bytes) of %s", len(data) - end, path)
             with open(path, "r+b") as f:
                 f.truncate(end)
+        kept, bad = [], []
+        for number, line in enumerate(data[:end].splitlines(keepends=True), start=1):
+            (kept if _readable(line) else bad).append((number, line))
+        if not bad:
+            return
+        with open(self.directory / QUARANTINE_FILE, "a", encoding="utf-8") as quarantine:
+            for number, line in bad:
+                quarantine.write(json.dumps({"file": LOG_FILE, "line": number,
+                                             "text": line.rstrip(b"\n").decode("utf-8", "backslashreplace")}) + "\n")
+                log.warning("%s:%d is not a readable result row; moved to %s", path, number, QUARANTINE_FILE)
+            quarantine.flush()
+            os.fsync(quarantine.fileno())
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(b"".join(line for _, line in kept))
+        os.replace(tmp, path)
 
     def _log_rows(self) -> Iterable[dict]:
         path = self.directory / LOG_FILE

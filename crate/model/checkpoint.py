@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from crate.errors import CheckpointError, ConfigError
 from crate.model.build import build_model
 from crate.model.config import ModelConfig
 from crate.model.lm import LanguageModel
@@ -50,11 +52,27 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The raw payload of a checkpoint file (ours or the released nanoGPT-style dict): a local path, or a
     storage URI (`s3://`, `gs://`, ... — where training jobs keep their checkpoints) read through pyarrow."""
     if "://" in str(path) and not str(path).startswith("file://"):
-        return torch.load(io.BytesIO(_read_remote(str(path))), map_location="cpu", weights_only=False)
+        return load_data(io.BytesIO(_read_remote(str(path))), name=str(path))
     path = Path(str(path).removeprefix("file://"))
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_data(path)
+
+
+def load_data(source: str | os.PathLike | io.BytesIO, name: str | None = None,
+              map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load` of data only — tensors, containers, numbers, strings — never code: a pickle that would
+    construct anything else is refused, so a crafted file cannot run code on the machine that opens it."""
+    name = name or str(source)
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"refused: the file holds objects other than tensors and plain values, which "
+                              f"loading would execute ({reason})", field=name) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"not a readable checkpoint (truncated or corrupted?): {str(error).splitlines()[0]}",
+                              field=name) from None
 
 
 def _read_remote(uri: str) -> bytes:
@@ -116,7 +134,9 @@ def _infer_config(state: Mapping[str, torch.Tensor], n_head: int | None, overrid
     if n_head is None:
         n_head = _RELEASED_HEADS_BY_WIDTH.get(n_embd)
         if n_head is None:
-            raise ValueError(f"cannot infer the number of heads for width {n_embd}: pass n_head=")
+            known = ", ".join(f"{width} ({heads} heads)" for width, heads in _RELEASED_HEADS_BY_WIDTH.items())
+            raise ConfigError("n_head", f"the head count of a width-{n_embd} model is not in its weights; give it "
+                                        f"(load_model(path, n_head=...)); known widths: {known}")
     fields: dict[str, Any] = dict(arch=arch, n_layer=len(layers), n_head=n_head, n_embd=n_embd,
                                   block_size=block_size, vocab_size=vocab_size)
     if arch == "crate":
@@ -124,3 +144,8 @@ def _infer_config(state: Mapping[str, torch.Tensor], n_head: int | None, overrid
     else:
         fields["bias"] = "transformer.h.0.ln_1.bias" in state
     return ModelConfig(**{**fields, **overrides})
+
+
+def is_storage_uri(path: str | os.PathLike) -> bool:
+    """Whether `path` is a URI (`s3://…`, `gs://…`, `file://…`) that `read_checkpoint` opens, not a local path."""
+    return "://" in str(path)

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from crate.errors import ConfigError
 
+MAX_BLOCK_SIZE = 65536  # longer contexts are refused before the position table (block_size × n_embd) is allocated
+
 
 @dataclass
 class ModelConfig:
@@ -38,6 +40,8 @@ class ModelConfig:
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "ista_steps", "ista_overcomplete"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.block_size > MAX_BLOCK_SIZE:
+            raise ConfigError("block_size", f"must be <= {MAX_BLOCK_SIZE}, got {self.block_size}")
         if self.n_embd % self.n_head:
             raise ConfigError("n_head", f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.ista_step_size <= 0:

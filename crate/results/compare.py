@@ -3,8 +3,8 @@ the population variance across layers of the per-layer mean scores, and CRATE's 
 
     per-layer score  s̄_l = mean of the layer's scores (NaN — undefined or failed — excluded, and counted)
     mean             (1/|ℒ|) Σ_{l∈ℒ} s̄_l            variance  (1/|ℒ|) Σ_{l∈ℒ} (s̄_l − mean)²
-    ℒ                all layers, except the last one for models with ≥ 6 layers (the paper drops it for its
-                     6- and 12-layer models; both versions are reported)
+    ℒ                all layers, except the last one for models with ≥ 6 layers (`crate.interp.aggregate`, the
+                     one rule every summary uses; both versions are reported)
     improvement      (mean_CRATE − mean_GPT) / |mean_GPT|, per metric and averaged over metrics, for models of
                      the same depth (the paper's "up to 103%")
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import polars as pl
 
 from crate.errors import ConfigError
+from crate.interp.aggregate import EXCLUDE_LAST_FROM, across_layers, layer_stats, scored_layers
 from crate.plots import pyplot, save
 from crate.results.tables import metric_order, read_results
 from crate.tracking import Tracker, TrackingConfig
@@ -42,7 +43,7 @@ class CompareConfig:
     output_dir: str = "comparison"
     metrics: list[str] = field(default_factory=list)  # restrict to these metrics (default: all present)
     protocol: str | None = None  # restrict to one protocol (default: all present)
-    exclude_last_from: int = 6  # models with at least this many layers drop their last layer (the paper)
+    exclude_last_from: int = EXCLUDE_LAST_FROM  # models with at least this many layers drop their last layer
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
@@ -61,27 +62,25 @@ class Comparison:
 
 def layer_scores(results: pl.DataFrame) -> pl.DataFrame:
     """Per series × metric × layer: mean and std of the finite scores, the number scored and the NaNs."""
-    finite = pl.col("score").is_not_null() & pl.col("score").is_finite()
-    return (results.group_by([*SERIES, "metric", "layer"])
-            .agg(mean=pl.col("score").filter(finite).mean(),
-                 std=pl.col("score").filter(finite).std(ddof=0),
-                 scored=finite.sum(),
-                 nan=(~finite).sum())
-            .sort([*SERIES, "metric", "layer"]))
+    keys = [*SERIES, "metric", "layer"]
+    rows = [{**dict(zip(keys, key)), **layer_stats(group["score"].to_list())}
+            for key, group in results.group_by(keys, maintain_order=True)]
+    schema = {**{k: results.schema[k] for k in keys}, "mean": pl.Float64, "std": pl.Float64, "scored": pl.Int64,
+              "nan": pl.Int64}
+    return pl.DataFrame(rows, schema=schema).sort(keys)
 
 
-def summarise(layers: pl.DataFrame, exclude_last_from: int = 6) -> pl.DataFrame:
+def summarise(layers: pl.DataFrame, exclude_last_from: int = EXCLUDE_LAST_FROM) -> pl.DataFrame:
     """Mean and population variance across layers of the per-layer means, under both layer rules."""
     rows = []
     for key, group in layers.group_by([*SERIES, "metric"], maintain_order=True):
         series = dict(zip([*SERIES, "metric"], key))
         for rule in (PAPER_RULE, ALL_LAYERS):
             used = group
-            if rule == PAPER_RULE and series["n_layer"] >= exclude_last_from:
-                used = group.filter(pl.col("layer") != series["n_layer"] - 1)
-            means = [m for m in used["mean"].to_list() if m is not None and math.isfinite(m)]
-            mean = sum(means) / len(means) if means else float("nan")
-            variance = sum((m - mean) ** 2 for m in means) / len(means) if means else float("nan")
+            if rule == PAPER_RULE:
+                kept = scored_layers(group["layer"].to_list(), series["n_layer"], exclude_last_from)
+                used = group.filter(pl.col("layer").is_in(kept))
+            mean, variance = across_layers(dict(zip(used["layer"].to_list(), used["mean"].to_list())))
             rows.append({**series, "rule": rule, "layers": ",".join(map(str, used["layer"].to_list())),
                          "mean": mean, "variance": variance, "scored": int(used["scored"].sum()),
                          "nan": int(used["nan"].sum())})
@@ -122,7 +121,7 @@ def _saved_val_loss(checkpoint: str | None) -> float | None:
     return float(evaluations[-1][1]) if evaluations else None
 
 
-def compare(results: pl.DataFrame, exclude_last_from: int = 6) -> Comparison:
+def compare(results: pl.DataFrame, exclude_last_from: int = EXCLUDE_LAST_FROM) -> Comparison:
     if results["n_layer"].null_count():  # rows without the model's depth: assume its deepest scored layer is last
         log.warning("some results do not record the model's depth; taking the deepest scored layer as its last")
         results = results.with_columns(pl.col("n_layer").fill_null(pl.col("layer").max().over("model") + 1))
@@ -138,7 +137,7 @@ def series_label(model: str, feature_kind: str, protocol: str, backend: str, sev
 
 
 # ---------------------------------------------------------------------------------------------------------
-def render_markdown(comparison: Comparison, exclude_last_from: int = 6) -> str:
+def render_markdown(comparison: Comparison, exclude_last_from: int = EXCLUDE_LAST_FROM) -> str:
     summary = comparison.summary
     several = {k: summary[k].n_unique() > 1 for k in ("protocol", "backend")}
     metrics = metric_order(summary["metric"].unique())
@@ -180,7 +179,7 @@ def render_markdown(comparison: Comparison, exclude_last_from: int = 6) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_layers(comparison: Comparison, path: str | Path, exclude_last_from: int = 6) -> Path:
+def plot_layers(comparison: Comparison, path: str | Path, exclude_last_from: int = EXCLUDE_LAST_FROM) -> Path:
     """One panel per metric, one line per series: the per-layer mean ×100 with ± its standard error; a layer
     the last-layer rule drops is drawn hollow."""
     import matplotlib.ticker
@@ -237,7 +236,7 @@ def plot_loss_vs_scores(comparison: Comparison, path: str | Path) -> Path:
     return save(fig, path)
 
 
-def write_comparison(comparison: Comparison, output_dir: str | Path, exclude_last_from: int = 6) -> list[Path]:
+def write_comparison(comparison: Comparison, output_dir: str | Path, exclude_last_from: int = EXCLUDE_LAST_FROM) -> list[Path]:
     """table2.md, table2.csv (summary), layers.csv (per-layer means), improvements.csv, layers.png and, where the
     models' validation losses are known, loss_vs_interpretability.png."""
     out = Path(output_dir)

@@ -26,6 +26,7 @@ import torch
 from crate.data.config import DataConfig
 from crate.errors import ConfigError
 from crate.plots import pyplot, save
+from crate.model.checkpoint import load_data
 from crate.sae.activations import LayerActivations, shuffled_batches
 from crate.sae.evaluate import SAEEvaluation, evaluate_sae
 from crate.sae.model import SAESource, save_sae
@@ -71,8 +72,10 @@ def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
     from crate.data import check_sources, train_batches, val_batches
     from crate.model import load_model
 
-    if not Path(config.checkpoint).is_file():
-        raise FileNotFoundError(f"no model checkpoint at {config.checkpoint}")
+    from crate.model.checkpoint import is_storage_uri
+
+    if not is_storage_uri(config.checkpoint) and not Path(config.checkpoint).is_file():
+        raise ConfigError("checkpoint", f"no model checkpoint at {config.checkpoint}")
     check_sources(config.data)  # both corpora exist and open, before the model loads
     model = load_model(config.checkpoint).to(_device(config.device)).eval().requires_grad_(False)
     if config.layer >= model.config.n_layer:
@@ -89,7 +92,7 @@ def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
     state_path = out / "train_state.pt"
     position = {"data": None}  # the stream position after the last batch read into the shuffle buffer
     if config.resume and state_path.is_file():
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = load_data(state_path, map_location=device)
         trainer.load_state_dict(state["trainer"])
         position["data"] = state["data"]
         log.info("resuming %s at step %d", out, trainer.step)
@@ -144,8 +147,11 @@ def _device(name: str) -> torch.device:
 
 
 def _source(config: TrainSAEConfig, model) -> SAESource:
+    from crate.model.checkpoint import is_storage_uri
+
     metadata = getattr(model, "checkpoint_metadata", {}) or {}
-    return SAESource(checkpoint=str(Path(config.checkpoint).resolve()), arch=model.config.arch, layer=config.layer,
+    checkpoint = config.checkpoint if is_storage_uri(config.checkpoint) else str(Path(config.checkpoint).resolve())
+    return SAESource(checkpoint=checkpoint, arch=model.config.arch, layer=config.layer,
                      model_run_id=metadata.get("mlflow_run_id"), corpus=config.data.train,
                      extra={"preset": model.config.preset, "n_layer": model.config.n_layer,
                             "step": metadata.get("step")})

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crate.errors import ConfigError
+from crate.model.checkpoint import load_data
 
 FORMAT = "crate-sae-checkpoint"
 VERSION = 1
@@ -126,7 +127,7 @@ def load_sae(path: str | os.PathLike, map_location: str | torch.device = "cpu") 
     """The SAE and the source it was trained on; `sae.checkpoint_metrics` holds its recorded metrics."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no SAE checkpoint at {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=False)
+    payload = load_data(path, map_location=map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an SAE checkpoint (expected format {FORMAT!r}); train one with "
                          "jobs/train_sae.py")

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
-from crate.config import from_dict, merge, read_source, to_dict
+from crate.config import check_name, from_dict, merge, read_source, to_dict
 from crate.errors import ConfigError
 from crate.train.config import PretrainConfig
 
@@ -28,7 +27,6 @@ EVAL_METRICS = ("val/loss", "val/ppl", "neurons/active_per_token", "neurons/dead
                 "neurons/lasso_objective", "neurons/relative_recon_error")
 ISTA_FIELDS = ("model.ista_sparsity", "model.ista_step_size", "model.ista_steps", "model.ista_overcomplete")
 DIMENSION_KINDS = {"grid", "choice", "uniform", "loguniform"}
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass
@@ -144,8 +142,8 @@ class SweepConfig:
             raise ConfigError("recipe", error.message) from None
 
     def __post_init__(self) -> None:
-        if self.name is not None and not NAME_PATTERN.match(self.name):
-            raise ConfigError("name", f"{self.name!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
+        if self.name is not None:
+            check_name("name", self.name)
         self.space = {key: from_dict(Dimension, value, f"space.{key}")
                       for key, value in flat_space(self.space).items() if value is not None}
         check_trial(self.trial)

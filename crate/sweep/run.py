@@ -111,7 +111,7 @@ def preflight(cfg: SweepConfig) -> None:
     """What would otherwise fail in every trial, or hang: the corpus, the cluster's size, the State API."""
     import ray
 
-    check_sources(cfg.trial.data)
+    check_sources(cfg.trial.data, "trial.data")
     connect_ray()
     check_capacity(cfg, ray.cluster_resources())
     check_state_api()

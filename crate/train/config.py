@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from crate.config import check_name
 from crate.data import DataConfig
 from crate.errors import ConfigError
 from crate.model.config import ModelConfig, preset_fields
@@ -59,6 +61,7 @@ class TrainConfig:
     eval_blocks: int = 200  # validation blocks per evaluation (same blocks every time)
     checkpoint_interval: int = 1000
     keep_checkpoints: int = 3
+    max_skipped_steps: int = 10  # optimizer steps the engine skips in a row (DeepSpeed: overflow) before the run stops
     max_failures: int = 3  # worker failures Ray Train recovers from by restarting at the last checkpoint
     controller_failure_limit: int = 3  # Ray's default retries a worker group that cannot start forever
     seed: int = 1337
@@ -66,8 +69,10 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
+        if self.run_name:  # None or empty: the job names the run
+            check_name("run_name", self.run_name)
         positive = ("num_workers", "micro_batch_size", "global_batch_size", "max_steps", "log_interval",
-                    "eval_interval", "eval_blocks", "checkpoint_interval", "keep_checkpoints")
+                    "eval_interval", "eval_blocks", "checkpoint_interval", "keep_checkpoints", "max_skipped_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
@@ -91,6 +96,27 @@ class TrainConfig:
     @property
     def grad_accum_steps(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+
+# What a resumed run may change against its checkpoint's config: the budget, the cadence, and where and on how
+# many workers it runs (the same optimizer steps on other hardware). Any other change (model, data, optimizer,
+# batch, seed, precision) would quietly make the rest of the run a different experiment under the old name.
+RESUMABLE_CHANGES = frozenset({
+    "train.max_steps", "train.max_tokens", "data.token_budget",
+    "train.log_interval", "train.eval_interval", "train.checkpoint_interval", "train.keep_checkpoints",
+    "train.max_skipped_steps",
+    "train.num_workers", "train.cpus_per_worker", "train.use_gpu", "train.launcher", "train.engine",
+    "train.zero_stage", "train.compile", "train.max_failures", "train.controller_failure_limit",
+    "train.peak_flops", "train.storage_path",
+    "data.engine", "data.read_tasks", "data.read_cpus", "data.task_bytes", "data.prefetch_batches",
+    "data.retries", "data.retry_backoff_s",
+    "tracking.*",
+})
+
+
+def resumable(name: str) -> bool:
+    """Whether the dotted config field `name` may differ from the checkpoint's on resume."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in RESUMABLE_CHANGES)
 
 
 @dataclass

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from crate.model.checkpoint import load_data
 from crate.model.lm import LanguageModel
 from crate.train.config import TrainConfig
 
@@ -57,6 +57,7 @@ class Engine:
     module: LanguageModel
     device: torch.device  # where the model is, so where data, evaluation and metrics go
     num_params: int  # the model's (counted before ZeRO-3 partitions it: partitioned parameters have numel() 0)
+    skipped_steps = 0  # optimizer steps the engine declined so far (non-finite gradients); torch never skips
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -111,12 +112,7 @@ class TorchEngine(Engine):
                        directory / "engine.pt")
 
     def load(self, directory: Path) -> None:
-        path = directory / "engine.pt"
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(f"{path}: not a torch-engine checkpoint of tensors and plain values "
-                             f"(refusing to unpickle arbitrary objects): {error}") from None
+        state = load_data(directory / "engine.pt", map_location=self.device)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -156,6 +152,10 @@ class DeepSpeedEngine(Engine):
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # counts the micro-batch; the boundary's step is finish_step's
         return loss.detach()
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.engine.skipped_steps  # DeepSpeed's "OVERFLOW! Skipping step"
 
     def finish_step(self) -> float:
         if self.zero_stage == 0:

@@ -16,7 +16,7 @@ from crate.errors import ConfigError
 from crate.tracking.provenance import code_version, package_versions
 from crate.train.checkpoint import MODEL_FILE
 from crate.train.config import PretrainConfig
-from crate.train.loop import RunInfo, run_training, train_worker
+from crate.train.loop import RunInfo, raise_reported_error, run_training, train_worker
 from crate.train.runtime import LocalRuntime
 
 log = logging.getLogger("crate.train")
@@ -60,7 +60,7 @@ def launch(cfg: PretrainConfig, *, parent_run_id: str | None = None, tags: dict[
     if cfg.train.launcher == "local":
         runtime = LocalRuntime(Path(storage) / run.name, cfg.train.keep_checkpoints)
         metrics = run_training(job, runtime)
-        return TrainingResult(run.name, metrics, str(runtime.checkpoints()[-1]))
+        return TrainingResult(run.name, metrics, str(runtime.last_checkpoint))
     return _fit_on_ray(cfg, job, run.name, storage, callbacks)
 
 
@@ -88,6 +88,7 @@ def _fit_on_ray(cfg: PretrainConfig, job: dict, run_name: str, storage: str, cal
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})
+    raise_reported_error(metrics)  # a deterministic error the workers reported instead of failing (no retries)
     return TrainingResult(run_name, metrics, checkpoint_uri(result.checkpoint.path, storage) if result.checkpoint else "")
 
 

@@ -3,26 +3,37 @@
 Ray Train runs `train_worker` in every worker; `launcher: local` runs `run_training` in one plain process with
 `LocalRuntime`. It is the same code either way: resume first, then optimizer steps of `grad_accum_steps`
 micro-batches, with periodic logging, evaluation and checkpoints. Rank 0 alone talks to MLflow.
+
+Every step the loss is averaged over the workers (so every rank decides alike): a non-finite loss, or more than
+`train.max_skipped_steps` optimizer steps skipped by the engine in a row, stops the run with `TrainingDiverged`.
+Under Ray Train, errors that a restart would only repeat (a diverged run, a config that does not match the
+checkpoint, no checkpoint that verifies) end the job at once instead of being retried `max_failures` times: the
+workers report the error and return, and the driver raises it (`raise_reported_error`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 
-from crate.config import dump_yaml, flatten, from_dict
+from crate.config import dump_yaml, flatten, from_dict, to_dict
 from crate.data import train_batches, val_batches
 from crate.model import build_model
 from crate.plots import pyplot
 from crate.tracking import Tracker
+from crate.errors import CheckpointError, ConfigError
 from crate.train.checkpoint import MODEL_FILE, load_weights_into, plan_resume, restore_engine, write_checkpoint
 from crate.train.config import PretrainConfig
 from crate.train.engine import build_engine
+from crate.train.errors import TrainingDiverged
 from crate.train.evaluate import all_reduce, evaluate
 from crate.train.metrics import LossHistory, Throughput, peak_flops
 from crate.train.runtime import RayRuntime
@@ -42,10 +53,29 @@ class RunInfo:
     parent_run_id: str | None = None  # MLflow run this one nests under (a sweep)
 
 
+# Deterministic failures: a restart from the same checkpoint with the same config would fail the same way.
+FINAL_ERRORS = {error.__name__: error for error in (TrainingDiverged, CheckpointError, ConfigError)}
+ERROR_KEY = "crate/error"
+
+
 def train_worker(job: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_training(job, RayRuntime())
+    runtime = RayRuntime()
+    try:
+        run_training(job, runtime)
+    except tuple(FINAL_ERRORS.values()) as error:  # every rank raises it at the same point (collective decisions)
+        import ray.train
+
+        args = [error.step, error.reason] if isinstance(error, TrainingDiverged) else list(error.__reduce__()[1])
+        ray.train.report({ERROR_KEY: json.dumps({"type": type(error).__name__, "args": args})})
+
+
+def raise_reported_error(metrics: dict[str, Any]) -> None:
+    """On the driver: raise the error a Ray Train worker group reported instead of raising (`train_worker`)."""
+    if ERROR_KEY in metrics:
+        error = json.loads(metrics[ERROR_KEY])
+        raise FINAL_ERRORS[error["type"]](*error["args"])
 
 
 def run_training(job: dict[str, Any], runtime) -> dict[str, float]:
@@ -66,7 +96,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
         with runtime.latest_checkpoint() as directory:
-            resume = plan_resume(directory, cfg.train, self.rank, self.world_size)
+            resume = plan_resume(directory, cfg, self.rank, self.world_size)
             if resume and not resume.full_engine_state:
                 load_weights_into(model, resume)
             self.engine = build_engine(model, cfg.train, self.device)
@@ -81,6 +111,9 @@ class Trainer:
         self.history = LossHistory.from_dict(saved.get("history"))
         self.mixture: dict[str, int] = dict(saved.get("mixture", {}))  # tokens per pile_set_name, this rank
         self.data_state = resume.data_state if resume else None
+        self.loss: float | None = saved.get("loss")  # the last step's loss, averaged over the workers
+        self.skipped_in_a_row = 0
+        self.skipped_before = self.engine.skipped_steps
         self.tracker = self._open_tracker(saved.get("mlflow_run_id"))
         self.batches = train_batches(cfg.data, cfg.train.micro_batch_size, self.rank, self.world_size, self.data_state)
         self.throughput = Throughput(self.engine.module.flops_per_token(cfg.data.context),
@@ -88,6 +121,13 @@ class Trainer:
         if resume:
             self._log(f"resumed at step {self.step} from {resume.directory.name}")
             self.tracker.log_metrics({"train/resumed_from_step": self.step}, step=self.step)
+            if resume.changes:
+                changes = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in resume.changes.items())
+                self._log(f"config changed on resume (allowed): {changes}")
+                if self.rank == 0:  # MLflow cannot change a logged param: the changes go beside them
+                    self.tracker.log_text(yaml.safe_dump({name: {"checkpoint": old, "now": new}
+                                                          for name, (old, new) in resume.changes.items()}),
+                                          f"config_changes/resume_at_step_{self.step:08d}.yaml")
 
     # ----------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -136,7 +176,25 @@ class Trainer:
             self.throughput.add(tokens[:, 1:].numel() * self.world_size)
         self.grad_norm = self.engine.finish_step()
         self.step += 1
-        return torch.stack(losses).mean().item()
+        loss = all_reduce(torch.stack(losses).float().mean()).item() / self.world_size
+        self.check_divergence(loss)
+        self.loss = loss
+        return loss
+
+    def check_divergence(self, loss: float) -> None:
+        """Stop on a non-finite loss, or on `max_skipped_steps` engine-skipped steps in a row. Every rank sees the
+        same averaged loss and the same (all-reduced) overflow decision, so every rank stops at the same step."""
+        if not math.isfinite(loss):
+            raise TrainingDiverged(self.step, f"loss {loss} (averaged over {self.world_size} worker(s)), grad "
+                                              f"norm {self.grad_norm}")
+        skipped = self.engine.skipped_steps
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped > self.skipped_before else 0
+        self.skipped_before = skipped
+        if self.skipped_in_a_row >= self.cfg.train.max_skipped_steps:
+            raise TrainingDiverged(self.step, f"the engine skipped the last {self.skipped_in_a_row} optimizer steps in "
+                                              f"a row (non-finite gradients: DeepSpeed's 'OVERFLOW! Skipping step'; "
+                                              f"train.max_skipped_steps={self.cfg.train.max_skipped_steps}), loss "
+                                              f"{loss}, grad norm {self.grad_norm}")
 
     @property
     def tokens_seen(self) -> int:
@@ -144,7 +202,6 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------
     def log_progress(self, loss: float) -> dict[str, float]:
-        loss = all_reduce(torch.tensor(loss, device=self.device)).item() / self.world_size
         o = self.cfg.train.optim
         metrics = {"train/loss": loss, "train/grad_norm": self.grad_norm, "train/tokens_seen": self.tokens_seen,
                    "train/lr": learning_rate(self.step - 1, o.lr, o.min_lr, o.warmup_steps, self.cfg.decay_steps),
@@ -204,7 +261,7 @@ class Trainer:
         t = self.cfg.train
         return {"step": self.step, "tokens_seen": self.tokens_seen, "engine": t.engine, "zero_stage": t.zero_stage,
                 "mlflow_run_id": self.tracker.run_id, "run_name": self.run.name, "history": self.history.to_dict(),
-                "mixture": self.mixture, "metrics": metrics}
+                "mixture": self.mixture, "metrics": metrics, "loss": self.loss, "config": to_dict(self.cfg)}
 
     def finish(self) -> None:
         if self.rank != 0:

@@ -1,12 +1,15 @@
 """Where the training loop runs: a Ray Train worker, or one plain process. The loop only sees this interface.
 
 Both keep checkpoints as `<storage_path>/<run_name>/checkpoint_<step>/`: Ray Train persists what every worker
-reports into that directory; the local runtime writes it itself (atomically, keeping the newest N).
+reports into that directory; the local runtime writes it itself (atomically, keeping the newest N complete ones).
+Both resume only from a checkpoint that verifies against its manifests (`crate.train.checkpoint.verify`): the
+local runtime takes the newest that does, Ray Train offers only its latest registered one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -15,6 +18,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+from crate.train.checkpoint import is_marked_complete, newest_complete
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_name(step: int) -> str:
@@ -39,6 +46,7 @@ class LocalRuntime:
     def __init__(self, run_dir: str | os.PathLike, keep_checkpoints: int):
         self.run_dir = Path(run_dir)
         self.keep = keep_checkpoints
+        self.last_checkpoint: Path | None = None  # the newest written, or the one resumed from
         self.run_dir.mkdir(parents=True, exist_ok=True)
         single_process_env()
 
@@ -50,8 +58,9 @@ class LocalRuntime:
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
-        found = self.checkpoints()
-        yield found[-1] if found else None
+        """The newest checkpoint that verifies (the ones skipped are logged); CheckpointError if none does."""
+        self.last_checkpoint = newest_complete(reversed(self.checkpoints()))
+        yield self.last_checkpoint
 
     def new_checkpoint_dir(self, step: int) -> Path:
         staging = self.run_dir / f".staging_{checkpoint_name(step)}"
@@ -65,8 +74,14 @@ class LocalRuntime:
         final = self.run_dir / checkpoint_name(step)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(checkpoint_dir, final)  # a checkpoint exists complete or not at all
-        for old in self.checkpoints()[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        self.last_checkpoint = final
+        # Keep the newest N complete ones, the one just written (finite: checked before writing) always among them.
+        keep = set([p for p in self.checkpoints() if is_marked_complete(p)][-self.keep:]) | {final}
+        for old in self.checkpoints():
+            if old not in keep and old.name < final.name:
+                if not is_marked_complete(old):
+                    log.info("removing incomplete checkpoint %s", old)
+                shutil.rmtree(old, ignore_errors=True)
 
 
 class RayRuntime:
@@ -97,7 +112,7 @@ class RayRuntime:
             yield None
             return
         with checkpoint.as_directory() as directory:
-            yield Path(directory)
+            yield newest_complete([Path(directory)])
 
     def new_checkpoint_dir(self, step: int) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"{checkpoint_name(step)}_"))

@@ -1,0 +1,144 @@
+"""The interpretability job under faults, fault first (issue 13 §9-12, 18 §10, 19 §4/7/8): a model known by its
+content, failed rows retried and counted, a dead or hanging backend, a garbage line in the write-ahead log, remote
+checkpoints, defaults that follow the model, GPUs that are asked for and absent. Single-process (scoring in the
+driver, `workers.actors=0`), tiny models, a real HTTP server on loopback."""
+
+import importlib.util
+import json
+import logging
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from crate.config import load_config
+from crate.errors import ConfigError
+from crate.interp import InterpConfig, run_interpretability
+from crate.model import build_model, save_model
+from test_interp_http import FakeOpenAI
+
+_spec = importlib.util.spec_from_file_location("interpret_job", Path(__file__).parents[1] / "jobs" / "interpret.py")
+interpret_job = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(interpret_job)
+TEXT = ("The cat sat on the mat. A dog ran after the cat, and the cat ran up a tree. "
+        "def area(r):\n    return 3.14 * r * r\n\nprint(area(2))\n")
+
+
+@pytest.fixture(scope="module")
+def subject(tmp_path_factory):
+    root = tmp_path_factory.mktemp("interp-faults")
+    torch.manual_seed(0)
+    save_model(build_model("crate-tiny"), root / "tiny.pt", mlflow_run_id="train-run-1", run_name="tiny-run", step=5)
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": TEXT * (i % 5 + 1)}) + "\n" for i in range(60)))
+    return root
+
+
+def overrides(subject, out=None, **extra) -> list[str]:
+    base = {"checkpoint": subject / "tiny.pt", "corpus": subject / "corpus.jsonl",
+            "records.blocks": 12, "records.window": 16, "records.top": 10,
+            "records.random": 10, "records.quantile_pool": 20, "records.per_quantile": 2, "records.batch_blocks": 4,
+            "sample": 4, "metrics": "[tar,random]", "workers.actors": 0, "tracking.enabled": "false", **extra}
+    if out is not None:
+        base["output_dir"] = out
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def job_config(subject, out=None, **extra) -> InterpConfig:
+    return load_config(InterpConfig, None, overrides(subject, out, **extra))
+
+
+# -- 13.12 remote checkpoints: every job that takes a checkpoint accepts what load_model accepts ------------------
+
+def test_every_checkpoint_job_accepts_a_storage_uri(subject, tmp_path):
+    from crate.interp.job import Subject
+    from crate.sae.job import TrainSAEConfig, run_sae_training
+    from crate.steering import SteerConfig, run_steering
+    from crate.tracking import TrackingConfig
+
+    uri = f"file://{subject / 'tiny.pt'}"
+    loaded = Subject.load(uri)
+    assert loaded.checkpoint == uri and loaded.model.config.n_layer == 2
+    with pytest.raises(ConfigError) as error:
+        Subject.load(f"file://{tmp_path / 'missing.pt'}")
+    assert error.value.field == "checkpoint" and "missing.pt" in str(error.value)
+
+    effects = run_steering(SteerConfig(checkpoint=uri, layer=0, neurons=[1], value=5.0, new_tokens=2,
+                                       output_dir=str(tmp_path / "steer"), device="cpu",
+                                       tracking=TrackingConfig(enabled=False)))
+    assert effects and effects[0].checkpoint == uri  # the viewer matches effects to results by this name
+
+    with pytest.raises(ConfigError) as error:  # past the checkpoint: the model loaded, then its layers were checked
+        run_sae_training(TrainSAEConfig(checkpoint=uri, layer=7, output_dir=str(tmp_path / "sae"), device="cpu",
+                                        tracking=TrackingConfig(enabled=False)))
+    assert error.value.field == "layer"
+
+
+# -- 18.10 defaults that depend on the model follow the checkpoint; the summary reads as a table -----------------
+
+def test_collection_follows_the_checkpoints_context_and_the_summary_is_a_table(subject, tmp_path, capsys):
+    from crate.interp.schema import read_provenance
+    interpret_job.main([f"--output={tmp_path}", *overrides(subject, sample=2, metrics="[tar,random,anthropic]",
+                                             **{"anthropic_records.blocks": 12, "anthropic_records.per_quantile": 4,
+                                                "anthropic_records.quantile_pool": 40})])
+    printed = capsys.readouterr().out
+    lengths = {read_provenance(d / "layer_00.parquet")["collection"]["block_length"]
+               for d in (tmp_path / "records").iterdir()}
+    assert lengths == {64}  # crate-tiny's context; the defaults say 1024 only for a model that has it
+    assert not printed.lstrip().startswith(("[", "{")), printed[:200]  # not a JSON dump
+    header, *rows = [line for line in printed.splitlines() if line.startswith("|")][:1] + \
+        [line for line in printed.splitlines() if line.startswith("| crate-paper")]
+    assert "metric" in header and "mean" in header and "failed" in header, printed
+    assert sorted(row.split("|")[2].strip() for row in rows) == ["anthropic", "random", "tar"], printed
+    summary = json.loads((tmp_path / "summary.json").read_text())  # the JSON stays in the output folder
+    assert {m["metric"] for m in summary["models"]} == {"tar", "random", "anthropic"}
+    explicit = job_config(subject, **{"records.block_length": 32})
+    assert explicit.records.block_length == 32  # what the user sets is kept
+
+
+# -- 13.9 a model is known by its content as well as its name ----------------------------------------------------
+
+def test_two_models_with_one_name_never_share_records_or_results(subject, tmp_path, monkeypatch):
+    from crate.interp.job import Subject
+
+    for seed, run in ((0, "a"), (1, "b")):  # two platform checkpoints: same run name, same step, other weights
+        torch.manual_seed(seed)
+        save_model(build_model("crate-tiny"), tmp_path / run / "model.pt", run_name="tiny-run", step=5)
+    a, b = Subject.load(str(tmp_path / "a" / "model.pt")), Subject.load(str(tmp_path / "b" / "model.pt"))
+    assert a.model_id == b.model_id == "tiny-run@5" and a.sha256 != b.sha256 and len(a.sha256) == 64
+    assert Subject.load(f"file://{tmp_path / 'a' / 'model.pt'}").sha256 == a.sha256  # content, not location
+
+    monkeypatch.chdir(tmp_path)  # the default output folder is per model, absolute, under ./interp
+    first = run_interpretability(job_config(subject, checkpoint=tmp_path / "a" / "model.pt"))
+    second = run_interpretability(job_config(subject, checkpoint=tmp_path / "b" / "model.pt"))
+    assert first["output_dir"] == str(tmp_path / "interp" / f"tiny-run@5-{a.sha256[:12]}")
+    assert second["output_dir"] == str(tmp_path / "interp" / f"tiny-run@5-{b.sha256[:12]}")
+    for summary, model in ((first, a), (second, b)):
+        rows = pq.read_table(Path(summary["output_dir"]) / "results.parquet").to_pylist()
+        assert {r["model_sha256"] for r in rows} == {model.sha256} and summary["model_sha256"] == model.sha256
+
+    with pytest.raises(ConfigError) as error:  # b's job pointed at a's folder: refused, naming both
+        run_interpretability(job_config(subject, first["output_dir"], checkpoint=tmp_path / "b" / "model.pt"))
+    assert error.value.field == "output_dir" and a.sha256[:12] in str(error.value) and b.sha256[:12] in str(error.value)
+
+
+# -- 13.11 a garbage line in the middle of the write-ahead log ----------------------------------------------------
+
+def test_a_garbage_line_in_the_middle_of_the_log_is_quarantined_and_the_job_resumes(subject, tmp_path, caplog):
+    from crate.interp.store import LOG_FILE, QUARANTINE_FILE
+
+    first = run_interpretability(job_config(subject, tmp_path))
+    table = pq.read_table(tmp_path / "results.parquet")
+    extra = [{**row, "neuron": 900 + i, "score": None, "created_at": 0} for i, row in enumerate(table.to_pylist()[:2])]
+    (tmp_path / LOG_FILE).write_bytes(json.dumps(extra[0]).encode() + b"\n" + b'{"model": "tiny-run@5", "lay\xff\n'
+                                      + json.dumps(extra[1]).encode() + b"\n")
+    with caplog.at_level(logging.WARNING, logger="crate.interp.store"):
+        again = run_interpretability(job_config(subject, tmp_path))  # resumes instead of a bare JSONDecodeError
+    assert f"{tmp_path / LOG_FILE}:2" in caplog.text
+    (kept,) = [json.loads(line) for line in (tmp_path / QUARANTINE_FILE).read_text().splitlines()]
+    assert kept["file"] == LOG_FILE and kept["line"] == 2 and kept["text"].startswith('{"model": "tiny-run@5", "lay')
+    assert again["quarantined"] == 1 and first["models"] == again["models"]
+    after = pq.read_table(tmp_path / "results.parquet")
+    assert after.num_rows == table.num_rows + 2  # the readable rows around the garbage were kept
