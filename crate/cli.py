@@ -147,4 +147,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """The job's own lines, library noise filtered (crate/logs.py; CRATE_VERBOSE=1 shows everything)."""
+    from crate.logs import configure
+
+    configure(level)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from crate.errors import ConfigError
 from crate.plots import pyplot, save
-from crate.tracking import Tracker, TrackingConfig
+from crate.tracking import Tracker, TrackingConfig, resolve_locations
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ def _format_shift(shift: TokenShift | None) -> str:
 # --------------------------------------------------------------------------------------------------
 def run_steering(config: SteerConfig) -> list[SteeringEffect]:
     """The steering job: every chosen neuron at every clamp value; printed, written, logged to MLflow."""
+    config = resolve_locations(config)
     from crate.model import load_model
     from crate.tokenizer import gpt2_tokenizer
 

@@ -33,12 +33,14 @@ BAD_INPUTS = [
     ("jobs/compare.py", [], "results", "at least one results table"),
     ("jobs/view.py", [], "inputs", "at least one"),
     ("jobs/steer.py", ["--checkpoint", "x.pt", "--layer", "0", "--neuron", "1"], "value", "clamp value"),
+    ("jobs/export.py", ["--checkpoint", "/nonexistent.pt", "--to", "hf", "--output", "{tmp}/out"], "checkpoint",
+     "no checkpoint file"),
 ]
 
 
 def run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=240)
+                          timeout=900)  # generous: a loaded machine imports torch and Ray slowly
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def results(tmp_path_factory):
 
 
 def test_every_job_is_covered():
-    assert len(JOBS) == 13 and {script for script, *_ in BAD_INPUTS} == set(JOBS) - {"jobs/benchmark.py"}
+    assert len(JOBS) == 14 and {script for script, *_ in BAD_INPUTS} == set(JOBS) - {"jobs/benchmark.py"}
 
 
 @pytest.mark.parametrize("job", JOBS)

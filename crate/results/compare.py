@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from crate.errors import ConfigError
 from crate.interp.aggregate import EXCLUDE_LAST_FROM, across_layers, layer_stats, scored_layers
 from crate.plots import pyplot, save
 from crate.results.tables import metric_order, read_results
-from crate.tracking import Tracker, TrackingConfig
+from crate.tracking import Tracker, TrackingConfig, resolve_locations
 from crate.train.checkpoint import TRAINER_STATE
 
 log = logging.getLogger(__name__)
@@ -254,6 +253,7 @@ def write_comparison(comparison: Comparison, output_dir: str | Path, exclude_las
 
 def run_compare(config: CompareConfig) -> Comparison:
     """The compare job: read, compare, print the markdown, write the files, log them to MLflow."""
+    config = resolve_locations(config)
     results = read_results(config.results)
     if config.protocol:
         results = results.filter(pl.col("protocol") == config.protocol)

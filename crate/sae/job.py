@@ -31,7 +31,7 @@ from crate.sae.activations import LayerActivations, shuffled_batches
 from crate.sae.evaluate import SAEEvaluation, evaluate_sae
 from crate.sae.model import SAESource, save_sae
 from crate.sae.train import SAETrainConfig, SAETrainer, train_sae
-from crate.tracking import Tracker, TrackingConfig
+from crate.tracking import Tracker, TrackingConfig, resolve_locations
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class TrainSAEConfig:
 
 def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
     """Train (or resume), evaluate, save; returns the SAE file and its evaluation."""
+    config = resolve_locations(config)
     from crate.data import check_sources, train_batches, val_batches
     from crate.model import load_model
 

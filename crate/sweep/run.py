@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import posixpath
 import tempfile
 import time
@@ -31,7 +30,7 @@ from crate.sweep.report import ETA, LAMBDA, TrialRecord, markdown, summary_table
 from crate.sweep.runs import count_outcomes, mark_trial_runs, open_parent
 from crate.sweep.state import SweepState, check_same_config, read_state, write_state
 from crate.sweep.trial import COMPLETED, TrialSetup, run_trial
-from crate.tracking import resolve_tracking_uri
+from crate.tracking import resolve_locations
 from crate.train import PretrainConfig
 from crate.train.launch import storage_location
 
@@ -44,12 +43,13 @@ class SweepResult:
     experiment: str  # the Tune experiment's location
     parent_run_id: str | None
     table: pl.DataFrame | None  # None when the sweep was interrupted before every trial ended
+    tracking: str = ""  # the parent run's store and the command that opens it
 
     def summary(self) -> str:
         if self.table is None:
             return f"sweep {self.name} was interrupted; continue it with --resume name={self.name}"
         return (f"{markdown(self.table)}\nsweep {self.name}: report in {self.experiment}/report, MLflow parent run "
-                f"{self.parent_run_id or '(tracking off)'}")
+                f"{self.parent_run_id or '(tracking off)'}" + (f"\n{self.tracking}" if self.tracking else ""))
 
 
 def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
@@ -86,7 +86,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     table = summary_table(records, keys, cfg.metric, cfg.mode)
     publish_report(table, cfg, name, experiment, parent, keys)
     parent.end("FINISHED")
-    return SweepResult(name, experiment, parent.run_id, table)
+    return SweepResult(name, experiment, parent.run_id, table, parent.describe())
 
 
 def locate(cfg: SweepConfig, resume: bool) -> tuple[str, str, str, SweepState | None]:
@@ -120,16 +120,9 @@ def preflight(cfg: SweepConfig) -> None:
 def pinned_trial(trial: PretrainConfig, experiment: str) -> PretrainConfig:
     """The trials' config with everything a trial actor would resolve against its own working directory (Tune
     moves it into the trial's folder) resolved here; trial runs are stored inside the sweep."""
-    data = dataclasses.replace(trial.data, train=absolute(trial.data.train), val=absolute(trial.data.val))
-    tracking = trial.tracking
-    if tracking.enabled:
-        tracking = dataclasses.replace(tracking, uri=resolve_tracking_uri(tracking.uri))
-    train = dataclasses.replace(trial.train, storage_path=posixpath.join(experiment, "trials"))
-    return dataclasses.replace(trial, data=data, train=train, tracking=tracking)
-
-
-def absolute(uri: str) -> str:
-    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+    trial = resolve_locations(trial)
+    return dataclasses.replace(trial, train=dataclasses.replace(trial.train,
+                                                                storage_path=posixpath.join(experiment, "trials")))
 
 
 def trial_resources(cfg: SweepConfig) -> dict[str, float]:

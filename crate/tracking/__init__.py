@@ -5,9 +5,10 @@
     tracker.log_artifact("loss.png")
     tracker.end()
 
-- URI: `TrackingConfig.uri`, else `MLFLOW_TRACKING_URI`, else a local store inside the working directory
-  (`sqlite:///./mlruns/mlflow.db`, artifacts in `./mlruns/artifacts`; open it with `mlflow ui
-  --backend-store-uri sqlite:///mlruns/mlflow.db`).
+- URI: `TrackingConfig.uri`, else `MLFLOW_TRACKING_URI`, else a local store in the directory the job was launched
+  from (`sqlite:///<dir>/mlruns/mlflow.db`, artifacts in `<dir>/mlruns/artifacts`), resolved on the driver by
+  `resolve_locations` (crate/tracking/locations.py) before any worker sees the config; `Tracker.end` logs the
+  run's id, store and the `mlflow ui` command that opens it.
 - A server that is unreachable at start, or stops answering mid-run, turns the tracker off with one warning:
   the job goes on. HTTP retries are bounded (MLflow's defaults block for minutes).
 - Runs are addressed by id through `MlflowClient`, so a sweep's parent run and its trials' runs can be open
@@ -15,6 +16,7 @@
 """
 
 from crate.tracking.config import TrackingConfig
-from crate.tracking.tracker import Tracker, resolve_tracking_uri
+from crate.tracking.locations import describe_run, resolve_locations, resolve_tracking_uri
+from crate.tracking.tracker import Tracker
 
-__all__ = ["Tracker", "TrackingConfig", "resolve_tracking_uri"]
+__all__ = ["Tracker", "TrackingConfig", "describe_run", "resolve_locations", "resolve_tracking_uri"]

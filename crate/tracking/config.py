@@ -8,7 +8,8 @@ from crate.errors import ConfigError
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlruns/mlflow.db
+    uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/mlruns/mlflow.db
+    artifact_root: str | None = None  # of experiments this job creates; default: artifacts/ beside a SQLite store
     experiment: str = "crate-lm"
     run_name: str | None = None  # default: the job's own run name
     system_metrics: bool = True  # CPU/GPU/memory sampled by MLflow alongside the run

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,8 +15,9 @@ from crate.cluster import connect_ray
 from crate.config import to_dict
 from crate.data import check_sources
 from crate.errors import ConfigError
+from crate.tracking.locations import absolute_location, describe_run, resolve_locations
 from crate.tracking.provenance import code_version, package_versions
-from crate.train.checkpoint import MODEL_FILE
+from crate.train.checkpoint import MODEL_FILE, TRAINER_STATE
 from crate.train.config import PretrainConfig
 from crate.train.loop import RunInfo, raise_reported_error, run_training, train_worker
 from crate.train.runtime import LocalRuntime
@@ -27,6 +30,7 @@ class TrainingResult:
     run_name: str
     metrics: dict[str, Any]
     checkpoint: str  # the last checkpoint directory (local path or storage URI)
+    tracking: str = "MLflow: tracking off"  # where the MLflow run is and how to open it
 
     @property
     def model_file(self) -> str:
@@ -37,7 +41,7 @@ class TrainingResult:
         loss = self.metrics.get("val/loss")
         return (f"run {self.run_name}: {self.metrics.get('step', '?')} steps, "
                 f"{self.metrics.get('tokens_seen', 0):,} tokens, val loss "
-                f"{'n/a' if loss is None else f'{loss:.4f}'}\nmodel: {self.model_file}")
+                f"{'n/a' if loss is None else f'{loss:.4f}'}\nmodel: {self.model_file}\n{self.tracking}")
 
 
 def default_run_name(cfg: PretrainConfig) -> str:
@@ -46,22 +50,65 @@ def default_run_name(cfg: PretrainConfig) -> str:
 
 def storage_location(path: str) -> str:
     """Cloud URIs pass through; local paths become absolute (Ray Train requires it)."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    return absolute_location(path)
 
 
 def launch(cfg: PretrainConfig, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
            callbacks: Sequence[Any] = ()) -> TrainingResult:
-    """Check the inputs, then train. `parent_run_id`/`tags`/`callbacks` let a Tune trial nest and report."""
+    """Check the inputs, then train. `parent_run_id`/`tags`/`callbacks` let a Tune trial nest and report.
+
+    Every location the config leaves relative or to a default (tracking store, artifact root, storage path,
+    corpus paths) is resolved here, against the launch directory: Ray Train runs its workers in Ray's own folder."""
+    cfg = resolve_locations(cfg)
     check_sources(cfg.data)  # a missing corpus fails here, before any worker starts
     run = RunInfo(name=cfg.train.run_name or default_run_name(cfg), code_version=code_version(),
                   packages=package_versions(), tags=dict(tags or {}), parent_run_id=parent_run_id)
     job = {"config": to_dict(cfg), "run": dataclasses.asdict(run)}
-    storage = storage_location(cfg.train.storage_path)
+    storage = cfg.train.storage_path
     if cfg.train.launcher == "local":
         runtime = LocalRuntime(Path(storage) / run.name, cfg.train.keep_checkpoints)
         metrics = run_training(job, runtime)
-        return TrainingResult(run.name, metrics, str(runtime.last_checkpoint))
+        last = runtime.last_checkpoint
+        state = json.loads((last / TRAINER_STATE).read_text())
+        return TrainingResult(run.name, metrics, str(last), tracking_summary(cfg, state.get("mlflow_run_id")))
     return _fit_on_ray(cfg, job, run.name, storage, callbacks)
+
+
+def tracking_summary(cfg: PretrainConfig, run_id: str | None) -> str:
+    """The run's MLflow id, store (or URL) and the command that opens it, for the job's final summary."""
+    if not cfg.tracking.enabled or not run_id:
+        return "MLflow: tracking off" if not cfg.tracking.enabled else "MLflow: no run (tracking failed, see above)"
+    try:
+        from mlflow.tracking import MlflowClient
+
+        experiment_id = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - the summary still names the run and its store
+        experiment_id = None
+    return describe_run(run_id, experiment_id, cfg.tracking.uri, cfg.tracking.artifact_root)
+
+
+def check_shared_storage(storage: str, field: str = "train.storage_path") -> None:
+    """On a cluster of several nodes, a local storage path must be one every node sees (a shared mount): the
+    driver writes a marker there and a task on every other node looks for it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != ray.get_runtime_context().get_node_id()]
+    if "://" in storage or not nodes:
+        return
+    marker = Path(storage) / f".crate-shared-{uuid.uuid4().hex}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    try:
+        sees = ray.remote(num_cpus=0)(lambda path: Path(path).exists())
+        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+                        .remote(str(marker)) for node in nodes])
+    finally:
+        marker.unlink(missing_ok=True)
+    if not all(seen):
+        raise ConfigError(field, f"{storage} is local to the driver's node: {seen.count(False)} of the cluster's "
+                                 f"{len(nodes) + 1} nodes cannot see it; give storage every node shares, e.g. "
+                                 f"{field}=s3://<bucket>/runs or a path on a shared file system")
 
 
 def _fit_on_ray(cfg: PretrainConfig, job: dict, run_name: str, storage: str, callbacks: Sequence[Any]) -> TrainingResult:
@@ -72,6 +119,7 @@ def _fit_on_ray(cfg: PretrainConfig, job: dict, run_name: str, storage: str, cal
     started_here = connect_ray()
     if started_here:
         check_resources(cfg, ray.cluster_resources())
+    check_shared_storage(storage)
     t = cfg.train
     trainer = TorchTrainer(
         train_worker,
@@ -89,7 +137,13 @@ def _fit_on_ray(cfg: PretrainConfig, job: dict, run_name: str, storage: str, cal
         raise result.error
     metrics = dict(result.metrics or {})
     raise_reported_error(metrics)  # a deterministic error the workers reported instead of failing (no retries)
-    return TrainingResult(run_name, metrics, checkpoint_uri(result.checkpoint.path, storage) if result.checkpoint else "")
+    if result.checkpoint is None:
+        return TrainingResult(run_name, metrics, "", tracking_summary(cfg, None))
+    checkpoint = result.checkpoint
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{TRAINER_STATE}") as stream:
+        state = json.loads(stream.read())
+    return TrainingResult(run_name, metrics, checkpoint_uri(checkpoint.path, storage),
+                          tracking_summary(cfg, state.get("mlflow_run_id")))
 
 
 def checkpoint_uri(path: str, storage: str) -> str:

@@ -60,7 +60,9 @@ ERROR_KEY = "crate/error"
 
 def train_worker(job: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from crate.logs import configure
+
+    configure()
     runtime = RayRuntime()
     try:
         run_training(job, runtime)
@@ -284,7 +286,8 @@ class Trainer:
                   "run.params": self.engine.num_params,
                   **{f"packages.{k}": v for k, v in run.packages.items()}}
         tracker = Tracker.start(cfg.tracking, cfg.tracking.run_name or run.name, params=params, tags=tags,
-                                parent_run_id=run.parent_run_id, resume_run_id=resume_run_id)
+                                parent_run_id=run.parent_run_id, resume_run_id=resume_run_id,
+                                skip_logged_steps=True)
         if not resume_run_id:
             tracker.log_text(dump_yaml(cfg), "config.yaml")
         return tracker

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from crate.errors import ConfigError
 from crate.results.tables import metric_order
-from crate.tracking import Tracker, TrackingConfig
+from crate.tracking import Tracker, TrackingConfig, resolve_locations
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -272,6 +272,7 @@ def _finite(value: float | None) -> float | None:
 
 def run_viewer(config: ViewerConfig) -> Path:
     """The view job: build the viewer and log the folder to MLflow as the `viewer` artifact."""
+    config = resolve_locations(config)
     index = build_viewer(config)
     tracker = Tracker.start(config.tracking, run_name=config.tracking.run_name or "neuron-viewer",
                             params={"inputs": ",".join(config.inputs), "steering": ",".join(config.steering),
