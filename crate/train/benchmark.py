@@ -6,8 +6,10 @@ Two steps per preset, CRATE and GPT side by side:
 - the **platform step**: the DeepSpeed engine with exactly the configuration `jobs/pretrain.py` builds from
   the given recipe (`crate.train.engine.DeepSpeedEngine`), in one process.
 
-Each prints one JSON line: tokens/s, ms per optimizer step, peak memory, MFU against the device's peak and the
-ratio to a matmul ceiling measured here (a large square matmul in the training precision).
+Both train in the same numerics (fp32 weights and gradients, bf16 autocast compute: docs/precision.md), so the
+gap between them is the platform's overhead alone. Each prints one JSON line: tokens/s, ms per optimizer step,
+peak memory, MFU against the device's peak (named in the line, with the device) and the ratio to a matmul
+ceiling measured here (a large square matmul in the training precision).
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ def measure(kind: str, preset: str, cfg: PretrainConfig, device: torch.device, w
         "engine": f"deepspeed-zero{train.zero_stage}" if kind == "platform" else "torch",
         "micro_batch_size": train.micro_batch_size, "context": cfg.data.context,
         "ms_per_step": round(seconds * 1e3, 2), "tokens_per_s": round(tokens_per_s, 1),
-        "tflops": round(flops / 1e12, 4), "mfu": round(flops / peak, 4) if peak else None,
+        "tflops": round(flops / 1e12, 4), "peak_tflops": round(peak / 1e12, 1) if peak else None,
+        "mfu": round(flops / peak, 4) if peak else None,
         "ratio_to_matmul_ceiling": round(flops / ceiling, 4),
         "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
         "torch": torch.__version__,

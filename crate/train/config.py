@@ -65,7 +65,7 @@ class TrainConfig:
     max_failures: int = 3  # worker failures Ray Train recovers from by restarting at the last checkpoint
     controller_failure_limit: int = 3  # Ray's default retries a worker group that cannot start forever
     seed: int = 1337
-    peak_flops: float | None = None  # per device, for MFU; default: known bf16 peaks (H100/H200 989e12, A100 312e12)
+    peak_flops: float | None = None  # per device, for MFU; default: the dense bf16 peak of the device (PEAK_FLOPS_TABLE)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
