@@ -3,8 +3,9 @@
     python jobs/interpret.py --checkpoint ckpt.pt --corpus pile://val --metric tar,random --backend tokenset
     python jobs/interpret.py --checkpoint ckpt.pt --metric anthropic --backend hf --sample 200 \\
         backend.explainer_model=/models/mistral-7b-instruct backend.simulator_model=/models/llama-2-7b
-    ray job submit --working-dir . -- python jobs/interpret.py --checkpoint ckpt.pt --backend http \\
-        backend.explainer_model=meta-llama/Llama-3.1-8B-Instruct backend.base_url=http://vllm:8000/v1
+    ray job submit --working-dir . -- python jobs/interpret.py --checkpoint s3://bucket/run/checkpoint_00001000/model.pt \\
+        --backend http backend.explainer_model=meta-llama/Llama-3.1-8B-Instruct backend.base_url=http://vllm:8000/v1 \\
+        workers.collect_actors=1 workers.collect_gpus=1      # on a cluster: records on a GPU worker (hf: gpus_per_actor=1)
 
 Rerunning the same command resumes (and retries failed features); the job exits 1 when more than max_failed_share
 of its result rows failed. The flags are shorthands for overrides (`--metric tar` = `metrics=[tar]`).

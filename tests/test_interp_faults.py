@@ -111,6 +111,7 @@ def test_two_models_with_one_name_never_share_records_or_results(subject, tmp_pa
     assert Subject.load(f"file://{tmp_path / 'a' / 'model.pt'}").sha256 == a.sha256  # content, not location
 
     monkeypatch.chdir(tmp_path)  # the default output folder is per model, absolute, under ./interp
+    monkeypatch.delenv("CRATE_STORAGE_PATH", raising=False)  # (set, a local one holds interp/ instead)
     first = run_interpretability(job_config(subject, checkpoint=tmp_path / "a" / "model.pt"))
     second = run_interpretability(job_config(subject, checkpoint=tmp_path / "b" / "model.pt"))
     assert first["output_dir"] == str(tmp_path / "interp" / f"tiny-run@5-{a.sha256[:12]}")

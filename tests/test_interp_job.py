@@ -138,7 +138,7 @@ def test_bad_input_is_refused_before_any_work(subject, tmp_path):
 def test_actors_that_ask_for_gpus_the_cluster_lacks_fail_at_start_naming_the_field(cluster, subject, tmp_path):
     from crate.errors import ConfigError
 
-    cases = {"workers.gpus_per_actor": {"workers.gpus_per_actor": 1},  # the backends start first
+    cases = {"workers.gpus_per_actor": {"workers.gpus_per_actor": 1},  # the backends, after the records
              "workers.collect_gpus": {"workers.actors": 0, "workers.collect_actors": 1, "workers.collect_gpus": 1}}
     for field, asks in cases.items():
         cfg = load_config(InterpConfig, None, overrides(subject, tmp_path / field, **asks, **{"workers.gpu_wait_s": 2}))

@@ -68,17 +68,33 @@ class CollectionWorker:
         return collect(self.model, batches, spec, self.source, features, seed, self.device).to("cpu")
 
 
-def _started(calls: list, field: str, gpus: float, wait_s: float, started_here: bool) -> list:
+_local_instance = False  # whether this process started the Ray instance it uses (no autoscaler to add GPUs)
+
+
+def _connect() -> bool:
+    global _local_instance
+    _local_instance = connect_ray() or _local_instance
+    return _local_instance
+
+
+def check_gpus(gpus: float, field: str) -> None:
+    """Join Ray; a ConfigError naming `field` when actors asking for `gpus` GPUs each can never get them: the Ray
+    instance was started here (no autoscaler) and has fewer. A cluster may still add GPU nodes (see `_started`)."""
+    import ray
+
+    local = _connect()
+    if gpus > 0 and local and ray.cluster_resources().get("GPU", 0) < gpus:
+        raise ConfigError(field, f"asks for {gpus:g} GPU(s) per actor; the local Ray instance has "
+                                 f"{ray.cluster_resources().get('GPU', 0):g}")
+
+
+def _started(calls: list, field: str, gpus: float, wait_s: float) -> list:
     """The results of one start-up call per actor; a ConfigError naming `field` when actors that want GPUs cannot
-    get them: a local instance without GPUs at once, a cluster that has none to give within `wait_s` (an
-    autoscaler adds GPU nodes only for pending actors, so waiting is the only way to know), or an actor that got a
-    GPU slot but sees no CUDA device."""
+    get them: a cluster that has none to give within `wait_s` (an autoscaler adds GPU nodes only for pending
+    actors, so waiting is the only way to know), or an actor that got a GPU slot but sees no CUDA device."""
     import ray
     from ray.exceptions import RayTaskError
 
-    have = ray.cluster_resources().get("GPU", 0)
-    if gpus > 0 and started_here and have < gpus:
-        raise ConfigError(field, f"asks for {gpus:g} GPU(s) per actor; the local Ray instance has {have:g}")
     ready, pending = ray.wait(calls, num_returns=len(calls), timeout=wait_s if gpus > 0 else None)
     if pending:
         raise ConfigError(field, f"{len(pending)} actor(s) asking for {gpus:g} GPU(s) did not start within "
@@ -95,12 +111,12 @@ def collect_sharded(checkpoint: str, sha256: str, features_spec: str, batches: S
                     spec, features: dict[int, np.ndarray], seed: int, workers) -> RecordCollector:
     import ray
 
-    started_here = connect_ray()
+    check_gpus(workers.collect_gpus, "workers.collect_gpus")
     actors, gpus = workers.collect_actors, workers.collect_gpus
     worker = ray.remote(num_cpus=1, num_gpus=gpus)(CollectionWorker)
     handles = [worker.remote(checkpoint, features_spec, sha256, gpus) for _ in range(actors)]
     try:
-        _started([h.ready.remote() for h in handles], "workers.collect_gpus", gpus, workers.gpu_wait_s, started_here)
+        _started([h.ready.remote() for h in handles], "workers.collect_gpus", gpus, workers.gpu_wait_s)
         shards = [list(batches[i::actors]) for i in range(actors)]
         pending = [h.collect.remote(shard, spec, features, seed) for h, shard in zip(handles, shards) if shard]
         merged = None
@@ -145,7 +161,7 @@ class ScoringPool:
     def __init__(self, backend_config, workers, seed: int):
         import ray
 
-        started_here = connect_ray()
+        check_gpus(workers.gpus_per_actor, "workers.gpus_per_actor")
         options = dict(num_cpus=workers.cpus_per_actor, num_gpus=workers.gpus_per_actor,
                        max_concurrency=workers.concurrency, max_restarts=workers.max_actor_restarts,
                        max_task_retries=workers.max_actor_restarts)
@@ -154,7 +170,7 @@ class ScoringPool:
         self.concurrency = workers.concurrency
         try:
             self.identity = _started([a.identity.remote() for a in self.actors], "workers.gpus_per_actor",
-                                     workers.gpus_per_actor, workers.gpu_wait_s, started_here)[0]
+                                     workers.gpus_per_actor, workers.gpu_wait_s)[0]
         except BaseException:
             self.close()
             raise

@@ -292,14 +292,17 @@ class InterpretabilityJob:
                    for _, metrics in self.groups for layer in self.layers for n in self.features[layer])
 
     def run(self) -> dict:
-        """Start the backends, collect (or reuse) records, score every feature not yet finished, summarise; returns
+        """Collect (or reuse) records, start the backends, score every feature not yet finished, summarise; returns
         the summary (raises TooManyFailures after writing it when more than max_failed_share of its rows failed)."""
-        from crate.interp.distributed import LocalScoringPool, ScoringPool
+        from crate.interp.distributed import LocalScoringPool, ScoringPool, check_gpus
 
         cfg, pool = self.cfg, None
-        try:  # the backends first: one that cannot start (no GPU for it) fails the job before any records are made
-            pool = (ScoringPool if cfg.workers.actors else LocalScoringPool)(cfg.backend, cfg.workers, cfg.seed)
+        try:
+            if cfg.workers.actors and cfg.workers.gpus_per_actor > 0:  # before the records are made
+                check_gpus(cfg.workers.gpus_per_actor, "workers.gpus_per_actor")
             collections = {group.collection: self.records(group.collection) for group, _ in self.groups}
+            # after the records: collection actors and backend actors may not fit the cluster at the same time
+            pool = (ScoringPool if cfg.workers.actors else LocalScoringPool)(cfg.backend, cfg.workers, cfg.seed)
             return self._score(pool, collections)
         finally:
             if pool is not None:
