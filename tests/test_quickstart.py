@@ -26,7 +26,8 @@ QUICKSTART = "pip install torch==2.13.0 -e . && python jobs/pretrain.py"
 MLFLOW_UI = "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts"
 TESTS = "platform/test"
 KEPT = ("PATH", "HOME", "LANG", "TORCH_EXTENSIONS_DIR")  # a user's shell has these; nothing of the platform's
-NOISE = ("TrainingReport(", "Setting accelerator to CPU", "Creating initial MLflow database tables")
+NOISE = ("TrainingReport(", "Setting accelerator to CPU", "Creating initial MLflow database tables", "built successfully",
+         "PreemptionWatcher", "Found multiple active Ray instances", "Starting execution of Dataset")
 
 
 def readme_section(title: str) -> str:
