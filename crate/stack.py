@@ -1,21 +1,32 @@
 """The local stack: a real Ray head and a real MLflow tracking server on loopback, for development.
 
     platform/stack up                     # or: python -m crate.stack up [--config FILE] [key=value ...]
-    source .stack/env                     # RAY_ADDRESS, RAY_API_SERVER_ADDRESS, MLFLOW_TRACKING_URI, RAY_AUTH_MODE
+    source .stack/env                     # RAY_ADDRESS, RAY_API_SERVER_ADDRESS, MLFLOW_TRACKING_URI, RAY_AUTH_MODE,
+                                          # CRATE_STORAGE_PATH
     ray job submit --working-dir . -- python jobs/pretrain.py --config smoke
     platform/stack status
     platform/stack down
 
 The same two services the cluster runs (k8s/), as local processes:
-- Ray: `ray start --head --block` with the dashboard and job server on loopback. Ray's token auth is
-  switched off (`RAY_AUTH_MODE=disabled`) because nothing listens beyond 127.0.0.1; the cluster keeps it on.
+- Ray: `ray start --head --block` with every process (GCS, raylet, dashboard and agents, workers) on loopback.
+  Ray's token auth is switched off (`RAY_AUTH_MODE=disabled`) because nothing listens beyond 127.0.0.1; the
+  cluster keeps it on, and so does the stack when asked to bind Ray to another address (`host=10.0.0.5`): then
+  `up` writes a token to `<dir>/ray_token` (mode 0600) and hands its path (`RAY_AUTH_TOKEN_PATH`) to every Ray
+  process and, through the env file, to every client; MLflow (no auth of its own) stays on 127.0.0.1.
   Ray gets its own short temp dir, so a plain `ray.init()` elsewhere on the machine never attaches to it.
+- Jobs get a persistent storage location, `CRATE_STORAGE_PATH=<dir>/runs`, which `train.storage_path` (so
+  checkpoints and sweep state) and the interpretability jobs' outputs default to: what a job submitted with
+  `ray job submit --working-dir .` writes there survives `down`/`up` (Ray's uploaded working dir does not), so a
+  resubmitted `train.run_name` resumes from its last checkpoint.
 - MLflow: `mlflow server --workers 1` with job execution off (it would quadruple the server's memory);
   backend SQLite in the stack dir by default or any SQLAlchemy URI (PostgreSQL), artifacts proxied by the
   server into a local dir by default or an S3-compatible store (`MLFLOW_S3_ENDPOINT_URL` and AWS_* pass through).
-- Every process the stack starts carries `CRATE_STACK_ID` in its environment, `MLFLOW_TRACKING_URI` reaches
-  every Ray process (drivers and Train workers) the way the cluster injects it into every pod, and `down`
-  stops exactly those processes (never `ray stop`, which would kill every Ray instance on the machine).
+- `MLFLOW_TRACKING_URI` reaches every Ray process (drivers and Train workers) the way the cluster injects it into
+  every pod. `down` stops exactly the stack's processes (never `ray stop`, which would kill every Ray instance on
+  the machine): the services it spawned and all their descendants, snapshotted before the first signal, plus any
+  process that points into the stack's Ray temp dir (command line, working directory or open log files) or
+  carries `CRATE_STACK_ID` in its environment. Ray's agents rewrite their title and environment, and a job's
+  driver runs in a session of its own, so no single marker finds them all; SIGKILL follows a grace period.
 - `up` is idempotent: a healthy stack is left alone; a half-dead one is cleaned up and started again.
 """
 
@@ -39,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from crate.cluster import LOOPBACK, LOOPBACK_RAY_ENV
 from crate.config import dump_yaml, load_config
 from crate.errors import ConfigError
 
@@ -47,11 +59,8 @@ log = logging.getLogger(__name__)
 STACK_ID_VAR = "CRATE_STACK_ID"
 STATE_FILE = "stack.json"
 ENV_FILE = "env"
-
-
-# Ray on one machine, reachable on loopback only: no token auth (nothing beyond 127.0.0.1 can connect), and
-# no multi-node support, which is what keeps Ray from swapping 127.0.0.1 for the host's network address.
-RAY_LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+TOKEN_FILE = "ray_token"
+RUNS_DIR = "runs"
 
 
 @dataclass
@@ -97,11 +106,12 @@ class StackConfig:
 
     def __post_init__(self) -> None:
         try:
-            loopback = ipaddress.ip_address(self.host).is_loopback
+            unspecified = ipaddress.ip_address(self.host).is_unspecified
         except ValueError:
-            loopback = False
-        if not loopback:
-            raise ConfigError("host", f"must be a loopback address (Ray runs without auth here), got {self.host!r}")
+            unspecified = True
+        if unspecified:
+            raise ConfigError("host", f"must be one IP address of this machine (127.0.0.1: loopback only; another "
+                                      f"one: Ray with token auth), got {self.host!r}")
         if self.startup_timeout_s <= 0:
             raise ConfigError("startup_timeout_s", f"must be > 0, got {self.startup_timeout_s}")
         ports = {"ray.port": self.ray.port, "ray.dashboard_port": self.ray.dashboard_port,
@@ -120,6 +130,25 @@ class StackConfig:
         return Path(self.dir).resolve()
 
     @property
+    def loopback(self) -> bool:
+        return ipaddress.ip_address(self.host).is_loopback
+
+    @property
+    def mlflow_host(self) -> str:
+        """MLflow has no auth: it listens on loopback, whatever Ray binds to."""
+        return self.host if self.loopback else LOOPBACK
+
+    @property
+    def token_path(self) -> Path | None:
+        """Ray's auth token, when Ray listens beyond loopback."""
+        return None if self.loopback else self.root / TOKEN_FILE
+
+    @property
+    def storage_path(self) -> Path:
+        """Where jobs keep checkpoints, sweep state and interpretability outputs (CRATE_STORAGE_PATH)."""
+        return self.root / RUNS_DIR
+
+    @property
     def ray_address(self) -> str:
         return f"{self.host}:{self.ray.port}"
 
@@ -129,7 +158,18 @@ class StackConfig:
 
     @property
     def tracking_uri(self) -> str:
-        return f"http://{self.host}:{self.mlflow.port}"
+        return f"http://{self.mlflow_host}:{self.mlflow.port}"
+
+    def ray_env(self) -> dict[str, str]:
+        """What every Ray process and client needs: on loopback no token (nothing beyond 127.0.0.1 can connect)
+        and no multi-node support, which is what keeps Ray from swapping 127.0.0.1 for the host's network
+        address; beyond loopback, token auth with the stack's token."""
+        env = {"RAY_USAGE_STATS_ENABLED": "0", "CRATE_STORAGE_PATH": str(self.storage_path)}
+        if self.token_path is None:
+            return env | {"RAY_AUTH_MODE": "disabled"} | LOOPBACK_RAY_ENV
+        # nodes may join: a loopback setting inherited from the shell must not leak in
+        return env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+                      "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
 
     @property
     def backend_store_uri(self) -> str:
@@ -145,7 +185,7 @@ class StackConfig:
             "RAY_ADDRESS": self.ray_address,  # drivers (ray.init) and the jobs CLI
             "RAY_API_SERVER_ADDRESS": self.dashboard_url,  # the jobs CLI/SDK prefer it over RAY_ADDRESS
             "MLFLOW_TRACKING_URI": self.tracking_uri,
-        } | RAY_LOCAL_ENV
+        } | self.ray_env()
 
 
 class StackError(RuntimeError):
@@ -186,13 +226,20 @@ def _write_atomic(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # Health
 
-def _http_ok(url: str, timeout_s: float = 2.0) -> bool:
+def _http_ok(url: str, headers: dict[str, str] | None = None, timeout_s: float = 2.0) -> bool:
     import requests
 
     try:
-        return requests.get(url, timeout=timeout_s).ok
+        return requests.get(url, headers=headers, timeout=timeout_s).ok
     except requests.RequestException:
         return False
+
+
+def _auth_headers(config: StackConfig) -> dict[str, str]:
+    """The dashboard wants the token when Ray runs with token auth."""
+    if config.token_path is None or not config.token_path.is_file():
+        return {}
+    return {"Authorization": f"Bearer {config.token_path.read_text().strip()}"}
 
 
 HEALTH: dict[str, Callable[[StackConfig], str]] = {
@@ -221,22 +268,57 @@ def service_status(state: StackState) -> dict[str, str]:
         if pid is None or not _alive(pid, state.stack_id):
             status[service] = "stopped"
         else:
-            status[service] = "running" if _http_ok(health_url(config)) else "unhealthy"
+            status[service] = "running" if _http_ok(health_url(config), _auth_headers(config)) else "unhealthy"
     return status
 
 
-def stack_processes(stack_id: str) -> list:
-    """Every live process started by this stack: they all inherited its `CRATE_STACK_ID`."""
+def stack_processes(state: StackState) -> list:
+    """Every live process of this stack: the services it spawned and all their descendants, and any other process
+    that points into the stack's Ray temp dir (command line, working directory, open files) or carries the stack's
+    `CRATE_STACK_ID`: a process whose parent is gone, a job driver (Ray starts it in a session of its own), Ray's
+    agents (they rewrite their title and their environment, not their open log files)."""
     import psutil
 
-    found = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if proc.environ().get(STACK_ID_VAR) == stack_id and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
+    found: dict[int, psutil.Process] = {}
+    for pid in state.pids.values():
+        if _alive(pid, state.stack_id):
+            root = psutil.Process(pid)
+            found.update({p.pid: p for p in [root, *_children(root)]})
+    for proc in psutil.process_iter():
+        if proc.pid not in found and _belongs(proc, state):
+            found[proc.pid] = proc
+    return [p for p in found.values() if _running(p)]
+
+
+def _children(proc) -> list:
+    import psutil
+
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _belongs(proc, state: StackState) -> bool:
+    import psutil
+
+    try:
+        if proc.environ().get(STACK_ID_VAR) == state.stack_id:
+            return True
+        paths = [proc.cwd(), *proc.cmdline(), *(f.path for f in proc.open_files())]
+    except psutil.Error:
+        return False
+    return any(path == state.ray_temp_dir or path.startswith(state.ray_temp_dir + os.sep) for path in paths)
+
+
+def _running(proc) -> bool:
+    """Alive and still the process we found (psutil compares the start time, so a reused pid does not count)."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,13 +333,16 @@ def up(config: StackConfig) -> StackState:
             log.info("the stack in %s is already running", root)
             write_env_file(config)
             return state
-        if state.stack_config() != config and stack_processes(state.stack_id):
+        if state.stack_config() != config and stack_processes(state):
             raise StackError(f"a stack with another configuration is running from {root}: run `down` first")
         log.info("cleaning up the previous, not fully running stack in %s", root)
         down(root)
     _check_startable(config)
 
     (root / "logs").mkdir(parents=True, exist_ok=True)
+    config.storage_path.mkdir(parents=True, exist_ok=True)
+    if config.token_path is not None:
+        _ensure_token(config.token_path)
     stack_id = uuid.uuid4().hex[:8]
     # Short on purpose: Ray puts unix sockets under it and their paths are limited to 107 bytes.
     ray_temp_dir = tempfile.mkdtemp(prefix=f"crate-stack-{stack_id}-", dir="/tmp")
@@ -267,7 +352,7 @@ def up(config: StackConfig) -> StackState:
         state.pids["mlflow"] = _spawn(_mlflow_command(config), env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
                                       root / "logs" / "mlflow.log")
         state.save(root)
-        state.pids["ray"] = _spawn(_ray_command(config, ray_temp_dir), env | RAY_LOCAL_ENV
+        state.pids["ray"] = _spawn(_ray_command(config, ray_temp_dir), env | config.ray_env()
                                    | {"MLFLOW_TRACKING_URI": config.tracking_uri}, root / "logs" / "ray.log")
         state.save(root)
         _wait_healthy(config, state)
@@ -283,34 +368,71 @@ def down(root: Path, grace_s: float = 10.0) -> bool:
 
     Processes get `grace_s` to exit on SIGTERM, then SIGKILL: after a job has run, Ray's raylet can take half a
     minute to finish on its own, and nothing of value is lost by cutting that short (runs, artifacts and
-    checkpoints are already written)."""
+    checkpoints are already written). What to stop is found before the first signal (the process tree is intact
+    then) and again on every round, so a process that loses its parent meanwhile is still found."""
     import psutil
 
     state = StackState.load(root)
     if state is None:
         return False
-    was_running = False
+    known = {p.pid: p for p in stack_processes(state)}
+    was_running = bool(known)
+
+    def remaining() -> list:
+        known.update({p.pid: p for p in stack_processes(state) if p.pid not in known})
+        return [p for p in known.values() if _running(p)]
+
     # Ray first (its jobs may still be logging to MLflow). `ray start --block` stops its own processes in order on
     # SIGTERM; the MLflow CLI does not pass SIGTERM on to its uvicorn child, so that one gets its whole group.
     for service, stop in (("ray", _signal), ("mlflow", _signal_group)):
         pid = state.pids.get(service)
         if pid is not None and _alive(pid, state.stack_id):
-            was_running = True
             stop(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while (procs := stack_processes(state.stack_id)) and time.monotonic() < deadline:
+    while (procs := remaining()) and time.monotonic() < deadline:
         psutil.wait_procs(procs, timeout=1.0)
-    if procs := stack_processes(state.stack_id):
-        was_running = True
+    if procs := remaining():
         log.info("SIGKILL to %d processes still stopping after %.0f s: %s", len(procs), grace_s,
-                 ", ".join(sorted({p.name() for p in procs})))
+                 ", ".join(sorted({_name(p) for p in procs})))
         for proc in procs:
-            _signal(proc.pid, signal.SIGKILL)
-    psutil.wait_procs(stack_processes(state.stack_id), timeout=5.0)
+            _kill(proc)
+        psutil.wait_procs(procs, timeout=5.0)
+    if procs := remaining():
+        raise StackError(f"{len(procs)} processes of the stack survived SIGKILL: "
+                         + ", ".join(f"{p.pid} {_name(p)}" for p in procs))
     shutil.rmtree(state.ray_temp_dir, ignore_errors=True)
     (root / STATE_FILE).unlink(missing_ok=True)
     (root / ENV_FILE).unlink(missing_ok=True)
     return was_running
+
+
+def _name(proc) -> str:
+    import psutil
+
+    try:
+        return proc.name()
+    except psutil.Error:
+        return "?"
+
+
+def _kill(proc) -> None:
+    import psutil
+
+    try:
+        proc.kill()  # psutil checks that the pid still names the process found
+    except psutil.Error:
+        pass
+
+
+def _ensure_token(path: Path) -> None:
+    """Ray's auth token for a stack that listens beyond loopback: 256 random bits, readable by this user only."""
+    if path.is_file() and path.read_text().strip():
+        return
+    import secrets
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as token:
+        token.write(secrets.token_hex(32))
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -330,16 +452,18 @@ def _signal_group(pid: int, sig: int) -> None:
 
 def _check_startable(config: StackConfig) -> None:
     """Fail before starting anything: ports taken, drivers for the chosen stores missing."""
-    ports = {"ray.port": config.ray.port, "ray.dashboard_port": config.ray.dashboard_port,
-             "ray.client_port": config.ray.client_port, "ray.dashboard_agent_port": config.ray.dashboard_agent_port,
-             "mlflow.port": config.mlflow.port}
-    for name, port in ports.items():
+    ports = {"ray.port": (config.host, config.ray.port),
+             "ray.dashboard_port": (config.host, config.ray.dashboard_port),
+             "ray.client_port": (config.host, config.ray.client_port),
+             "ray.dashboard_agent_port": (config.host, config.ray.dashboard_agent_port),
+             "mlflow.port": (config.mlflow_host, config.mlflow.port)}
+    for name, (host, port) in ports.items():
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind((config.host, port))
+                sock.bind((host, port))
             except OSError:
-                raise ConfigError(name, f"port {port} on {config.host} is in use; choose another "
+                raise ConfigError(name, f"port {port} on {host} is in use or not this machine's; choose another "
                                         f"(e.g. {name}={port + 1})") from None
     needs = {"postgresql": ("psycopg2", "mlflow.backend_store_uri"), "mysql": ("pymysql", "mlflow.backend_store_uri"),
              "s3": ("boto3", "mlflow.artifacts_destination")}
@@ -365,7 +489,7 @@ def _service_env(stack_id: str) -> dict[str, str]:
 
 def _mlflow_command(config: StackConfig) -> list[str]:
     return [sys.executable, "-m", "mlflow", "server",
-            "--host", config.host, "--port", str(config.mlflow.port), "--workers", str(config.mlflow.workers),
+            "--host", config.mlflow_host, "--port", str(config.mlflow.port), "--workers", str(config.mlflow.workers),
             "--backend-store-uri", config.backend_store_uri,
             "--artifacts-destination", config.artifacts_destination]
 
@@ -400,7 +524,7 @@ def _wait_healthy(config: StackConfig, state: StackState) -> None:
             if not _alive(state.pids[service], state.stack_id):
                 raise StackError(f"{service} exited during startup; its log:\n"
                                  f"{_tail(config.root / 'logs' / f'{service}.log')}")
-            if _http_ok(health_url(config)):
+            if _http_ok(health_url(config), _auth_headers(config)):
                 log.info("%s is up", service)
                 del pending[service]
         if pending and time.monotonic() > deadline:
@@ -437,6 +561,9 @@ def describe(root: Path) -> tuple[str, int]:
         f"dashboard + jobs {config.dashboard_url}",
         f"mlflow  {status['mlflow']:<9} pid {state.pids.get('mlflow')}  {config.tracking_uri}  "
         f"(store {config.backend_store_uri}, artifacts {config.artifacts_destination})",
+        f"runs    {config.storage_path}  (CRATE_STORAGE_PATH: checkpoints, sweeps, interp outputs; kept by down)",
+        "auth    Ray " + (f"token in {config.token_path}" if config.token_path else "off (loopback only)")
+        + ", MLflow none (loopback only)",
         f"env     source {root / ENV_FILE}",
     ]
     values = set(status.values())
@@ -469,7 +596,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report)
         return code
     if args.action == "down":
-        print("stopped" if down(config.root) else f"no stack was running in {config.root}")
+        try:
+            print("stopped" if down(config.root) else f"no stack was running in {config.root}")
+        except StackError as error:
+            print(f"{parser.prog}: {error}", file=sys.stderr)
+            return 1
         return 0
     try:
         up(config)

@@ -6,7 +6,8 @@
     ray job submit --working-dir . -- python jobs/interpret.py --checkpoint ckpt.pt --backend http \\
         backend.explainer_model=meta-llama/Llama-3.1-8B-Instruct backend.base_url=http://vllm:8000/v1
 
-Rerunning the same command resumes. The flags are shorthands for overrides (`--metric tar` = `metrics=[tar]`).
+Rerunning the same command resumes (and retries failed features); the job exits 1 when more than max_failed_share
+of its result rows failed. The flags are shorthands for overrides (`--metric tar` = `metrics=[tar]`).
 """
 
 import sys
@@ -14,14 +15,21 @@ import sys
 from crate.cli import parse_config, run_job, setup_logging
 from crate.interp import InterpConfig, run_interpretability
 from crate.interp.config import FLAGS
+from crate.interp.job import TooManyFailures
 from crate.interp.report import format_summary
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     setup_logging()
     config, _ = parse_config(InterpConfig, __doc__, argv, flags=FLAGS)
-    summary = run_interpretability(config)
+    try:
+        summary = run_interpretability(config)
+    except TooManyFailures as failures:
+        print(format_summary(failures.summary))
+        print(f"interpret: {failures}", file=sys.stderr)
+        return 1
     print(format_summary(summary))
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@ data, a crafted pickle is refused with an error naming the file, and real layout
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,8 @@ import torch
 from crate.errors import CheckpointError
 from crate.model import build_model, load_model, save_model
 from crate.sae.model import load_sae
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class _WritesAFile:
@@ -76,3 +81,13 @@ def test_the_released_training_layout_loads_as_data(tmp_path):
     with torch.no_grad():
         assert torch.equal(original(idx)[0], loaded(idx)[0])
 
+
+def test_jobs_refuse_a_crafted_checkpoint_in_one_line(tmp_path):
+    path, marker = _crafted(tmp_path, "model.pt")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for job, args in (("interpret.py", []), ("steer.py", ["--layer", "0", "--neuron", "0", "--value", "1"])):
+        result = subprocess.run([sys.executable, str(REPO / "jobs" / job), "--checkpoint", str(path), *args],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0, result.stdout
+        assert "refused" in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert not marker.exists()

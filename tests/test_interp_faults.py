@@ -142,3 +142,153 @@ def test_a_garbage_line_in_the_middle_of_the_log_is_quarantined_and_the_job_resu
     assert again["quarantined"] == 1 and first["models"] == again["models"]
     after = pq.read_table(tmp_path / "results.parquet")
     assert after.num_rows == table.num_rows + 2  # the readable rows around the garbage were kept
+
+
+# -- 13.10 failed rows: retried by a rerun, counted, fatal above a share; a breaker; bounded timeouts --------------
+
+def http_overrides(server, **extra) -> dict:
+    return {"backend.kind": "http", "backend.explainer_model": "fake", "backend.base_url": server.url,
+            "backend.backoff_s": 0.01, "backend.backoff_max_s": 0.02, "workers.concurrency": 1, **extra}
+
+
+def test_a_backend_that_dies_fails_the_job_and_a_rerun_retries_only_the_failed_rows(subject, tmp_path, capsys):
+    server = FakeOpenAI()
+    try:
+        server.faults.extend(["ok"] * 8 + ["500"] * 1000)  # 4 features (explain + simulate each) then it dies
+        assert interpret_job.main(overrides(subject, tmp_path, **http_overrides(server))) == 1  # the exit status
+        err = capsys.readouterr().err
+        assert "8 of 16 result rows failed" in err and "max_failed_share" in err, err
+        assert len(server.requests) <= 8 + 3 + 1  # the breaker opened after 3 failures in a row (not 4 × 6 more)
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert summary["failed_rows"] == 8 and summary["rows"] == 16
+        first = {(r["layer"], r["neuron"], r["metric"]): r for r in pq.read_table(tmp_path / "results.parquet").to_pylist()}
+        assert sum(r["status"] == "failed" for r in first.values()) == 8
+        assert any("circuit open" in r["reason"] for r in first.values() if r["status"] == "failed")
+
+        server.faults.clear()
+        sent = len(server.requests)
+        assert interpret_job.main(overrides(subject, tmp_path, **http_overrides(server))) == 0
+        assert len(server.requests) - sent == 4 * 2  # only the 4 failed features were asked again
+        after = {(r["layer"], r["neuron"], r["metric"]): r for r in pq.read_table(tmp_path / "results.parquet").to_pylist()}
+        assert len(after) == 16 and all(r["status"] != "failed" for r in after.values())
+        for key, row in first.items():
+            if row["status"] != "failed":
+                assert after[key] == row  # finished rows untouched
+    finally:
+        server.close()
+
+
+def test_the_breaker_fails_fast_while_open_and_lets_one_call_through_after_its_cooldown():
+    from crate.interp.backends import BackendError, CallCounter
+    from crate.interp.backends.http import HTTPClient
+    from crate.interp.config import BackendConfig
+
+    server = FakeOpenAI()
+    try:
+        config = BackendConfig(kind="http", explainer_model="fake", base_url=server.url, backoff_s=0.0,
+                               backoff_max_s=0.0, breaker_failures=3, breaker_cooldown_s=0.5)
+        client, payload = HTTPClient(config, 0, CallCounter()), {"model": "fake", "messages": []}
+        server.faults.extend(["500"] * 3)
+        with pytest.raises(BackendError, match="circuit open"):
+            client.post("chat/completions", payload)
+        assert len(server.requests) == 3
+        started = time.monotonic()
+        with pytest.raises(BackendError, match="circuit open"):
+            client.post("chat/completions", payload)
+        assert len(server.requests) == 3 and time.monotonic() - started < 0.1  # not sent at all
+        time.sleep(0.6)
+        server.faults.extend(["400"])
+        with pytest.raises(BackendError, match="HTTP 400"):  # the trial call reaches the server, which answers
+            client.post("chat/completions", payload)
+        assert len(server.requests) == 4
+    finally:
+        server.close()
+
+
+def test_a_hanging_server_costs_one_bounded_deadline_not_six_timeouts():
+    from crate.interp.backends import BackendError, CallCounter
+    from crate.interp.backends.http import HTTPClient
+    from crate.interp.config import BackendConfig
+
+    defaults = BackendConfig()
+    assert defaults.request_timeout_s == 60 and defaults.request_deadline_s == 180  # was 6 attempts × 120 s
+    server = FakeOpenAI(latency_s=1.5)
+    try:
+        config = BackendConfig(kind="http", explainer_model="fake", base_url=server.url, request_timeout_s=0.3,
+                               request_deadline_s=0.8, backoff_s=0.01, backoff_max_s=0.02, breaker_failures=100)
+        client = HTTPClient(config, 0, CallCounter())
+        started = time.monotonic()
+        with pytest.raises(BackendError, match="deadline"):
+            client.post("chat/completions", {"model": "fake", "messages": []})
+        assert time.monotonic() - started < 1.2
+    finally:
+        server.close()
+
+
+# -- 19.7 records are fp32 on every device, and the collection id says so ----------------------------------------
+
+def test_records_name_their_precision(subject, tmp_path):
+    from crate.interp.schema import read_provenance
+
+    run_interpretability(job_config(subject, tmp_path, metrics="[tar]"))
+    (records,) = (tmp_path / "records").iterdir()
+    provenance = read_provenance(records / "layer_00.parquet")
+    assert provenance["precision"] == "float32"  # on this CPU; "float32+tf32" on CUDA, never the same id
+    assert pq.read_schema(records / "layer_00.parquet").field("activations").type.value_type == "float"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_records_equal_the_cpus():
+    import numpy as np
+
+    from crate.interp.collect import batched, collect
+    from crate.interp.config import CollectionConfig
+    from crate.interp.features import ModelNeurons
+
+    torch.manual_seed(0)
+    model = build_model("crate-tiny")
+    blocks = list(np.random.default_rng(0).integers(0, 50257, (16, 64)))
+    spec = CollectionConfig(blocks=16, block_length=64, window=16, windows="centered", top=10, random=10,
+                            per_quantile=2, quantile_pool=20, batch_blocks=4)
+    features = {0: np.arange(model.config.n_neurons), 1: np.arange(model.config.n_neurons)}
+    runs = [collect(model, batched(blocks, 4), spec, ModelNeurons(), features, 0, device) for device in ("cpu", "cuda")]
+    for layer in features:
+        cpu, cuda = ({k: v[r["kind"] != "quantile"] for k, v in r.items() if k != "layer"}  # bins: by value
+                     for r in (run.records(layer) for run in runs))
+        assert cuda["activations"].dtype == np.float32 and len(cpu["block"]) == len(cuda["block"])
+        same = (cpu["block"] == cuda["block"]) & (cpu["start"] == cuda["start"])
+        assert same.mean() > 0.95  # TF32 may reorder near-ties only
+        np.testing.assert_allclose(cpu["activations"][same], cuda["activations"][same], rtol=1e-2, atol=1e-3)
+
+
+# -- 19.4 collection and HF backends on GPUs: asked for and absent is an error naming the field -----------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_job_configured_for_gpus_that_sees_none_fails_at_start_naming_the_field(subject, tmp_path):
+    from crate.interp.config import BackendConfig
+    from crate.interp.distributed import CollectionWorker, ScoringWorker
+    from crate.interp.job import Subject
+
+    sha = Subject.load(str(subject / "tiny.pt")).sha256
+    cases = {"workers.collect_gpus": lambda: CollectionWorker(str(subject / "tiny.pt"), "neurons", sha, 1.0).ready(),
+             "workers.gpus_per_actor": lambda: ScoringWorker(BackendConfig(), 0, 1.0).identity(),
+             "device": lambda: run_interpretability(job_config(subject, tmp_path / "a", device="cuda")),
+             "workers.gpus_per_actor ": lambda: run_interpretability(  # scoring in the driver, which has no GPU
+                 job_config(subject, tmp_path / "b", **{"workers.gpus_per_actor": 1}))}
+    for field, start in cases.items():
+        with pytest.raises(ConfigError) as error:
+            start()
+        assert error.value.field == field.strip(), error.value
+    assert not (tmp_path / "a" / "records").exists() and not (tmp_path / "b" / "records").exists()
+
+
+def test_the_cluster_interpret_job_collects_on_gpus():
+    import shlex
+
+    from test_platform import named, render
+
+    for kustomization in ("base", "overlays/gpu-prod"):
+        docs = render(kustomization)
+        args = dict(a.split("=", 1) for a in shlex.split(named(docs, "RayJob", "crate-interpret")["spec"]["entrypoint"])
+                    if "=" in a and not a.startswith("-"))
+        assert int(args["workers.collect_actors"]) >= 1 and float(args["workers.collect_gpus"]) >= 1, kustomization

@@ -89,3 +89,21 @@ def test_hf_backend_refuses_what_it_cannot_run(model_dir, tmp_path):
         build_backend(config(tmp_path / "missing"))
     with pytest.raises(BackendError, match="needs CUDA"):
         build_backend(config(model_dir, load_in_4bit=True))
+
+
+def test_one_call_in_flight_per_hf_model_and_explanations_reproducible_per_seed(model_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from crate.interp.config import InterpConfig
+
+    hf = InterpConfig(checkpoint="x.pt", backend=config(model_dir))
+    assert hf.workers.concurrency == 1  # one HF model answers one call at a time unless the user asks for more
+    assert InterpConfig(checkpoint="x.pt").workers.concurrency == 4
+    backend = build_backend(config(model_dir, temperature=1.0, max_explanation_tokens=8))
+    excerpts = records().top[:5]
+    alone = {seed: backend.explainer.explain(excerpts, seed) for seed in range(6)}
+    assert len(set(alone.values())) > 1  # sampled: the seed matters
+    with ThreadPoolExecutor(6) as threads:  # the user asked for concurrency: same answers per seed
+        for _ in range(2):
+            together = dict(zip(range(6), threads.map(lambda seed: backend.explainer.explain(excerpts, seed), range(6))))
+            assert together == alone

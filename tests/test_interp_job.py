@@ -133,3 +133,33 @@ def test_bad_input_is_refused_before_any_work(subject, tmp_path):
             run_interpretability(cfg)
         assert error.value.field == field, error.value
         assert not (tmp_path / field / "records").exists()
+
+
+def test_actors_that_ask_for_gpus_the_cluster_lacks_fail_at_start_naming_the_field(cluster, subject, tmp_path):
+    from crate.errors import ConfigError
+
+    cases = {"workers.gpus_per_actor": {"workers.gpus_per_actor": 1},  # the backends start first
+             "workers.collect_gpus": {"workers.actors": 0, "workers.collect_actors": 1, "workers.collect_gpus": 1}}
+    for field, asks in cases.items():
+        cfg = load_config(InterpConfig, None, overrides(subject, tmp_path / field, **asks, **{"workers.gpu_wait_s": 2}))
+        started = time.monotonic()
+        with pytest.raises(ConfigError) as error:
+            run_interpretability(cfg)
+        assert error.value.field == field and "gpu_wait_s" in str(error.value), error.value
+        assert time.monotonic() - started < 60 and not (tmp_path / field / "results.parquet").exists()
+
+
+def test_the_readme_command_after_the_quickstart_runs_on_its_tiny_model(cluster, subject, tmp_path):
+    # The quickstart's model has a 64-token context: the collection follows it unless told otherwise.
+    checkpoint = tmp_path / "runs" / "quickstart" / "checkpoint_00000150" / "model.pt"
+    torch.manual_seed(0)
+    save_model(build_model("crate-tiny"), checkpoint, mlflow_run_id="train-run-2", run_name="quickstart", step=150)
+    command = [sys.executable, str(REPO / "jobs" / "interpret.py"), "--checkpoint",
+               "runs/quickstart/checkpoint_00000150/model.pt", "--corpus", "stdlib://val", "--metric", "tar,random"]
+    env = {**os.environ, "RAY_ADDRESS": cluster, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "| crate-paper | tar |" in finished.stdout and "| crate-paper | random |" in finished.stdout, finished.stdout
+    (out,) = (tmp_path / "interp").iterdir()
+    assert out.name.startswith("quickstart@150-") and (out / "summary.json").is_file()

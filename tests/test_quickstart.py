@@ -25,6 +25,9 @@ README = ROOT / "README.md"
 QUICKSTART = "pip install torch==2.13.0 -e . && python jobs/pretrain.py"
 MLFLOW_UI = "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts"
 TESTS = "platform/test"
+CHAIN = """python jobs/interpret.py --checkpoint runs/crate-tiny-*/checkpoint_00000150/model.pt --corpus stdlib://val --metric tar,random
+python jobs/compare.py interp/*/                   # the paper's Table 2 over the results under interp/
+python jobs/view.py interp/*/ --output-dir viewer  # a static neuron viewer: open viewer/index.html"""
 KEPT = ("PATH", "HOME", "LANG", "TORCH_EXTENSIONS_DIR")  # a user's shell has these; nothing of the platform's
 NOISE = ("TrainingReport(", "Setting accelerator to CPU", "Creating initial MLflow database tables", "built successfully",
          "PreemptionWatcher", "Found multiple active Ray instances", "Starting execution of Dataset")
@@ -43,7 +46,7 @@ def bash_blocks(text: str) -> list[str]:
 
 def test_the_readme_names_the_commands_this_test_walks():
     quickstart = bash_blocks(readme_section("Quickstart"))
-    assert quickstart[:3] == [QUICKSTART, MLFLOW_UI, TESTS]
+    assert quickstart[:4] == [QUICKSTART, MLFLOW_UI, CHAIN, TESTS]
     assert f"\n{TESTS}\n" in (ROOT / ".ci" / "run").read_text()  # CI runs the README's test command, verbatim
 
 
@@ -59,17 +62,30 @@ def fresh_copy(target: Path) -> Path:
     return target
 
 
-@pytest.mark.timeout(1500)
-def test_the_quickstart_as_written_trains_and_the_readme_store_shows_it(tmp_path):
+def user_env(clone: Path) -> dict[str, str]:
+    """A user's shell: nothing of the platform's set; the suite's venv first on PATH, the clone as the install."""
+    env = {key: os.environ[key] for key in KEPT if key in os.environ}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+    env["PYTHONPATH"] = str(clone)
+    return env
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """The README's first command, run once in a fresh copy: (the copy, its completed process)."""
     install, command = (part.strip() for part in QUICKSTART.split("&&"))
     # the install is a no-op here: the pinned torch and this package are what the environment has
     pins = dict(re.findall(r"(\S+)==(\S+)", install))
     assert metadata.version("torch").split("+")[0] == pins["torch"] and metadata.version("crate-lm-platform")
-    clone = fresh_copy(tmp_path / "crate-lm")
-    env = {key: os.environ[key] for key in KEPT if key in os.environ}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
-    env["PYTHONPATH"] = str(clone)
-    out = subprocess.run(command, shell=True, cwd=clone, env=env, capture_output=True, text=True, timeout=1400)
+    clone = fresh_copy(tmp_path_factory.mktemp("user") / "crate-lm")
+    out = subprocess.run(command, shell=True, cwd=clone, env=user_env(clone), capture_output=True, text=True,
+                         timeout=1400)
+    return clone, out
+
+
+@pytest.mark.timeout(1500)
+def test_the_quickstart_as_written_trains_and_the_readme_store_shows_it(quickstart, tmp_path):
+    clone, out = quickstart
     output = out.stdout + out.stderr
     assert out.returncode == 0, output[-4000:]
 
@@ -106,6 +122,21 @@ def test_the_quickstart_as_written_trains_and_the_readme_store_shows_it(tmp_path
     assert run.info.run_id in out.stdout and f"mlflow ui --backend-store-uri sqlite:///{store}" in out.stdout
     assert "sqlite:////tmp/ray/" not in output
     assert not [line for line in output.splitlines() if any(n in line for n in NOISE)]
+
+
+@pytest.mark.timeout(900)
+def test_the_chain_after_the_quickstart_runs_as_written(quickstart):
+    """pretrain → interpret → compare → view, each line of the README typed in the directory of the quickstart."""
+    clone, trained = quickstart
+    assert trained.returncode == 0, (trained.stdout + trained.stderr)[-3000:]
+    for line in CHAIN.splitlines():
+        out = subprocess.run(line, shell=True, cwd=clone, env=user_env(clone), capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, (line, (out.stdout + out.stderr)[-3000:])
+    [results] = (clone / "interp").glob("*/results.parquet")
+    assert (results.parent / "summary.json").is_file()
+    assert (clone / "comparison" / "table2.md").read_text().count("crate") >= 1
+    assert (clone / "viewer" / "index.html").is_file()
 
 
 RAY_COMPONENTS_VIEW = """

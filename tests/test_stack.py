@@ -1,9 +1,12 @@
 """The local stack, for real: `platform/stack up` starts a Ray head and an MLflow server on loopback, a smoke
-pretraining job goes in through `ray job submit`, its MLflow run is checked through the REST API and in the MLflow
-UI (headless Chromium), and `down` leaves no process behind."""
+pretraining job goes in through the documented `ray job submit` line (docs/platform.md), its MLflow run is checked
+through the REST API and in the MLflow UI (headless Chromium), every process of the stack listens on loopback only,
+`down` leaves no process and no listening port behind, and after `up` the same run name resumes from the checkpoint
+it left in the stack's storage."""
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -17,8 +20,9 @@ import requests
 
 from crate.config import load_config
 from crate.errors import ConfigError
-from crate.stack import StackConfig, main, stack_processes
+from crate.stack import StackConfig, StackState, main, stack_processes
 from crate.tracking import resolve_tracking_uri
+from test_security import RAY_PROCESSES, assert_loopback_only, listening_sockets, session_processes
 
 REPO = Path(__file__).resolve().parents[1]
 STACK = REPO / "platform" / "stack"
@@ -50,8 +54,20 @@ def run_stack(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
                           env=os.environ | {"PYTHON": sys.executable})
 
 
+DOCS = REPO / "docs" / "platform.md"  # the README's Platform section points here
+
+
+def documented_submit_line() -> str:
+    """The `ray job submit` line of the documented local-stack walk-through, as a user copies it (comment dropped)."""
+    section = re.split(r"^#+ Local stack.*$", DOCS.read_text(), maxsplit=1, flags=re.M)[1]
+    section = re.split(r"^#+ ", section, maxsplit=1, flags=re.M)[0]
+    lines = [line.split("#", 1)[0].strip() for line in section.splitlines() if line.startswith("ray job submit ")]
+    assert len(lines) == 1, f"expected one `ray job submit` line in the local-stack section of {DOCS}: {lines}"
+    return lines[0]
+
+
 def in_stack_shell(stack_dir: Path, command: str, timeout: float) -> subprocess.CompletedProcess:
-    """Run `command` the way the README tells users to: in a shell that sourced the stack's env file."""
+    """Run `command` the way the docs tell users to: in a shell that sourced the stack's env file."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     return subprocess.run(["bash", "-c", f"set -a; . {stack_dir}/env; set +a; {command}"], cwd=REPO, env=env,
@@ -62,7 +78,8 @@ def in_stack_shell(stack_dir: Path, command: str, timeout: float) -> subprocess.
 # Bad input fails before anything starts.
 
 @pytest.mark.parametrize("override, field", [
-    ("host=0.0.0.0", "host"),
+    ("host=0.0.0.0", "host"),  # every interface: name one address
+    ("host=localhost", "host"),
     ("mlflow.port=6379", "mlflow.port"),  # the GCS port
     ("mlflow.backend_store_uri=file:///tmp/mlruns", "mlflow.backend_store_uri"),
     ("ray.num_cpus=-1", "ray.num_cpus"),
@@ -91,6 +108,16 @@ def test_exported_tracking_uri_is_the_one_the_tracker_uses(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", exports["MLFLOW_TRACKING_URI"])
     assert resolve_tracking_uri() == "http://127.0.0.1:5123"
     assert exports["RAY_ADDRESS"] == "127.0.0.1:6379" and exports["RAY_AUTH_MODE"] == "disabled"
+    assert exports["CRATE_STORAGE_PATH"] == str(Path(".stack/runs").resolve())
+
+
+def test_a_stack_beyond_loopback_keeps_ray_token_auth_and_mlflow_on_loopback(tmp_path):
+    config = load_config(StackConfig, None, ["host=10.1.2.3", f"dir={tmp_path}"])
+    exports = config.exports()
+    assert exports["RAY_ADDRESS"] == "10.1.2.3:6379"
+    assert exports["RAY_AUTH_MODE"] == "token" and exports["RAY_AUTH_TOKEN_PATH"] == str(tmp_path / "ray_token")
+    assert exports["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1"  # nodes may join
+    assert exports["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"  # MLflow has no auth of its own
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,20 +134,23 @@ def stack(tmp_path_factory):
     run_stack("down", "--dir", str(stack_dir))
 
 
-@pytest.fixture(scope="module")
-def pretraining_run(stack, tmp_path_factory):
-    """A smoke pretraining job submitted exactly as the README says; returns its MLflow run (REST API JSON)."""
-    run_name = f"stack-e2e-{uuid.uuid4().hex[:6]}"
-    storage = tmp_path_factory.mktemp("checkpoints")
-    submission_id = f"crate-{run_name}"
-    submitted = in_stack_shell(
-        stack["dir"], f"ray job submit --submission-id {submission_id} --working-dir . -- "
-                      f"python jobs/pretrain.py --config smoke train.run_name={run_name} train.storage_path={storage}",
-        timeout=420)
+def submit_documented_job(stack, run_name: str, *overrides: str) -> subprocess.CompletedProcess:
+    """The documented `ray job submit` line with a run name (and a submission id to ask Ray how it ended)."""
+    submission_id = f"crate-{run_name}-{uuid.uuid4().hex[:4]}"
+    line = documented_submit_line().replace("ray job submit", f"ray job submit --submission-id {submission_id}", 1)
+    submitted = in_stack_shell(stack["dir"], " ".join([line, f"train.run_name={run_name}", *overrides]), timeout=420)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     status = JobSubmissionClient(stack["env"]["RAY_API_SERVER_ADDRESS"]).get_job_status(submission_id)
     assert status == JobStatus.SUCCEEDED, submitted.stdout[-6000:] + submitted.stderr[-3000:]
+    return submitted
+
+
+@pytest.fixture(scope="module")
+def pretraining_run(stack):
+    """A smoke pretraining job submitted exactly as the docs say; returns its MLflow run (REST API JSON)."""
+    run_name = f"stack-e2e-{uuid.uuid4().hex[:6]}"
+    submit_documented_job(stack, run_name)
     api = f"{stack['env']['MLFLOW_TRACKING_URI']}/api/2.0/mlflow"
     experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "crate-lm"}, timeout=10)
     experiment_id = experiment.json()["experiment"]["experiment_id"]
@@ -178,12 +208,49 @@ def test_mlflow_ui_shows_the_run_name_and_its_metrics(stack, pretraining_run):
         browser.quit()
 
 
-def test_down_leaves_no_process_behind(stack):
+def stack_session(stack) -> dict:
+    """The stack's processes and listening sockets, found independently of crate.stack: the services' process trees
+    and everything pointing into the stack's Ray temp dir."""
+    state = stack["state"]
+    processes = session_processes(state["ray_temp_dir"], list(state["pids"].values()))
+    return {"processes": processes, "sockets": listening_sockets(processes)}
+
+
+def test_every_process_of_the_stack_listens_on_loopback_only(stack, pretraining_run):
+    state = stack["state"]
+    assert_loopback_only(state["ray_temp_dir"], list(state["pids"].values()), RAY_PROCESSES)
+
+
+def test_down_leaves_no_process_and_no_listening_port_behind(stack, pretraining_run):
+    import psutil
+
+    before = stack_session(stack)
+    names = {p.name() for p in before["processes"].values()}
+    assert {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names, names  # the ones an env marker cannot find
     stopped = run_stack("down", "--dir", str(stack["dir"]))
     assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
-    assert stack_processes(stack["state"]["stack_id"]) == []
+    survivors = [f"{pid} {p.name()}" for pid, p in before["processes"].items() if p.is_running()
+                 and p.status() != psutil.STATUS_ZOMBIE]
+    assert not survivors, survivors
+    assert stack_processes(StackState(**stack["state"])) == []
+    assert not session_processes(stack["state"]["ray_temp_dir"], [])
+    ports = {int(address.rsplit(":", 1)[1]) for _, address in before["sockets"]}
+    listening = {c.laddr.port for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    assert not ports & listening, f"still listening after down: {sorted(ports & listening)}"
     assert not Path(stack["state"]["ray_temp_dir"]).exists()
     assert run_stack("status", "--dir", str(stack["dir"])).returncode == 3
-    with socket.socket() as sock:  # the MLflow port is free again (nothing listens; TIME_WAIT is fine)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", int(stack["env"]["MLFLOW_TRACKING_URI"].rsplit(":", 1)[1])))
+
+
+def test_a_resubmitted_run_resumes_from_its_checkpoint_after_down_and_up(stack, pretraining_run):
+    """The first job's checkpoints are in the stack's storage, not in Ray's uploaded working dir that `down`
+    removed; the same run name, sent again with a longer budget, continues from the last one."""
+    run_dir = stack["dir"] / "runs" / pretraining_run["name"]
+    assert (run_dir / f"checkpoint_{SMOKE_STEPS:08d}").is_dir(), sorted(p.name for p in stack["dir"].rglob("*"))[:50]
+    started = run_stack("up", "--dir", str(stack["dir"]), *stack["overrides"])
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert str(stack["dir"] / "runs") in started.stdout  # `up` says where jobs keep their state
+    stack["state"] = json.loads((stack["dir"] / "stack.json").read_text())
+    resumed = submit_documented_job(stack, pretraining_run["name"], f"train.max_steps={SMOKE_STEPS + 2}")
+    assert re.search(rf"resumed at step {SMOKE_STEPS} from checkpoint_{SMOKE_STEPS:08d}", resumed.stdout), \
+        resumed.stdout[-4000:]
+    assert (run_dir / f"checkpoint_{SMOKE_STEPS + 2:08d}").is_dir()

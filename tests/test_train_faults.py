@@ -89,11 +89,12 @@ def test_a_damaged_newest_checkpoint_is_skipped_naming_the_file(storage, damage,
 
 
 def test_resume_skips_a_torn_checkpoint_and_continues_exactly(finished, storage, caplog):
+    full = (storage / "good/checkpoint_00000006" / OPTIMIZER).stat().st_size
     torn(storage / "good/checkpoint_00000006")
     with caplog.at_level(logging.INFO):
         result = launch(config(storage, *FINISHED, "train.max_steps=8"))  # a longer budget: allowed, logged
     log = caplog.text
-    assert "skipping checkpoint" in log and f"{OPTIMIZER} has 9,749,823 bytes, its manifest says 19,499,647" in log
+    assert "skipping checkpoint" in log and f"{OPTIMIZER} has {full // 2:,} bytes, its manifest says {full:,}" in log
     assert "resumed at step 3 from checkpoint_00000003" in log
     assert "config changed on resume (allowed): train.max_steps 6 -> 8" in log
     expected, got = history(finished / "good/checkpoint_00000006"), history(Path(result.checkpoint))

@@ -2,7 +2,7 @@
 CRATE-12L, 36,864 neurons, 8000 × 1024 tokens, < 30 s on one H100).
 
 Timed stages, in the order a batch meets them (CUDA synchronised at each stage boundary in the breakdown run):
-    forward    the model up to the deepest layer (bf16 autocast on CUDA), no LM head
+    forward    the model up to the deepest layer (float32, TF32 on CUDA: the records' precision), no LM head
     stats      per-neuron count / sum / sum of squares / positives / max
     top        exact top-k selection (segment max → top segments → top units → slot merge)
     sample     random + quantile-pool sampling (one sort of unit hashes per batch, an arc per neuron)
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from crate.errors import ConfigError
-from crate.interp.collect import StageTimer, batched, collect
+from crate.interp.collect import StageTimer, batched, collect, records_matmuls
 from crate.interp.config import CollectionConfig
 from crate.interp.features import ModelNeurons
 from crate.interp.records import write_records
@@ -106,7 +106,7 @@ def _plain_forward_s(model, blocks, batch_blocks: int, n_layer: int, device: tor
     """The same forward (up to the last block, no LM head) with nothing collected: the floor."""
     _sync(device)
     started = time.perf_counter()
-    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+    with records_matmuls(device):  # the precision records are collected in
         for _, tokens in batched(blocks, batch_blocks):
             model.hidden_states(torch.tensor(tokens, device=device), n_layer)
     _sync(device)

@@ -29,6 +29,11 @@ Selection, per feature (one total order each, so every selection is exact and sh
   bin's records — a uniform sample of the bin. A bin narrower than per_quantile/quantile_pool of the distribution
   gets fewer records (the table says how many; raise quantile_pool for rare bins).
 Windows are gathered only for units that enter a selection, while their batch is on the device.
+
+Precision: records are collected in float32 on every device — no autocast, activations, selections and windows in
+float32 — with TF32 matmuls on CUDA (10-bit mantissa inputs, float32 accumulation: ~1e-3 relative, against bf16's
+~4e-3 and bf16 storage before). The precision is named in the collection id and the records' provenance
+(`records_precision`: "float32" on a CPU, "float32+tf32" on CUDA), so GPU and CPU records never share an id.
 """
 
 from __future__ import annotations
@@ -205,9 +210,8 @@ class LayerCollector:
         self.layer, self.features, self.spec, self.seed = layer, np.asarray(features, dtype=np.int64), spec, seed
         self.geometry = Geometry(spec.block_length, spec.window, spec.windows)
         n, w = len(self.features), spec.window
-        window_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CUDA activations are bf16 anyway
-        self.top = SlotSet.empty(spec.top, n, w, device, window_dtype)
-        self.pool = SlotSet.empty(spec.random + (spec.quantile_pool if spec.n_bins else 0), n, w, device, window_dtype)
+        self.top = SlotSet.empty(spec.top, n, w, device, torch.float32)
+        self.pool = SlotSet.empty(spec.random + (spec.quantile_pool if spec.n_bins else 0), n, w, device, torch.float32)
         offsets = feature_offsets(self.features, layer, seed)
         self.arc_start = torch.from_numpy(((np.uint64(1 << 62) - offsets) & np.uint64(MASK62)).astype(np.int64)).to(device)
         self.offsets = torch.from_numpy(offsets.astype(np.int64)).to(device)
@@ -439,11 +443,28 @@ class RecordCollector:
                 "tokens": tokens, "activations": s["windows"]}
 
 
+def records_precision(device: torch.device | str) -> str:
+    """The precision records collected on `device` have (see the module's docstring)."""
+    return "float32+tf32" if torch.device(device).type == "cuda" else "float32"
+
+
+@contextmanager
+def records_matmuls(device: torch.device | str) -> Iterator[None]:
+    """float32 matmuls as `records_precision(device)` says (TF32 on CUDA), the previous settings restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.device(device).type == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def collect(model, batches: Iterable[tuple[np.ndarray, np.ndarray]], spec: CollectionConfig, source,
             features: dict[int, np.ndarray], seed: int = 0, device: torch.device | str | None = None,
             timer: StageTimer = NO_TIMER, progress: Callable[[int], None] | None = None) -> RecordCollector:
     """Run `model` over `batches` of (block_ids, tokens) and collect records of `features` ({layer: feature ids})
-    of the feature `source`. On CUDA the forward runs in bf16 autocast."""
+    of the feature `source`: the forward in the model's own dtype (float32 for a loaded checkpoint) without
+    autocast, the selections in float32 (see `records_precision`)."""
     device = torch.device(device or next(model.parameters()).device)
     model = model.to(device).eval()
     collector = RecordCollector(spec, features, seed, device)
@@ -451,10 +472,10 @@ def collect(model, batches: Iterable[tuple[np.ndarray, np.ndarray]], spec: Colle
     index = {layer: None if np.array_equal(ids, np.arange(len(ids))) else torch.tensor(ids, device=device)
              for layer, ids in features.items()}  # None: the first len(ids) features, no gather needed
     for block_ids, tokens in batches:
-        with timer("forward"), torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        with timer("forward"), torch.no_grad(), torch.autocast(device.type, enabled=False), records_matmuls(device):
             acts = source.activations(model, torch.tensor(tokens, dtype=torch.int64, device=device), layers)
-            acts = {layer: a[..., :len(features[layer])] if index[layer] is None else a.index_select(-1, index[layer])
-                    for layer, a in acts.items()}
+            acts = {layer: (a[..., :len(features[layer])] if index[layer] is None else a.index_select(-1, index[layer]))
+                    .float() for layer, a in acts.items()}
         collector.update(block_ids, tokens, acts, timer)
         if progress is not None:
             progress(len(block_ids))

@@ -93,10 +93,15 @@ class BackendConfig:
     simulation: Literal["echo", "prompt_logprobs", "sampled"] = "echo"
     explain_endpoint: Literal["chat", "completions"] = "chat"
     top_logprobs: int = 15  # logprobs per prompt position (OpenAI's simulator asks for 15)
-    request_timeout_s: float = 120.0
+    request_timeout_s: float = 60.0  # per attempt
+    request_deadline_s: float = 180.0  # per request, all its attempts and waits together
     max_attempts: int = 6  # per request: timeouts, connection errors, 429 and 5xx are retried
     backoff_s: float = 1.0  # first retry waits up to this (full jitter), doubling per attempt
     backoff_max_s: float = 30.0
+    # circuit breaker (per backend client): after `breaker_failures` failed attempts in a row (timeouts, connection
+    # errors, 5xx) every call fails at once for `breaker_cooldown_s`, then one trial call decides
+    breaker_failures: int = 3
+    breaker_cooldown_s: float = 30.0
     # in-process Hugging Face causal LM (local files only; never downloads)
     explainer_gguf: str | None = None  # a GGUF file inside explainer_model's directory (transformers' gguf_file=)
     simulator_gguf: str | None = None
@@ -113,11 +118,15 @@ class BackendConfig:
     def __post_init__(self) -> None:
         if self.kind in ("http", "hf") and not self.explainer_model:
             raise ConfigError("explainer_model", f"the {self.kind} backend needs a model")
-        for name in ("top_logprobs", "max_attempts", "max_explanation_tokens", "tokenset_size"):
+        for name in ("top_logprobs", "max_attempts", "max_explanation_tokens", "tokenset_size", "breaker_failures"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.request_timeout_s <= 0 or self.backoff_s < 0 or self.backoff_max_s < self.backoff_s:
             raise ConfigError("request_timeout_s", "need request_timeout_s > 0 and 0 <= backoff_s <= backoff_max_s")
+        if self.request_deadline_s < self.request_timeout_s:
+            raise ConfigError("request_deadline_s", f"must be >= request_timeout_s ({self.request_timeout_s})")
+        if self.breaker_cooldown_s < 0:
+            raise ConfigError("breaker_cooldown_s", f"must be >= 0, got {self.breaker_cooldown_s}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError("temperature", "need temperature >= 0 and 0 < top_p <= 1")
 
@@ -132,11 +141,12 @@ class WorkersConfig:
     a pool of `actors` backend actors with `concurrency` neurons in flight each."""
 
     collect_actors: int = 0
-    collect_gpus: float = 0.0  # per collection actor
+    collect_gpus: float = 0.0  # per collection actor; on a cluster: 1 (the driver runs on the GPU-less head)
     actors: int = 2  # 0: score in the driver process (no Ray), `concurrency` features in flight on threads
     concurrency: int | None = None  # features in flight per actor; default: 4 (http, tokenset), 1 (hf: one per model)
-    gpus_per_actor: float = 0.0  # hf on GPU: 1
+    gpus_per_actor: float = 0.0  # per scoring actor; hf on a cluster: 1 (a 7B model on CPU is hours per feature)
     cpus_per_actor: float = 1.0
+    gpu_wait_s: float = 600.0  # actors that ask for GPUs must start within this (an autoscaler adds GPU nodes)
     max_actor_restarts: int = 2  # a crashed actor is restarted and its in-flight neurons retried
     compact_every: int = 500  # rows between compactions of the write-ahead log into results.parquet
 
@@ -147,6 +157,8 @@ class WorkersConfig:
             raise ConfigError("concurrency", f"must be >= 1, got {self.concurrency}")
         if self.gpus_per_actor < 0 or self.cpus_per_actor < 0 or self.collect_gpus < 0:
             raise ConfigError("gpus_per_actor", "resources must be >= 0")
+        if not self.gpu_wait_s > 0:
+            raise ConfigError("gpu_wait_s", f"must be > 0, got {self.gpu_wait_s}")
 
 
 METRICS_BY_PROTOCOL = {"crate-paper": ("tar", "random", "anthropic"), "openai": ("tar", "top", "random")}
@@ -162,6 +174,7 @@ class InterpConfig:
     metrics: list[str] = field(default_factory=lambda: ["tar"])  # crate-paper: tar random anthropic; openai: tar top random
     sample: int | None = None  # score a seeded sample of this many features per layer (with a CI on the layer mean)
     seed: int = 0  # random records, neuron sample, explanation sampling
+    max_failed_share: float = 0.05  # the job fails (exit 1) when more of its result rows failed; a rerun retries them
     output_dir: str | None = None  # default: ./interp/<run>@<step>-<model_sha256[:12]>, one folder per model
     device: str = "auto"  # collection in the driver process: auto = cuda if available
     records: CollectionConfig = field(default_factory=CollectionConfig)  # for tar / random / top
@@ -180,6 +193,8 @@ class InterpConfig:
         if not self.metrics or unknown:
             raise ConfigError("metrics", f"{unknown or 'none'}: the {self.protocol} protocol scores {', '.join(allowed)} "
                                          f"(all metrics: {', '.join(METRICS)})")
+        if not 0 <= self.max_failed_share <= 1:
+            raise ConfigError("max_failed_share", f"must be in [0, 1], got {self.max_failed_share}")
         if self.sample is not None and self.sample < 1:
             raise ConfigError("sample", f"must be >= 1, got {self.sample}")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):

@@ -15,6 +15,7 @@ import Ray.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from crate.cluster import connect_ray
+from crate.errors import ConfigError
 from crate.interp.collect import RecordCollector, collect
 from crate.interp.protocols import ScoringTask
 from crate.interp.scoring import failed_rows
@@ -29,12 +31,27 @@ from crate.interp.scoring import failed_rows
 log = logging.getLogger(__name__)
 
 
+def _no_gpu(field: str, gpus: float) -> ConfigError | None:
+    """The error of an actor given `gpus` GPUs that sees no CUDA device (None when it sees one, or wants none)."""
+    if gpus <= 0 or torch.cuda.is_available():
+        return None
+    return ConfigError(field, f"this actor was given {gpus:g} GPU(s) but sees no CUDA device "
+                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}, "
+                              f"torch {torch.__version__}); give it a GPU node or set {field}=0")
+
+
 class CollectionWorker:
-    def __init__(self, checkpoint: str, features: str, sha256: str):
+    """Loads the model once (checked against the driver's model_sha256) and collects shards on its device. A worker
+    given GPUs that sees none loads nothing and says so in `ready`."""
+
+    def __init__(self, checkpoint: str, features: str, sha256: str, gpus: float = 0.0):
         from crate.interp.features import feature_source
         from crate.interp.job import model_sha256
         from crate.model import load_model
 
+        self.problem = _no_gpu("workers.collect_gpus", gpus)
+        if self.problem:
+            return
         self.model = load_model(checkpoint)
         if model_sha256(self.model) != sha256:  # records must come from the model the driver named
             raise RuntimeError(f"{checkpoint} changed after the job started: model_sha256 {model_sha256(self.model)[:12]}"
@@ -42,40 +59,78 @@ class CollectionWorker:
         self.source = feature_source(features)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+    def ready(self) -> str:
+        if self.problem:
+            raise self.problem
+        return self.device.type
+
     def collect(self, batches, spec, features: dict[int, np.ndarray], seed: int) -> RecordCollector:
         return collect(self.model, batches, spec, self.source, features, seed, self.device).to("cpu")
 
 
+def _started(calls: list, field: str, gpus: float, wait_s: float, started_here: bool) -> list:
+    """The results of one start-up call per actor; a ConfigError naming `field` when actors that want GPUs cannot
+    get them: a local instance without GPUs at once, a cluster that has none to give within `wait_s` (an
+    autoscaler adds GPU nodes only for pending actors, so waiting is the only way to know), or an actor that got a
+    GPU slot but sees no CUDA device."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    have = ray.cluster_resources().get("GPU", 0)
+    if gpus > 0 and started_here and have < gpus:
+        raise ConfigError(field, f"asks for {gpus:g} GPU(s) per actor; the local Ray instance has {have:g}")
+    ready, pending = ray.wait(calls, num_returns=len(calls), timeout=wait_s if gpus > 0 else None)
+    if pending:
+        raise ConfigError(field, f"{len(pending)} actor(s) asking for {gpus:g} GPU(s) did not start within "
+                                 f"workers.gpu_wait_s={wait_s:g}s (the cluster has {ray.cluster_resources().get('GPU', 0):g} GPUs)")
+    try:
+        return ray.get(ready)
+    except RayTaskError as error:
+        if isinstance(error.cause, ConfigError):
+            raise ConfigError(error.cause.field, error.cause.message) from None
+        raise
+
+
 def collect_sharded(checkpoint: str, sha256: str, features_spec: str, batches: Sequence[tuple[np.ndarray, np.ndarray]],
-                    spec, features: dict[int, np.ndarray], seed: int, actors: int, gpus: float) -> RecordCollector:
+                    spec, features: dict[int, np.ndarray], seed: int, workers) -> RecordCollector:
     import ray
 
-    connect_ray()
+    started_here = connect_ray()
+    actors, gpus = workers.collect_actors, workers.collect_gpus
     worker = ray.remote(num_cpus=1, num_gpus=gpus)(CollectionWorker)
-    workers = [worker.remote(checkpoint, features_spec, sha256) for _ in range(actors)]
-    shards = [list(batches[i::actors]) for i in range(actors)]
-    pending = [w.collect.remote(shard, spec, features, seed) for w, shard in zip(workers, shards) if shard]
-    merged = None
-    with tqdm(total=len(pending), unit="shard", desc="collect") as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            shard = ray.get(done[0])
-            merged = shard if merged is None else merged.merge(shard)
-            bar.update(1)
-    for w in workers:
-        ray.kill(w)
+    handles = [worker.remote(checkpoint, features_spec, sha256, gpus) for _ in range(actors)]
+    try:
+        _started([h.ready.remote() for h in handles], "workers.collect_gpus", gpus, workers.gpu_wait_s, started_here)
+        shards = [list(batches[i::actors]) for i in range(actors)]
+        pending = [h.collect.remote(shard, spec, features, seed) for h, shard in zip(handles, shards) if shard]
+        merged = None
+        with tqdm(total=len(pending), unit="shard", desc="collect") as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                shard = ray.get(done[0])
+                merged = shard if merged is None else merged.merge(shard)
+                bar.update(1)
+    finally:
+        for h in handles:
+            ray.kill(h)
     return merged
 
 
 class ScoringWorker:
-    def __init__(self, backend_config, seed: int):
+    """One backend; a worker given GPUs that sees none builds nothing and says so in `identity`."""
+
+    def __init__(self, backend_config, seed: int, gpus: float = 0.0):
         from crate.interp.backends import build_backend
 
-        self.backend = build_backend(backend_config, seed)
+        self.problem = _no_gpu("workers.gpus_per_actor", gpus)
+        if not self.problem:
+            self.backend = build_backend(backend_config, seed)
 
     def identity(self) -> dict[str, str]:
         from crate.interp.scoring import identity
 
+        if self.problem:
+            raise self.problem
         return identity(self.backend)
 
     def score(self, task: ScoringTask, metrics: tuple[str, ...], seed: int) -> list[dict]:
@@ -90,14 +145,19 @@ class ScoringPool:
     def __init__(self, backend_config, workers, seed: int):
         import ray
 
-        connect_ray()
+        started_here = connect_ray()
         options = dict(num_cpus=workers.cpus_per_actor, num_gpus=workers.gpus_per_actor,
                        max_concurrency=workers.concurrency, max_restarts=workers.max_actor_restarts,
                        max_task_retries=workers.max_actor_restarts)
         actor = ray.remote(**options)(ScoringWorker)
-        self.actors = [actor.remote(backend_config, seed + i) for i in range(workers.actors)]
+        self.actors = [actor.remote(backend_config, seed + i, workers.gpus_per_actor) for i in range(workers.actors)]
         self.concurrency = workers.concurrency
-        self.identity = ray.get(self.actors[0].identity.remote())
+        try:
+            self.identity = _started([a.identity.remote() for a in self.actors], "workers.gpus_per_actor",
+                                     workers.gpus_per_actor, workers.gpu_wait_s, started_here)[0]
+        except BaseException:
+            self.close()
+            raise
 
     def score_tasks(self, tasks: Iterable[tuple[ScoringTask, tuple[str, ...]]], total: int, seed: int,
                     on_rows: Callable[[list[dict]], None]) -> None:
@@ -141,6 +201,9 @@ class LocalScoringPool:
         from crate.interp.backends import build_backend
         from crate.interp.scoring import identity
 
+        problem = _no_gpu("workers.gpus_per_actor", workers.gpus_per_actor)
+        if problem:
+            raise problem
         self.backend = build_backend(backend_config, seed)
         self.concurrency = workers.concurrency
         self.identity = identity(self.backend)

@@ -3,12 +3,13 @@
     python jobs/interpret.py --checkpoint ckpt.pt --corpus pile://val --metric tar,random --backend http \
         backend.explainer_model=… backend.base_url=http://vllm:8000/v1
 
-Output directory (default `interp/<label>-<sha12>` under the directory the job was started from, one per model:
-the label is `<run>@<step>`, sha12 the start of its model_sha256): `model.json` (the one model it holds),
-`records/<collection_id>/` (reused by any later job with the same model, corpus, features, seed and collection
-settings), the results table (crate.interp.store), `summary.json`, `layers.png`. Rerunning the same command after
-a kill resumes: finished records are reused, finished features are skipped, failed ones are retried, and the MLflow
-run of the same job scope is reopened.
+Output directory (default `interp/<label>-<sha12>`, one per model, under `CRATE_STORAGE_PATH` when that is a local
+folder — the stack's persistent one — else under the directory the job was started from; the label is
+`<run>@<step>`, sha12 the start of its model_sha256): `model.json` (the one model it holds), `records/<collection_id>/`
+(reused by any later job with the same model, corpus, features, seed and collection settings), the results table
+(crate.interp.store), `summary.json`, `layers.png`. Rerunning the same command after a kill resumes: finished
+records are reused, finished features are skipped, failed ones are retried, and the MLflow run of the same job
+scope is reopened.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from crate.config import flatten
 from crate.errors import ConfigError
-from crate.interp.collect import batched, collect
+from crate.interp.collect import batched, collect, records_precision
 from crate.interp.config import InterpConfig
 from crate.interp.features import feature_source
 from crate.interp.prompts import PROMPT_VERSION
@@ -57,6 +58,17 @@ def model_sha256(model) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+class TooManyFailures(RuntimeError):
+    """More than `max_failed_share` of the job's result rows failed; the summary is written, a rerun retries them."""
+
+    def __init__(self, summary: dict, max_share: float):
+        self.summary = summary
+        failed, rows = summary["failed_rows"], summary["rows"]
+        super().__init__(f"{failed} of {rows} result rows failed ({failed / max(rows, 1):.0%}), more than "
+                         f"max_failed_share={max_share:g}; their reasons are in {summary['results']} "
+                         f"(status failed); rerun the same command to retry only them")
 
 
 @dataclass
@@ -144,9 +156,13 @@ class InterpretabilityJob:
             if collection.block_length > config.block_size:
                 raise ConfigError(f"{group.collection}.block_length", f"{collection.block_length} exceeds the model's "
                                                                       f"context ({config.block_size})")
+        self._check_devices()
         self._check_corpus()
         self._check_backend()
-        self.out = Path(cfg.output_dir or Path("interp") / self.subject.folder).resolve()  # on the driver
+        # under a local CRATE_STORAGE_PATH (the stack's persistent folder) when it is set, else the working dir
+        storage = os.environ.get("CRATE_STORAGE_PATH", "")
+        default = Path("" if "://" in storage else storage) / "interp" / self.subject.folder
+        self.out = Path(cfg.output_dir or default).resolve()  # on the driver
         self._check_output()
         self.store = ResultStore(self.out)
         self._write_json("model.json", {"model": self.subject.model_id, "model_sha256": self.subject.sha256,
@@ -165,6 +181,18 @@ class InterpretabilityJob:
         elif any((self.out / name).exists() for name in ("records", "results.parquet", "results.wal.jsonl")):
             raise ConfigError("output_dir", f"{self.out} holds records or results of a model it does not name "
                                             f"(no model.json); give another --output")
+
+    def _check_devices(self) -> None:
+        """What runs in this process and asks for a GPU must see one (actors check theirs when they start)."""
+        cfg = self.cfg
+        if not cfg.workers.collect_actors and cfg.device.startswith("cuda") and not _cuda():
+            raise ConfigError("device", f"{cfg.device}: this process sees no CUDA device (collection runs here with "
+                                        f"workers.collect_actors=0; set device=cpu or give it collection actors)")
+        if not cfg.workers.actors and cfg.workers.gpus_per_actor > 0 and not _cuda():
+            raise ConfigError("workers.gpus_per_actor", "scoring runs in this process (workers.actors=0), which "
+                                                        "sees no CUDA device")
+        if cfg.backend.kind == "hf" and cfg.workers.actors and cfg.workers.gpus_per_actor == 0:
+            log.warning("the hf backend's actors get no GPU (workers.gpus_per_actor=0): the models run on CPU")
 
     def _check_corpus(self) -> None:
         from crate.data import read_blocks
@@ -194,8 +222,9 @@ class InterpretabilityJob:
         """The records directory of collection `name` ("records" or "anthropic_records"), collected if needed."""
         cfg, spec = self.cfg, getattr(self.cfg, name)
         sample = {l: f.tolist() for l, f in self.features.items()} if cfg.sample else None
-        collection_id = spec.collection_id(model=self.subject.sha256, corpus=cfg.corpus, features=cfg.features,
-                                           seed=cfg.seed, layers=self.layers, sample=sample)
+        precision = records_precision(self._collection_device())
+        collection_id = spec.collection_id(model=self.subject.sha256, precision=precision, corpus=cfg.corpus,
+                                           features=cfg.features, seed=cfg.seed, layers=self.layers, sample=sample)
         directory = self.out / "records" / collection_id
         if is_complete(directory):
             log.info("records %s: reusing %s", name, directory)
@@ -212,20 +241,25 @@ class InterpretabilityJob:
             from crate.interp.distributed import collect_sharded
 
             collector = collect_sharded(self.subject.checkpoint, self.subject.sha256, cfg.features, batches, spec,
-                                        self.features, cfg.seed, cfg.workers.collect_actors, cfg.workers.collect_gpus)
+                                        self.features, cfg.seed, cfg.workers)
         else:
-            device = cfg.device if cfg.device != "auto" else ("cuda" if _cuda() else "cpu")
             collector = collect(self.subject.model, tqdm(batches, unit="batch", desc=f"collect {name}"), spec,
-                                self.source, self.features, cfg.seed, device)
+                                self.source, self.features, cfg.seed, self._collection_device())
         provenance = {**self.subject.provenance, "features": cfg.features, "corpus": cfg.corpus,
                       "blocks": collector.n_blocks, "collection": dataclasses.asdict(spec),
-                      "collection_id": collection_id, "seed": cfg.seed, "tokenizer": "gpt2",
+                      "collection_id": collection_id, "precision": precision, "seed": cfg.seed, "tokenizer": "gpt2",
                       "code_version": _code_version(), "created_at": time.time()}
         write_records(collector, directory, provenance)
         log.info("records %s: %d blocks × %d tokens, %d layers, %d features in %.1fs -> %s", name, collector.n_blocks,
                  spec.block_length, len(self.layers), sum(len(f) for f in self.features.values()),
                  time.perf_counter() - started, directory)
         return directory
+
+    def _collection_device(self) -> str:
+        """Where records are collected: the actors' GPUs (collect_gpus > 0), else the driver's `device`."""
+        if self.cfg.workers.collect_actors:
+            return "cuda" if self.cfg.workers.collect_gpus > 0 else "cpu"
+        return self.cfg.device if self.cfg.device != "auto" else ("cuda" if _cuda() else "cpu")
 
     # -- stage 2: explain, simulate, score ---------------------------------------------------------------------
     def key(self, backend: str, layer: int, neuron: int, metric: str) -> tuple:
@@ -258,14 +292,25 @@ class InterpretabilityJob:
                    for _, metrics in self.groups for layer in self.layers for n in self.features[layer])
 
     def run(self) -> dict:
-        """Collect (or reuse) records, score every feature not yet scored, summarise; returns the summary."""
+        """Start the backends, collect (or reuse) records, score every feature not yet finished, summarise; returns
+        the summary (raises TooManyFailures after writing it when more than max_failed_share of its rows failed)."""
         from crate.interp.distributed import LocalScoringPool, ScoringPool
+
+        cfg, pool = self.cfg, None
+        try:  # the backends first: one that cannot start (no GPU for it) fails the job before any records are made
+            pool = (ScoringPool if cfg.workers.actors else LocalScoringPool)(cfg.backend, cfg.workers, cfg.seed)
+            collections = {group.collection: self.records(group.collection) for group, _ in self.groups}
+            return self._score(pool, collections)
+        finally:
+            if pool is not None:
+                pool.close()
+            self.store.close()
+
+    def _score(self, pool, collections: dict[str, Path]) -> dict:
         from crate.tracking import Tracker
 
         cfg = self.cfg
-        collections = {group.collection: self.records(group.collection) for group, _ in self.groups}
         records_id = {m: collections[group.collection].name for group, metrics in self.groups for m in metrics}
-        pool = (ScoringPool if cfg.workers.actors else LocalScoringPool)(cfg.backend, cfg.workers, cfg.seed)
         scope = self._scope(pool.identity)
         runs = self._run_ids()
         tracker = Tracker.start(cfg.tracking, run_name=cfg.tracking.run_name or f"interpret-{self.subject.model_id}",
@@ -292,9 +337,9 @@ class InterpretabilityJob:
         except BaseException:
             tracker.end("FAILED")
             raise
-        finally:
-            pool.close()
-            self.store.close()
+        if summary["failed_rows"] > cfg.max_failed_share * summary["rows"]:
+            tracker.end("FAILED")
+            raise TooManyFailures(summary, cfg.max_failed_share)
         tracker.end()
         return summary
 
@@ -318,6 +363,7 @@ class InterpretabilityJob:
         summary = {"output_dir": str(self.out), "results": str(self.store.results_path), "model": self.subject.model_id,
                    "model_sha256": self.subject.sha256, "checkpoint": self.subject.checkpoint,
                    "quarantined": self.store.quarantined, "backend": backend["backend"], "protocol": cfg.protocol, "mlflow_run_id": tracker.run_id,
+                   "rows": scoped.num_rows, "failed_rows": sum(r["failed"] for r in layers),
                    "layers": layers, "models": models}
         self._write_json("summary.json", summary)
         figure = plot_layers(layers, self.subject.model.config.n_layer, f"{self.subject.model_id} ({cfg.features})")

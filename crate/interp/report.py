@@ -110,6 +110,9 @@ def format_summary(summary: Mapping) -> str:
                      f"{row['undefined']} | {row['failed']} |")
     if not summary["models"]:
         lines.append("| (no scores) | | | | | | | |")
+    if "rows" in summary:
+        lines.append(f"failed: {summary['failed_rows']} of {summary['rows']} result rows"
+                     + (f"; {summary['quarantined']} unreadable log lines quarantined" if summary.get("quarantined") else ""))
     lines.append(f"output: {summary['output_dir']} (summary.json, results.parquet, layers.png)")
     if summary.get("mlflow_run_id"):
         lines.append(f"MLflow run: {summary['mlflow_run_id']}")

@@ -4,9 +4,11 @@ Every finished feature's rows are appended at once to `results.wal.jsonl` (one J
 fsynced), and every `compact_every` rows the log is folded into `results.parquet` (atomic rename) and emptied.
 On open, a torn last line (a kill mid-write) is cut off; any other line that cannot be read back as a row (garbage
 from a bad disk or a hand edit) is moved to `results.quarantine.jsonl` (with its file and line number, counted in
-`quarantined` and named in a warning) so the job resumes; then the done keys are read from both files; a row whose
-RESULT_KEY is already there is never appended again, and compaction keeps the first row per key, so the table
-holds each key exactly once even if a kill lands between compaction's rename and the log's truncation.
+`quarantined` and named in a warning) so the job resumes; then the done keys are read from both files. A key is
+done when its row is finished ("scored" or "undefined"): such a row is never appended again. A "failed" row is
+not done: a later job appends the key's new row, and the latest row per key is the table's (compaction keeps it),
+so the table holds each key exactly once, finished rows never change, and a kill between compaction's rename and
+the log's truncation leaves only identical copies.
 One job writes a directory at a time (an exclusive lock on `results.lock`).
 """
 
@@ -64,7 +66,8 @@ class ResultStore:
             self._lock.close()
             raise ResultStoreLocked(f"another job is writing results in {self.directory}") from None
         self._repair_log()
-        self.done = {result_key(row) for row in self._rows()}
+        latest = {result_key(row): row["status"] for row in self._rows()}
+        self.done = {key for key, status in latest.items() if status != "failed"}  # failed keys are retried
         self._log = open(self.directory / LOG_FILE, "a", encoding="utf-8")
         self._unfolded = sum(1 for _ in self._log_rows())
 
@@ -113,18 +116,19 @@ class ResultStore:
 
     def _rows(self) -> Iterable[dict]:
         if self.results_path.is_file():
-            yield from pq.read_table(self.results_path, columns=list(RESULT_KEY)).to_pylist()
+            yield from pq.read_table(self.results_path, columns=[*RESULT_KEY, "status"]).to_pylist()
         yield from self._log_rows()
 
     def append(self, rows: Iterable[dict]) -> int:
-        """Append the rows whose key is new; returns how many were written."""
+        """Append the rows whose key is not done (new, or failed before); returns how many were written."""
         written = 0
         for row in rows:
             key = result_key(row)
             if key in self.done:
                 continue
             self._log.write(json.dumps({k: _json_safe(v) for k, v in row.items()}) + "\n")
-            self.done.add(key)
+            if row["status"] != "failed":
+                self.done.add(key)
             written += 1
         if written:
             self._log.flush()
@@ -133,7 +137,7 @@ class ResultStore:
         return written
 
     def table(self) -> pa.Table:
-        """All rows (parquet + log), first row per key."""
+        """All rows (parquet + log), the latest row per key."""
         parts = []
         if self.results_path.is_file():
             parts.append(pq.read_table(self.results_path))
@@ -146,10 +150,8 @@ class ResultStore:
             return RESULTS_SCHEMA.empty_table()
         table = pa.concat_tables([p.cast(RESULTS_SCHEMA) for p in parts])
         keys = [result_key(r) for r in table.select(list(RESULT_KEY)).to_pylist()]
-        first = {}
-        for i, key in enumerate(keys):
-            first.setdefault(key, i)
-        return table.take(sorted(first.values())) if len(first) < len(keys) else table
+        latest = {key: i for i, key in enumerate(keys)}
+        return table.take(sorted(latest.values())) if len(latest) < len(keys) else table
 
     def compact(self) -> Path:
         """Fold the log into results.parquet (atomic), then empty the log."""

@@ -13,6 +13,7 @@ except where the simulator would have preferred 10.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -41,10 +42,14 @@ def _dtype(config, device: torch.device) -> torch.dtype:
 
 
 class HFModel:
-    """A tokenizer + causal LM loaded from a local directory (or a GGUF file inside it)."""
+    """A tokenizer + causal LM loaded from a local directory (or a GGUF file inside it). `lock` lets one call at a
+    time use the model: a seeded generation owns the global RNG from its seed to its last token (reproducible per
+    seed whatever `workers.concurrency` is), and only one call's activations and KV cache occupy the device."""
 
     def __init__(self, path: str, gguf_file: str | None, config, calls: CallCounter):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.lock = threading.Lock()
 
         if not Path(path).is_dir():
             raise BackendError(f"no local model directory at {path} (models are never downloaded)")
@@ -111,11 +116,12 @@ class HFExplainer(Explainer):
         c, lm = self.config, self.lm
         inputs = lm.tokenizer(self._prompt_text(explanation_prompt(excerpts)), return_tensors="pt",
                               add_special_tokens=not getattr(lm.tokenizer, "chat_template", None)).to(lm.device)
-        torch.manual_seed(seed)
         lm.calls.add()
-        output = lm.model.generate(**inputs, max_new_tokens=c.max_explanation_tokens, do_sample=c.temperature > 0,
-                                   temperature=c.temperature if c.temperature > 0 else None, top_p=c.top_p,
-                                   pad_token_id=lm.tokenizer.pad_token_id)
+        with lm.lock:
+            torch.manual_seed(seed)
+            output = lm.model.generate(**inputs, max_new_tokens=c.max_explanation_tokens, do_sample=c.temperature > 0,
+                                       temperature=c.temperature if c.temperature > 0 else None, top_p=c.top_p,
+                                       pad_token_id=lm.tokenizer.pad_token_id)
         return parse_explanation(lm.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 
 
@@ -159,7 +165,8 @@ class HFSimulator(Simulator):
         encoded = lm.encode([text for text, _ in batch])
         spans = encoded.pop("offset_mapping")
         lm.calls.add()
-        hidden = lm.model.base_model(**encoded.to(lm.device)).last_hidden_state  # (B, L, d)
+        with lm.lock:
+            hidden = lm.model.base_model(**encoded.to(lm.device)).last_hidden_state  # (B, L, d)
         rows, positions, slots = [], [], []
         for b, (_, offsets) in enumerate(batch):
             starts = {int(s): i for i, (s, e) in enumerate(spans[b].tolist()) if e > s}

@@ -8,7 +8,10 @@ Explanations: /chat/completions (or /completions with the rendered prompt). Simu
 All excerpts of a feature go in one /completions request (`prompt` is a list).
 
 Requests are retried on timeouts, connection errors, 429 and 5xx with exponential backoff and full jitter
-(`Retry-After` is honoured); other 4xx fail at once. The API key comes from the environment variable named in the
+(`Retry-After` is honoured); other 4xx fail at once. One request, all attempts and waits together, ends by
+`request_deadline_s`. A circuit breaker shared by the client's threads counts failed attempts in a row (timeouts,
+connection errors, 5xx): at `breaker_failures` it opens and every call fails at once, without a request, for
+`breaker_cooldown_s`; then one trial call goes through, and any answer from the server closes it again. The API key comes from the environment variable named in the
 config and is only ever put in the Authorization header — never logged, never in an error or a result.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
 from typing import Any, Sequence
 
@@ -33,12 +37,46 @@ log = logging.getLogger(__name__)
 RETRYABLE_STATUS = {408, 409, 425, 429}
 
 
+class CircuitBreaker:
+    """Open after `failures` failed attempts in a row; while open, `check` raises; after `cooldown_s` one trial."""
+
+    def __init__(self, failures: int, cooldown_s: float):
+        self.failures, self.cooldown_s = failures, cooldown_s
+        self._lock = threading.Lock()
+        self._in_a_row = 0
+        self._open_until: float | None = None
+
+    def check(self, path: str) -> None:
+        with self._lock:
+            if self._open_until is None:
+                return
+            now = time.monotonic()
+            if now < self._open_until:
+                raise BackendError(f"circuit open: {self._in_a_row} failed calls in a row; /{path} not sent "
+                                   f"(next trial in {self._open_until - now:.0f}s)")
+            self._open_until = now + self.cooldown_s  # this caller is the trial; the others keep failing fast
+
+    def failed(self) -> bool:
+        """Count a failed attempt; True when that opened the breaker."""
+        with self._lock:
+            self._in_a_row += 1
+            if self._in_a_row >= self.failures:
+                self._open_until = time.monotonic() + self.cooldown_s
+                return True
+            return False
+
+    def answered(self) -> None:
+        with self._lock:
+            self._in_a_row, self._open_until = 0, None
+
+
 class HTTPClient:
     def __init__(self, config, seed: int, calls: CallCounter):
         self.config = config
         self.base_url = config.base_url.rstrip("/")
         self.calls = calls
         self.rng = random.Random(seed)
+        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
         self.session = requests.Session()
         key = os.environ.get(config.api_key_env)
         if key:
@@ -50,14 +88,21 @@ class HTTPClient:
     def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         url = f"{self.base_url}/{path}"
         c = self.config
+        deadline = time.monotonic() + c.request_deadline_s
         for attempt in range(1, c.max_attempts + 1):
+            self.breaker.check(path)
             self.calls.add()
             wait = min(c.backoff_max_s, c.backoff_s * 2 ** (attempt - 1)) * self.rng.random()
+            timeout = min(c.request_timeout_s, deadline - time.monotonic())
+            backend_failed = True  # the server did not answer, or answered 5xx
             try:
-                response = self.session.post(url, json=payload, timeout=c.request_timeout_s)
+                response = self.session.post(url, json=payload, timeout=max(timeout, 1e-3))
             except (requests.Timeout, requests.ConnectionError) as error:
                 problem = f"{type(error).__name__}"
             else:
+                backend_failed = response.status_code >= 500
+                if not backend_failed:
+                    self.breaker.answered()
                 if response.status_code == 200:
                     try:
                         return response.json()
@@ -68,8 +113,14 @@ class HTTPClient:
                     wait = max(wait, _retry_after(response))
                 else:
                     raise BackendError(f"HTTP {response.status_code} from /{path}: {response.text[:200]}")
+            if backend_failed and self.breaker.failed():
+                raise BackendError(f"{problem} from /{path} (attempt {attempt}); circuit open after "
+                                   f"{c.breaker_failures} failed calls in a row")
             if attempt == c.max_attempts:
                 raise BackendError(f"{problem} from /{path} after {attempt} attempts")
+            if time.monotonic() + wait >= deadline:
+                raise BackendError(f"{problem} from /{path}: request_deadline_s ({c.request_deadline_s:g}s) "
+                                   f"reached after {attempt} attempts")
             log.debug("%s from /%s (attempt %d); retrying in %.1fs", problem, path, attempt, wait)
             time.sleep(wait)
         raise AssertionError("unreachable")
