@@ -32,6 +32,8 @@ NOISE = (
     r"Starting execution of Dataset ",  # Ray Data, per pipeline (every rank, every evaluation)
     r"Execution plan of Dataset ",
     r"Progress bars disabled\. To enable",
+    r"Dataset \S+ execution finished in ",
+    r"Checkpoint successfully created at: Checkpoint\(",  # Ray Train; the job prints its own checkpoint line
     r"Skip logging GPU metrics",  # MLflow's system-metrics monitor
     r"(Started|Stopping) monitoring system metrics|Successfully terminated system metrics monitoring",
     r"Creating initial MLflow database tables",  # MLflow, on a new SQLite store
