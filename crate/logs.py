@@ -27,6 +27,15 @@ NOISE = (
     r"Using \S+ as PyTorch extensions root",  # DeepSpeed's op build, announced by torch once per process
     r"Loading extension module \w+",
     r"Time to load \w+ op: ",
+    r"Requesting resources: \{",  # Ray Train's controller, before every worker group
+    r"Setting up process group for: ",  # Ray Train's workers
+    r"Starting execution of Dataset ",  # Ray Data, per pipeline (every rank, every evaluation)
+    r"Execution plan of Dataset ",
+    r"Progress bars disabled\. To enable",
+    r"Dataset \S+ execution finished in ",
+    r"Checkpoint successfully created at: Checkpoint\(",  # Ray Train; the job prints its own checkpoint line
+    r"Skip logging GPU metrics",  # MLflow's system-metrics monitor
+    r"(Started|Stopping) monitoring system metrics|Successfully terminated system metrics monitoring",
     r"Creating initial MLflow database tables",  # MLflow, on a new SQLite store
     r"Updating database tables",
     r"Context impl SQLiteImpl",  # alembic, under MLflow

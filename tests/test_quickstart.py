@@ -29,7 +29,8 @@ CHAIN = """python jobs/interpret.py --checkpoint runs/crate-tiny-*/checkpoint_00
 python jobs/compare.py interp/*/                   # the paper's Table 2 over the results under interp/
 python jobs/view.py interp/*/ --output-dir viewer  # a static neuron viewer: open viewer/index.html"""
 KEPT = ("PATH", "HOME", "LANG", "TORCH_EXTENSIONS_DIR")  # a user's shell has these; nothing of the platform's
-NOISE = ("TrainingReport(", "Setting accelerator to CPU", "Creating initial MLflow database tables")
+NOISE = ("TrainingReport(", "Setting accelerator to CPU", "Creating initial MLflow database tables", "built successfully",
+         "PreemptionWatcher", "Found multiple active Ray instances", "Starting execution of Dataset")
 
 
 def readme_section(title: str) -> str:
@@ -168,3 +169,28 @@ def test_rays_own_components_find_the_instance_a_job_started_with_another_one_on
     out = subprocess.run([sys.executable, "-c", RAY_COMPONENTS_VIEW], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=540)
     assert out.returncode == 0 and "nodes 1" in out.stdout, (out.stdout + out.stderr)[-3000:]
+
+
+LOG_LINES = """
+import logging, os
+from crate.cli import setup_logging
+setup_logging()
+logging.getLogger("/ray/train/v2/_internal/execution/context.py").info(
+    "Reporting training result 3: TrainingReport(checkpoint=..., metrics={...}) from rank 0")
+logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
+logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU. If you have GPU or other accelerator, ...")
+logging.getLogger("crate.train").info("step 10/150 | loss 7.1")
+print(os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX") is not None)
+"""
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_job_prints_its_own_lines_and_the_libraries_noise_only_when_verbose(verbose):
+    env = {key: os.environ[key] for key in KEPT if key in os.environ}
+    env.update(PYTHONPATH=str(ROOT), **({"CRATE_VERBOSE": "1"} if verbose else {}))
+    out = subprocess.run([sys.executable, "-c", LOG_LINES], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "step 10/150 | loss 7.1" in out.stderr
+    noise = [n for n in ("TrainingReport(", "Creating initial MLflow", "Setting accelerator to CPU") if n in out.stderr]
+    assert (noise == ["TrainingReport(", "Creating initial MLflow", "Setting accelerator to CPU"]) if verbose else not noise
+    assert out.stdout.strip() == str(not verbose)  # Ray's workers' lines are filtered on the driver the same way
