@@ -2,8 +2,10 @@
 
 The paper's neuron editing (§4.4, its code's `enhanced_feature_id`): on the prompt "1 2 3 4 5", setting one
 ISTA neuron of CRATE-1L to a large value makes e.g. "-itely", "-ically" the most-increased next tokens. The
-same intervention on a GPT baseline clamps an MLP hidden unit. `model.steer` does the clamping; this module
-measures what it does:
+same intervention on a GPT baseline clamps an MLP hidden unit. The released code has two more variants, offered
+here too: its GPT clamps the neuron in every layer (`layers: all`), and its CRATE can clamp a channel of the
+attention's tied q = k = v projection instead (`site: attn`). `model.steer` does the clamping (hooks on the
+model's hook points); this module measures what it does:
 
     effect = steering_effect(model, tokenizer, "1 2 3 4 5", layer=0, neurons=[2], value=10.0)
     print(format_effect(effect))
@@ -23,7 +25,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +40,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class SteerConfig:
     checkpoint: str = ""  # a model checkpoint (`save_model` file or the paper's released layout)
-    layer: int | None = None  # required for hand-picked neurons; restricts --top-explained when set
+    layer: int | None = None  # required for hand-picked neurons (unless layers: all); restricts --top-explained
+    layers: Literal["one", "all"] = "one"  # all: clamp in every layer, as the released GPT code does
+    site: Literal["neurons", "attn"] = "neurons"  # attn (CRATE): channels of the tied q=k=v projection U_kᵀz
     neurons: list[int] = field(default_factory=list)  # clamped together
     value: float | None = None  # the clamp value; the paper's magnitudes are not published
     sweep: list[float] = field(default_factory=list)  # several clamp values, one effect each (overrides value)
@@ -65,8 +69,12 @@ class SteerConfig:
             raise ConfigError("neurons", "give either neurons or --top-explained, not both")
         if not self.top_explained and not self.neurons:
             raise ConfigError("neurons", "name the neurons to steer (--neuron I) or use --top-explained K")
-        if self.neurons and self.layer is None:
-            raise ConfigError("layer", "hand-picked neurons need their layer (--layer L)")
+        if self.neurons and self.layer is None and self.layers == "one":
+            raise ConfigError("layer", "hand-picked neurons need their layer (--layer L, or --layers all)")
+        if self.layers == "all" and self.layer is not None and not self.top_explained:
+            raise ConfigError("layers", "give either --layer L or --layers all, not both")
+        if self.site == "attn" and self.top_explained:
+            raise ConfigError("site", "--top-explained picks scored neurons; 'attn' steering needs channels (--neuron I)")
         if self.top_tokens < 1 or self.new_tokens < 0:
             raise ConfigError("top_tokens", "top_tokens must be >= 1 and new_tokens >= 0")
 
@@ -91,7 +99,7 @@ class TokenShift:
 
 @dataclass
 class SteeringEffect:
-    layer: int
+    layer: int | str  # "all": clamped in every layer
     neurons: list[int]
     value: float
     prompt: str
@@ -103,6 +111,7 @@ class SteeringEffect:
     steered_generation: str  # ... and with it
     explanation: str | None = None  # the neuron's explanation, when it was picked from a results table
     checkpoint: str | None = None  # the steered model's checkpoint (absolute path): how the viewer matches it
+    site: str = "neurons"  # or "attn": `neurons` are channels of CRATE's tied q=k=v projection
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -120,9 +129,11 @@ def next_token_probs(model, idx: torch.Tensor, n_vocab: int) -> torch.Tensor:
     return F.softmax(logits.float(), dim=-1)
 
 
-def steering_effects(model, tokenizer, prompt: str, layer: int, neurons: Sequence[int], values: Sequence[float],
-                     top_tokens: int = 10, new_tokens: int = 20) -> list[SteeringEffect]:
-    """One effect per clamp value; the unsteered distribution and generation are computed once."""
+def steering_effects(model, tokenizer, prompt: str, layer: int | str, neurons: Sequence[int], values: Sequence[float],
+                     top_tokens: int = 10, new_tokens: int = 20, site: str = "neurons") -> list[SteeringEffect]:
+    """One effect per clamp value; the unsteered distribution and generation are computed once.
+    `layer` "all" clamps in every layer; `site` "attn" clamps channels of CRATE's q=k=v projection."""
+    model.steer_hooks(layer, list(neurons), 0.0, site)  # a neuron, layer or site the model lacks fails here
     model.eval()
     device = next(model.parameters()).device
     idx = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)
@@ -132,7 +143,7 @@ def steering_effects(model, tokenizer, prompt: str, layer: int, neurons: Sequenc
     generation = _greedy(model, tokenizer, idx, new_tokens)
     runs = []
     for value in values:
-        with model.steer(layer, list(neurons), value):
+        with model.steer(layer, list(neurons), value, site):
             runs.append((float(value), next_token_probs(model, idx, tokenizer.n_vocab),
                          _greedy(model, tokenizer, idx, new_tokens)))
     strongest = max(runs, key=lambda run: abs(run[0]))[1]
@@ -143,14 +154,14 @@ def steering_effects(model, tokenizer, prompt: str, layer: int, neurons: Sequenc
         decreased=_moved(tokenizer, base, steered, top_tokens, up=False),
         sweep_tokens=_shifts(tokenizer, base, steered, sweep_ids),
         kl_divergence=_kl_divergence(steered, base),
-        generation=generation, steered_generation=steered_generation)
+        generation=generation, steered_generation=steered_generation, site=site)
         for value, steered, steered_generation in runs]
 
 
-def steering_effect(model, tokenizer, prompt: str, layer: int, neurons: int | Sequence[int], value: float,
-                    top_tokens: int = 10, new_tokens: int = 20) -> SteeringEffect:
+def steering_effect(model, tokenizer, prompt: str, layer: int | str, neurons: int | Sequence[int], value: float,
+                    top_tokens: int = 10, new_tokens: int = 20, site: str = "neurons") -> SteeringEffect:
     neurons = [neurons] if isinstance(neurons, int) else list(neurons)
-    return steering_effects(model, tokenizer, prompt, layer, neurons, [value], top_tokens, new_tokens)[0]
+    return steering_effects(model, tokenizer, prompt, layer, neurons, [value], top_tokens, new_tokens, site)[0]
 
 
 def _kl_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
@@ -182,7 +193,9 @@ def _greedy(model, tokenizer, idx: torch.Tensor, new_tokens: int) -> str:
 
 def format_effect(effect: SteeringEffect) -> str:
     """The paper's steering figure as text: token shifts side by side, then both generations."""
-    who = f"layer {effect.layer} neuron{'s' if len(effect.neurons) > 1 else ''} {','.join(map(str, effect.neurons))}"
+    where = "every layer" if effect.layer == "all" else f"layer {effect.layer}"
+    unit = "attention channel" if effect.site == "attn" else "neuron"
+    who = f"{where} {unit}{'s' if len(effect.neurons) > 1 else ''} {','.join(map(str, effect.neurons))}"
     lines = [f"{who} := {effect.value:g}   on {effect.prompt!r}   KL(steered‖original) = {effect.kl_divergence:.3f} nats"]
     if effect.explanation:
         lines.append(f"  explanation: {effect.explanation}")
@@ -212,6 +225,8 @@ def run_steering(config: SteerConfig) -> list[SteeringEffect]:
     targets = _chosen_neurons(config)  # reads the results table before the model loads
     checkpoint = _checkpoint_name(config.checkpoint)
     model = load_model(config.checkpoint).to(_device(config.device))
+    for layer, neurons, _ in targets:  # a site, layer or neuron the model lacks fails before any work
+        model.steer_hooks(layer, neurons, 0.0, config.site)
     tokenizer = gpt2_tokenizer()
     tracker = Tracker.start(config.tracking, run_name=config.tracking.run_name or f"steer-{Path(config.checkpoint).stem}",
                             params=_params(config, model), tags=_tags(model))
@@ -219,7 +234,7 @@ def run_steering(config: SteerConfig) -> list[SteeringEffect]:
     try:
         for layer, neurons, explanation in targets:
             batch = steering_effects(model, tokenizer, config.prompt, layer, neurons, config.values,
-                                     config.top_tokens, config.new_tokens)
+                                     config.top_tokens, config.new_tokens, config.site)
             for effect in batch:
                 effect.explanation, effect.checkpoint = explanation, checkpoint
                 print(format_effect(effect), end="\n\n", flush=True)
@@ -239,8 +254,9 @@ def run_steering(config: SteerConfig) -> list[SteeringEffect]:
 
 
 def _chosen_neurons(config: SteerConfig) -> list[tuple[int, list[int], str | None]]:
+    every = config.layers == "all"
     if not config.top_explained:
-        return [(config.layer, list(config.neurons), None)]
+        return [("all" if every else config.layer, list(config.neurons), None)]
     from crate.results.tables import top_explained
 
     best = top_explained(config.results, config.top_explained, metric=config.metric, layer=config.layer)
@@ -248,7 +264,7 @@ def _chosen_neurons(config: SteerConfig) -> list[tuple[int, list[int], str | Non
     if scored_on and _checkpoint_name(config.checkpoint) not in scored_on:
         log.warning("the results in %s were computed on %s, not on %s: the neuron indices may mean other neurons",
                     config.results, ", ".join(sorted(scored_on)), config.checkpoint)
-    return [(row.layer, [row.neuron], row.explanation) for row in best]
+    return [("all" if every else row.layer, [row.neuron], row.explanation) for row in best]
 
 
 def _checkpoint_name(checkpoint: str) -> str:
@@ -289,12 +305,12 @@ def write_effects(effects: Sequence[SteeringEffect], output_dir: str | os.PathLi
     tmp = csv_path.with_name(csv_path.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["layer", "neurons", "value", "direction", "rank", "token", "token_id", "p_before",
+        writer.writerow(["layer", "site", "neurons", "value", "direction", "rank", "token", "token_id", "p_before",
                          "p_after", "delta", "kl_divergence"])
         for e in effects:
             for direction in ("increased", "decreased"):
                 for rank, s in enumerate(getattr(e, direction)):
-                    writer.writerow([e.layer, " ".join(map(str, e.neurons)), e.value, direction, rank, s.token,
+                    writer.writerow([e.layer, e.site, " ".join(map(str, e.neurons)), e.value, direction, rank, s.token,
                                      s.token_id, f"{s.before:.6g}", f"{s.after:.6g}", f"{s.delta:.6g}",
                                      f"{e.kl_divergence:.6g}"])
     os.replace(tmp, csv_path)
@@ -306,11 +322,11 @@ def plot_sweeps(effects: Sequence[SteeringEffect], output_dir: str | os.PathLike
     against the clamp value — how the effect grows."""
     plt = pyplot()
 
-    groups: dict[tuple[int, tuple[int, ...]], list[SteeringEffect]] = {}
+    groups: dict[tuple[int | str, str, tuple[int, ...]], list[SteeringEffect]] = {}
     for effect in effects:
-        groups.setdefault((effect.layer, tuple(effect.neurons)), []).append(effect)
+        groups.setdefault((effect.layer, effect.site, tuple(effect.neurons)), []).append(effect)
     paths = []
-    for (layer, neurons), sweep in groups.items():
+    for (layer, site, neurons), sweep in groups.items():
         sweep = sorted(sweep, key=lambda e: e.value)
         fig, (ax_p, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.8))
         values = [e.value for e in sweep]
@@ -320,9 +336,9 @@ def plot_sweeps(effects: Sequence[SteeringEffect], output_dir: str | os.PathLike
         ax_p.legend(fontsize=8)
         ax_kl.plot(values, [e.kl_divergence for e in sweep], marker="o", color="black")
         ax_kl.set(xlabel="clamp value", ylabel="KL(steered ‖ original) [nats]", title="size of the effect")
-        name = "-".join(map(str, neurons))
-        fig.suptitle(f"layer {layer}, neuron {name}, prompt {sweep[0].prompt!r}")
-        paths.append(save(fig, Path(output_dir) / f"sweep-layer{layer}-neuron{name}.png"))
+        name, unit = "-".join(map(str, neurons)), "attn" if site == "attn" else "neuron"
+        fig.suptitle(f"layer {layer}, {unit} {name}, prompt {sweep[0].prompt!r}")
+        paths.append(save(fig, Path(output_dir) / f"sweep-layer{layer}-{unit}{name}.png"))
     return paths
 
 

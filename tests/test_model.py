@@ -40,7 +40,7 @@ def test_efficient_ista_equals_the_literal_two_step_formula():
     expected_out, expected_code = literal_two_step_ista(x, D, 0.37, 0.21)
     with torch.no_grad():
         out = ista(x)
-        code = F.relu(ista.preactivation(x))
+        code = ista.code(x)
     assert (code > 0).any() and (code == 0).any(), "the test must exercise both sides of the threshold"
     assert torch.max(torch.abs(out - expected_out)) <= 1e-10
     assert torch.max(torch.abs(code - expected_code)) <= 1e-10
@@ -168,7 +168,7 @@ def test_capture_matches_the_neurons_and_does_not_change_the_output(name):
         block = model.transformer.h[0]
         with torch.no_grad():
             x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(8))
-            expected = F.relu(block.ista.preactivation(block.ln_2(x + block.attn(block.ln_1(x)))))
+            expected = block.ista.code(block.ln_2(x + block.attn(block.ln_1(x))))
         assert torch.allclose(neurons[0], expected, atol=1e-6)
         assert (neurons[0] >= 0).all()
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from crate.errors import ConfigError
 from crate.config import load_config
@@ -126,3 +127,94 @@ def test_top_explained_steers_the_best_scored_neurons_of_a_results_table(tmp_pat
     assert [(e.layer, e.neurons, e.explanation) for e in effects] == [(1, [NEURON], "bananas"), (0, [3], "digits")]
     assert effects[0].increased[0].token_id == target
     assert effects[0].checkpoint == str(checkpoint.resolve())
+
+
+# ---- the released code's variants (issue 15.6): every layer, and CRATE's attention channel ----------------
+def hand_forward(model, idx, gpt_neuron=None, attn=None):
+    """The logits computed with the model's modules, no hooks: GPT with neuron `gpt_neuron` = (i, v) clamped
+    in every layer's MLP hidden units (the released gpt.py); CRATE with `attn` = (layer, channel, v) clamped in
+    that layer's tied q=k=v projection before it is split into heads (crate_overcomplete.py's 'attn')."""
+    B, T = idx.shape
+    x = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(T))
+    for l, block in enumerate(model.transformer.h):
+        if model.config.arch == "gpt":
+            x = x + block.attn(block.ln_1(x))
+            hidden = block.mlp.act(block.mlp.c_fc(block.ln_2(x)))
+            hidden[..., gpt_neuron[0]] = gpt_neuron[1]
+            x = x + block.mlp.c_proj(hidden)
+        else:
+            attention = block.attn
+            if l == attn[0]:
+                qkv = attention.c_attn(block.ln_1(x))
+                qkv[..., attn[1]] = attn[2]
+                u = qkv.view(B, T, attention.n_head, -1).transpose(1, 2)
+                y = F.scaled_dot_product_attention(u, u, u, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+                x = x + attention.c_proj(y)
+            else:
+                x = x + attention(block.ln_1(x))
+            x = block.ista(block.ln_2(x))
+    return model.lm_head(model.transformer.ln_f(x))
+
+
+def test_layers_all_clamps_the_neuron_in_every_layer_as_the_released_gpt_code():
+    model = wired_model("gpt", 100)
+    idx = torch.randint(0, 50257, (1, 9))
+    with torch.no_grad():
+        expected = hand_forward(model, idx, gpt_neuron=(NEURON, 3.0))
+        with model.steer("all", NEURON, 3.0):
+            steered, _ = model(idx)
+        with model.steer(1, NEURON, 3.0):
+            last_only, _ = model(idx)
+    assert torch.equal(steered, expected)
+    assert (steered - last_only).abs().max() > 1e-3  # layer 0's clamp matters
+
+
+def test_site_attn_clamps_a_channel_of_cratess_tied_qkv_projection():
+    model = wired_model("crate", 100)
+    idx = torch.randint(0, 50257, (1, 9))
+    channel = 21  # head 1, dimension 5 of crate-tiny's 2 heads of 16
+    with torch.no_grad():
+        expected = hand_forward(model, idx, attn=(0, channel, 4.0))
+        plain, _ = model(idx)
+        with model.steer(0, channel, 4.0, site="attn"):
+            steered, _ = model(idx)
+    assert torch.equal(steered, expected)
+    assert (steered - plain).abs().max() > 1e-3
+
+
+def test_site_attn_on_gpt_and_out_of_range_channels_are_refused(tokenizer):
+    with pytest.raises(ConfigError) as error:
+        steering_effect(wired_model("gpt", 100), tokenizer, PROMPT, 0, 1, 1.0, site="attn")
+    assert error.value.field == "site" and "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=r"no attention channel \[32\] in layer 0"):
+        steering_effect(wired_model("crate", 100), tokenizer, PROMPT, 0, 32, 1.0, site="attn")
+
+
+def test_the_job_steers_every_layer_and_the_attention(tmp_path, tokenizer):
+    target = tokenizer.encode(" banana")[0]
+    checkpoint = save_model(wired_model("crate", target), tmp_path / "crate.pt")
+    common = {"checkpoint": str(checkpoint), "neurons": [NEURON], "value": 50.0, "new_tokens": 0,
+              "tracking": {"enabled": False}}
+    every = run_steering(load_config(SteerConfig, {**common, "layers": "all", "output_dir": str(tmp_path / "a")}))
+    assert every[0].layer == "all" and every[0].increased[0].token_id == target
+    attn = run_steering(load_config(SteerConfig, {**common, "layer": 0, "site": "attn",
+                                                  "output_dir": str(tmp_path / "b")}))
+    assert attn[0].site == "attn" and "attention channel" in format_effect(attn[0])
+    rows = json.loads((tmp_path / "b" / "steering.json").read_text())
+    assert rows[0]["site"] == "attn" and rows[0]["layer"] == 0
+    gpt = save_model(wired_model("gpt", target), tmp_path / "gpt.pt")
+    with pytest.raises(ConfigError, match="site"):
+        run_steering(load_config(SteerConfig, {**common, "checkpoint": str(gpt), "layer": 0, "site": "attn",
+                                               "output_dir": str(tmp_path / "c")}))
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("fields, bad", [
+    ({"neurons": [1], "value": 1.0, "layer": 0, "layers": "all"}, "layers"),
+    ({"value": 1.0, "top_explained": 2, "results": "r.parquet", "site": "attn"}, "site"),
+    ({"neurons": [1], "value": 1.0, "layer": 0, "site": "mlp"}, "site"),
+])
+def test_variant_requests_that_make_no_sense_fail_before_any_work(fields, bad):
+    with pytest.raises(ConfigError) as error:
+        load_config(SteerConfig, {"checkpoint": "model.pt", **fields})
+    assert error.value.field == bad

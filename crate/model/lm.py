@@ -5,20 +5,24 @@
     logits = LMHead(LN_f(xᴸ)),  LMHead.weight ≡ WTE.weight   (tied)
 
 Parameter names follow nanoGPT (`transformer.wte`, `transformer.h.N...`, `lm_head`) because they are the
-layout of the paper's released checkpoints and the names interpretability hooks address.
+layout of the paper's released checkpoints. Every activation passes a named `HookPoint` (TransformerLens's
+names: `hook_embed`, `blocks.{l}.hook_resid_pre`, ..., `ln_final.hook_normalized`; table in docs/model.md),
+read and patched with `run_with_cache`, `run_with_hooks` or the `hooks` context manager.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from crate.errors import ConfigError
 from crate.model.config import ModelConfig
+from crate.model.hooks import HookFn, HookPoint, LayerNorm, NamesFilter, hook_name, names_filter_fn
 
 
 class LanguageModel(nn.Module):
@@ -33,12 +37,15 @@ class LanguageModel(nn.Module):
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList([self.block_class(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=self.final_norm_bias(config)),
+                ln_f=LayerNorm(config.n_embd, bias=self.final_norm_bias(config)),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.hook_embed = HookPoint()  # WTE[idx]
+        self.hook_pos_embed = HookPoint()  # WPE[pos]
         self.init_weights()
+        self.hook_dict = self._name_hook_points()
 
     @staticmethod
     def final_norm_bias(config: ModelConfig) -> bool:
@@ -64,7 +71,9 @@ class LanguageModel(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, d)
+        embed = self.hook_embed(self.transformer.wte(idx))  # (B, T, d)
+        pos_embed = self.hook_pos_embed(self.transformer.wpe(pos).expand(B, T, -1))  # (B, T, d)
+        x = self.transformer.drop(embed + pos_embed)
         for block in self.transformer.h[:n_layers]:
             x = block(x)
         return x
@@ -80,8 +89,64 @@ class LanguageModel(nn.Module):
         return logits, loss
 
     # ----------------------------------------------------------------------------------------------
+    def _name_hook_points(self) -> dict[str, HookPoint]:
+        """Name every HookPoint from its module path; add the blocks' TransformerLens aliases (CRATE's mlp.*)."""
+        points = {}
+        for path, module in self.named_modules():
+            if isinstance(module, HookPoint):
+                module.name = hook_name(path)
+                points[module.name] = module
+        for layer, block in enumerate(self.transformer.h):
+            points.update({f"blocks.{layer}.{alias}": point for alias, point in block.hook_aliases().items()})
+        return points
+
+    def _points(self, name: str | Callable[[str], bool]) -> list[HookPoint]:
+        if callable(name):
+            return list({id(p): p for n, p in self.hook_dict.items() if name(n)}.values())
+        if name not in self.hook_dict:
+            raise ValueError(f"no hook point {name!r}: the names are model.hook_dict's keys (docs/model.md)")
+        return [self.hook_dict[name]]
+
+    @contextmanager
+    def hooks(self, fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]]) -> Iterator["LanguageModel"]:
+        """Within the block, each `fn(activation, hook)` runs at its hook point (a name, or a predicate on
+        names) on every forward pass and may return a replacement activation. The one hook mechanism."""
+        handles = []
+        try:
+            for name, fn in fwd_hooks:
+                handles.extend(point.add_hook(fn) for point in self._points(name))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def run_with_hooks(self, idx: torch.Tensor, fwd_hooks: Sequence[tuple[str | Callable[[str], bool], HookFn]] = ()
+                       ) -> torch.Tensor:
+        """TransformerLens's run_with_hooks: the logits of one forward pass with `fwd_hooks` added."""
+        with self.hooks(fwd_hooks):
+            return self(idx)[0]
+
+    def run_with_cache(self, idx: torch.Tensor, names_filter: NamesFilter = None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """TransformerLens's run_with_cache: (logits, {name: activation, detached}) for the hook points that
+        `names_filter` selects (None: all; a name; a list of names; a predicate). An alias is cached under
+        each of its names (the same tensor)."""
+        cache: dict[str, torch.Tensor] = {}
+
+        def store(name):
+            def hook(activation, point):
+                cache[name] = activation.detach()
+
+            return hook
+
+        keep = names_filter_fn(names_filter)
+        with self.hooks([(name, store(name)) for name in self.hook_dict if keep(name)]):
+            logits = self(idx)[0]
+        return logits, cache
+
     def neuron_module(self, layer: int) -> nn.Module:
-        """The module whose output is layer `layer`'s neurons (CRATE: ISTA code A; GPT: MLP hidden)."""
+        """The hook point of layer `layer`'s neurons, `blocks.{layer}.mlp.hook_post` (CRATE: ISTA code A_T;
+        GPT: MLP hidden)."""
         return self.transformer.h[layer].neurons
 
     @contextmanager
@@ -90,36 +155,48 @@ class LanguageModel(nn.Module):
         captured: dict[int, torch.Tensor] = {}
 
         def store(layer):
-            def hook(module, inputs, output):
-                captured[layer] = output.detach()
+            def hook(activation, point):
+                captured[layer] = activation.detach()
 
             return hook
 
-        handles = [self.neuron_module(l).register_forward_hook(store(l)) for l in layers]
-        try:
+        with self.hooks([(f"blocks.{layer}.mlp.hook_post", store(layer)) for layer in layers]):
             yield captured
-        finally:
-            for handle in handles:
-                handle.remove()
+
+    def steer_hooks(self, layer: int | Literal["all"], neurons: int | Sequence[int], value: float,
+                    site: Literal["neurons", "attn"] = "neurons") -> list[tuple[str, HookFn]]:
+        """The hooks that clamp `neurons` to `value` at every position (the paper's neuron editing, its code's
+        `enhanced_feature_id`) in `layer` or in every layer ("all", as the released GPT code does).
+
+        site "neurons": the layer's neurons (`blocks.{l}.mlp.hook_post`). site "attn" (CRATE only, the released
+        code's `attn` variant): channels 0..d-1 of the tied q = k = v projection U_kᵀz, heads side by side
+        (`blocks.{l}.attn.hook_qkv`)."""
+        index = [neurons] if isinstance(neurons, int) else list(neurons)
+        c = self.config
+        if site == "attn" and c.arch != "crate":
+            raise ConfigError("site", f"'attn' steering needs CRATE's tied q=k=v projection; a {c.arch} model has none")
+        if site not in ("neurons", "attn"):
+            raise ConfigError("site", f"must be 'neurons' or 'attn', got {site!r}")
+        n, what = (c.n_neurons, "neuron") if site == "neurons" else (c.n_embd, "attention channel")
+        if not (layer == "all" or isinstance(layer, int) and 0 <= layer < c.n_layer) or any(
+                not 0 <= i < n for i in index):
+            raise ValueError(f"no {what} {neurons} in layer {layer}: the model has {c.n_layer} layers of {n} {what}s")
+        hook = "mlp.hook_post" if site == "neurons" else "attn.hook_qkv"
+
+        def clamp(activation, point):
+            activation = activation.clone(memory_format=torch.contiguous_format)
+            activation.view(*activation.shape[:2], -1)[..., index] = value  # attn: (B, T, K, p) as (B, T, d)
+            return activation
+
+        layers = range(c.n_layer) if layer == "all" else [layer]
+        return [(f"blocks.{l}.{hook}", clamp) for l in layers]
 
     @contextmanager
-    def steer(self, layer: int, neurons: int | Sequence[int], value: float) -> Iterator[None]:
-        """Within the block, clamp `neurons` of `layer` to `value` at every position (the paper's neuron editing)."""
-        index = [neurons] if isinstance(neurons, int) else list(neurons)
-        n = self.config.n_neurons
-        if not 0 <= layer < self.config.n_layer or any(not 0 <= i < n for i in index):
-            raise ValueError(f"no neuron {neurons} in layer {layer}: the model has {self.config.n_layer} layers of {n} neurons")
-
-        def clamp(module, inputs, output):
-            output = output.clone()
-            output[..., index] = value
-            return output
-
-        handle = self.neuron_module(layer).register_forward_hook(clamp)
-        try:
+    def steer(self, layer: int | Literal["all"], neurons: int | Sequence[int], value: float,
+              site: Literal["neurons", "attn"] = "neurons") -> Iterator[None]:
+        """Within the block, clamp `neurons` of `layer` (or of every layer) to `value` at every position."""
+        with self.hooks(self.steer_hooks(layer, neurons, value, site)):
             yield
-        finally:
-            handle.remove()
 
     # ----------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -249,7 +249,8 @@ def read_steering(paths: Iterable[str | os.PathLike]) -> dict[str | None, dict[i
     effects: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for path in paths:
         for effect in json.loads(Path(path).read_text(encoding="utf-8")):
-            if len(effect["neurons"]) == 1:
+            one_neuron = effect.get("site", "neurons") == "neurons" and effect["layer"] != "all"
+            if one_neuron and len(effect["neurons"]) == 1:
                 effects[effect.get("checkpoint")][effect["layer"]][effect["neurons"][0]].append(
                     {k: effect[k] for k in ("value", "prompt", "increased", "decreased", "kl_divergence",
                                             "generation", "steered_generation")})

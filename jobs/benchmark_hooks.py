@@ -1,0 +1,82 @@
+"""Time the models' forward pass with no hook set, and caching every hook point, on this machine.
+
+    python jobs/benchmark_hooks.py                                  # crate-12l and gpt-12l, 1 × 256 tokens, CPU
+    PYTHONPATH=/path/to/older/checkout python jobs/benchmark_hooks.py   # the same forward of another commit
+
+Prints JSON: machine, date, the commit of the `crate` package imported, and per preset the median forward
+seconds (random weights and tokens, eval, no_grad), plus `run_with_cache` of every hook point where the
+imported models have hook points. Models are timed in turns, so slow drifts of a shared machine hit all alike.
+"""
+
+import dataclasses
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import crate
+from crate.cli import parse_config, run_job, setup_logging
+from crate.model import build_model
+
+
+@dataclass
+class HookBenchmarkConfig:
+    presets: list[str] = field(default_factory=lambda: ["crate-12l", "gpt-12l"])
+    batch: int = 1
+    seq_len: int = 256
+    repeats: int = 15  # timed forward passes per preset (after one warm-up)
+    threads: int = 1  # torch CPU threads: 1 keeps a shared machine's numbers comparable
+
+
+def _commit() -> str:
+    source = Path(crate.__file__).resolve().parent
+    try:
+        return subprocess.run(["git", "-C", str(source), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@torch.no_grad()
+def run(config: HookBenchmarkConfig) -> dict:
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(0)
+    models = {name: build_model(name).eval() for name in config.presets}
+    idx = torch.randint(0, 50257, (config.batch, config.seq_len))
+    passes = {f"{name} forward": (lambda m=model: m(idx)) for name, model in models.items()}
+    passes.update({f"{name} run_with_cache(all)": (lambda m=model: m.run_with_cache(idx))
+                   for name, model in models.items() if hasattr(model, "run_with_cache")})
+    times: dict[str, list[float]] = {label: [] for label in passes}
+    for fn in passes.values():
+        fn()  # warm-up
+    for _ in range(config.repeats):
+        for label, fn in passes.items():
+            start = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - start)
+    return {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+                   f"torch {torch.__version__}",
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": _commit(), "crate": str(Path(crate.__file__).resolve().parent),
+        "config": dataclasses.asdict(config),
+        "median_s": {label: round(statistics.median(t), 4) for label, t in times.items()},
+        "min_s": {label: round(min(t), 4) for label, t in times.items()},
+    }
+
+
+def main(argv=None) -> None:
+    setup_logging()
+    config, _ = parse_config(HookBenchmarkConfig, __doc__, argv)
+    print(json.dumps(run(config), indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main))
