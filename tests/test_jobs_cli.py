@@ -36,6 +36,7 @@ BAD_INPUTS = [
     ("jobs/compare.py", [], "results", "at least one results table"),
     ("jobs/view.py", [], "inputs", "at least one"),
     ("jobs/steer.py", ["--checkpoint", "x.pt", "--layer", "0", "--neuron", "1"], "value", "clamp value"),
+    ("jobs/benchmark_hooks.py", ["repeatz=1"], "repeatz", "did you mean repeats?"),
     ("jobs/export.py", ["--checkpoint", "/nonexistent.pt", "--to", "hf", "--output", "{tmp}/out"], "checkpoint",
      "no checkpoint file"),
 ]
@@ -62,7 +63,7 @@ def results(tmp_path_factory):
 
 
 def test_every_job_is_covered():
-    assert len(JOBS) == 14 and {script for script, *_ in BAD_INPUTS} == set(JOBS) - {"jobs/benchmark.py"}
+    assert len(JOBS) == 15 and {script for script, *_ in BAD_INPUTS} == set(JOBS) - {"jobs/benchmark.py"}
 
 
 @pytest.mark.parametrize("job", JOBS)
