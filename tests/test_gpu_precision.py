@@ -201,7 +201,7 @@ def test_the_device_check_runs_on_torch_alone_one_json_line_per_check():
     lines = {line["check"]: line for line in map(json.loads, done.stdout.splitlines())}
     assert set(lines) == {"environment", "fwd_bwd/crate/eager", "fwd_bwd/crate/compile", "fwd_bwd/gpt/eager",
                           "fwd_bwd/gpt/compile", "torch_engine", "benchmark/core", "benchmark/platform",
-                          "benchmark_records", "summary"}
+                          "records", "benchmark_records", "summary"}
     assert all(line["ok"] for line in lines.values()), lines
     assert "DeepSpeed" in lines["benchmark/platform"]["skipped"]
     assert [r["preset"] for r in lines["benchmark/core"]["results"]] == ["crate-tiny", "gpt-tiny"]

@@ -25,7 +25,7 @@ import yaml
 
 from crate.config import dump_yaml, flatten, from_dict, to_dict
 from crate.data import train_batches, val_batches
-from crate.errors import ConfigError
+from crate.errors import CheckpointError, ConfigError
 from crate.model import build_model
 from crate.plots import pyplot
 from crate.tracking import Tracker
