@@ -587,7 +587,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(StackConfig, args.config, overrides)
     except ConfigError as error:
-        parser.exit(2, f"{parser.prog}: invalid config: {error}\n")
+        from crate.cli import error_line
+
+        parser.exit(2, error_line(parser.prog, error))
     if args.print_config:
         sys.stdout.write(dump_yaml(config))
         return 0

@@ -9,6 +9,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
+from crate.errors import ConfigError
 from crate.interp.schema import RESULTS_SCHEMA, write_parquet
 from crate.results.compare import compare, read_results, write_comparison
 
@@ -130,7 +131,7 @@ def test_validation_losses_come_from_the_checkpoints_training_state(tmp_path):
 
 
 def test_missing_results_are_named_before_any_work(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="no results table at"):
+    with pytest.raises(ConfigError, match="results: no results table at"):
         read_results([tmp_path / "nowhere"])
     with pytest.raises(SystemExit):
         compare_job.main(["output_dir=x"])
@@ -165,3 +166,13 @@ def test_interpretability_summaries_and_table_2_aggregate_by_one_rule(tmp_path, 
     assert (paper["layers"].count(",") + 1 == n_layer - 1) == (n_layer >= 6)
     stds = comparison.layers.filter(pl.col("model") == f"crate-{n_layer}l")["std"].to_list()
     assert [r["std"] / 100 for r in layers] == pytest.approx(stds)
+
+
+def test_two_models_that_share_a_label_are_never_merged(tmp_path):
+    """Same run name and step, other weights (issue 13.9): each keeps its own series, named by its hash."""
+    one = [{**r, "model_sha256": "a" * 64} for r in rows("run@5", "crate", 3, "tar", [9.0, 9.0, 9.0])]
+    other = [{**r, "model_sha256": "b" * 64} for r in rows("run@5", "crate", 3, "tar", [1.0, 1.0, 1.0])]
+    comparison = compare(read_results([write_results(tmp_path / "one.parquet", one),
+                                       write_results(tmp_path / "other.parquet", other)]))
+    assert summary_of(comparison, f"run@5-{'a' * 12}")["mean"] == pytest.approx(0.09)
+    assert summary_of(comparison, f"run@5-{'b' * 12}")["mean"] == pytest.approx(0.01)

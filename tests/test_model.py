@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crate.errors import ConfigError
+from crate.errors import CheckpointError, ConfigError
 from crate.model import CRATE, GPT, PRESETS, build_model, load_model, load_released, model_config, save_model
 from crate.model.crate import ISTA
 
@@ -286,5 +286,5 @@ def test_param_groups_decay_the_dictionary_but_not_norms():
 def test_checkpoints_load_from_file_uris(tmp_path):
     path = save_model(build_model("gpt-tiny"), tmp_path / "model.pt")
     assert load_model(f"file://{path}").config.preset == "gpt-tiny"
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="missing.pt: no checkpoint file"):
         load_model(tmp_path / "missing.pt")

@@ -163,3 +163,17 @@ def test_a_researcher_finds_a_neuron_and_sees_its_explanation_and_shaded_tokens(
     run = client.search_runs([client.get_experiment_by_name("crate-lm").experiment_id])[0]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "viewer")} >= {
         "viewer/index.html", "viewer/viewer.js", "viewer/data"}
+
+
+def test_two_models_that_share_a_label_are_two_entries(tmp_path):
+    """Same run name and step, other weights (issue 13.9): the viewer never merges their features."""
+    from crate.results.viewer.build import find_entries
+
+    for name, sha in (("one", "a" * 64), ("other", "b" * 64)):
+        rows = [{"model": "run@5", "model_sha256": sha, "features": "neurons", "layer": 0, "neuron": 0,
+                 "protocol": "crate-paper", "metric": "tar", "backend": "token-set", "prompt_version": "v1",
+                 "seed": 0, "score": 0.5, "status": "scored", "feature_kind": "neurons", "arch": "crate",
+                 "n_layer": 1, "checkpoint": f"/{name}.pt"}]
+        write_parquet(table(RESULTS_SCHEMA, rows), tmp_path / name / "results.parquet", RESULTS_SCHEMA)
+    entries = find_entries([tmp_path / "one", tmp_path / "other"])
+    assert sorted(e.model for e in entries) == [f"run@5-{'a' * 12}", f"run@5-{'b' * 12}"]

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from crate.config import flatten
-from crate.errors import ConfigError
+from crate.errors import CheckpointError, ConfigError
 from crate.interp.collect import batched, collect, records_precision
 from crate.interp.config import InterpConfig
 from crate.interp.features import feature_source
@@ -94,7 +94,7 @@ class Subject:
             checkpoint = str(Path(checkpoint).resolve())
         try:
             model = load_model(checkpoint)
-        except FileNotFoundError as error:  # a storage URI that does not open
+        except CheckpointError as error:  # a storage URI that does not open, a damaged or crafted file
             raise ConfigError("checkpoint", str(error)) from None
         sha256 = model_sha256(model)
         metadata = getattr(model, "checkpoint_metadata", {}) or {}  # absent for the paper's released checkpoints

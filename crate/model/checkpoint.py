@@ -55,7 +55,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         return load_data(io.BytesIO(_read_remote(str(path))), name=str(path))
     path = Path(str(path).removeprefix("file://"))
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
+        raise CheckpointError("no checkpoint file there", field=str(path))
     return load_data(path)
 
 
@@ -90,7 +90,7 @@ def _read_remote(uri: str) -> bytes:
         with filesystem.open_input_stream(location) as stream:
             return stream.read()
     except (OSError, ValueError) as error:
-        raise FileNotFoundError(f"cannot read checkpoint {uri}: {error}") from error
+        raise CheckpointError(f"cannot be read: {first_line(error)}", field=uri) from None
 
 
 def load_model(path: str | os.PathLike, **overrides: Any) -> LanguageModel:

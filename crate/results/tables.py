@@ -10,6 +10,8 @@ from typing import Iterable, Sequence
 
 import polars as pl
 
+from crate.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -18,7 +20,7 @@ def results_path(path: str | Path) -> Path:
     path = Path(path)
     resolved = path / "results.parquet" if path.is_dir() else path
     if not resolved.is_file():
-        raise FileNotFoundError(f"no results table at {path} (expected a results.parquet file or a directory "
+        raise ConfigError("results", f"no results table at {path} (expected a results.parquet file or a directory "
                                 f"holding one, as jobs/interpret.py writes)")
     return resolved
 
@@ -27,11 +29,27 @@ def read_results(paths: Sequence[str | Path]) -> pl.DataFrame:
     """The result rows of several tables; a key present in more than one is kept once (the first)."""
     from crate.interp.schema import RESULT_KEY
 
-    table = pl.concat([pl.read_parquet(results_path(p)) for p in paths], how="diagonal_relaxed")
+    table = distinct_labels(pl.concat([pl.read_parquet(results_path(p)) for p in paths], how="diagonal_relaxed"))
     unique = table.unique(subset=list(RESULT_KEY), keep="first", maintain_order=True)
     if len(unique) < len(table):
         log.warning("%d result rows appear in more than one table; each is counted once", len(table) - len(unique))
     return unique
+
+
+def distinct_labels(table: pl.DataFrame) -> pl.DataFrame:
+    """Two models (other `model_sha256`) that share a label — the same run name and step, other weights — are
+    relabelled `<label>-<sha12>` each, so no table, plot or view merges their scores."""
+    if "model_sha256" not in table.columns:
+        return table
+    shared = (table.group_by("model").agg(pl.col("model_sha256").n_unique().alias("models"))
+              .filter(pl.col("models") > 1)["model"])
+    if shared.is_empty():
+        return table
+    log.warning("results of different models share the labels %s: each is shown with its model_sha256 prefix",
+                ", ".join(shared.to_list()))
+    suffixed = pl.concat_str([pl.col("model"), pl.lit("-"), pl.col("model_sha256").str.slice(0, 12)])
+    return table.with_columns(pl.when(pl.col("model").is_in(shared.to_list())).then(suffixed)
+                              .otherwise(pl.col("model")).alias("model"))
 
 
 def metric_order(metrics: Iterable[str]) -> list[str]:

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from crate.errors import ConfigError
-from crate.results.tables import metric_order
+from crate.results.tables import distinct_labels, metric_order
 from crate.tracking import Tracker, TrackingConfig, resolve_locations
 
 log = logging.getLogger(__name__)
@@ -99,13 +99,18 @@ def find_entries(inputs: Iterable[str | os.PathLike]) -> list[ModelEntry]:
     def entry(model: str, kind: str) -> ModelEntry:
         return entries.setdefault((model, kind), ModelEntry(model, kind))
 
+    tables = [Path(d) / "results.parquet" for d in inputs if (Path(d) / "results.parquet").is_file()]
+    # one labelling over all inputs: two models that share a label (other model_sha256) stay apart
+    frames = [pl.read_parquet(t).with_columns(pl.lit(str(t)).alias("_table")) for t in tables]
+    combined = distinct_labels(pl.concat(frames, how="diagonal_relaxed")) if frames else None
+    labelled = {t: combined.filter(pl.col("_table") == str(t)).drop("_table") for t in tables}
     for directory in map(Path, inputs):
         if not directory.is_dir():
-            raise FileNotFoundError(f"{directory} is not an interpretability output directory")
+            raise ConfigError("inputs", f"{directory} is not an interpretability output directory")
         found = False
         results = directory / "results.parquet"
         if results.is_file():
-            frame = pl.read_parquet(results)
+            frame = labelled[results]
             for (model, kind), rows in frame.group_by(["model", "feature_kind"], maintain_order=True):
                 e = entry(model, kind)
                 e.results.append(rows)
@@ -129,7 +134,7 @@ def find_entries(inputs: Iterable[str | os.PathLike]) -> list[ModelEntry]:
                 e.collections.setdefault(layer, collection)
             found = True
         if not found:
-            raise FileNotFoundError(f"{directory} holds neither results.parquet nor a finished records/ collection")
+            raise ConfigError("inputs", f"{directory} holds neither results.parquet nor a finished records/ collection")
     return list(entries.values())
 
 
