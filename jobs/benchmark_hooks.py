@@ -6,6 +6,9 @@
 Prints JSON: machine, date, the commit of the `crate` package imported, and per preset the median forward
 seconds (random weights and tokens, eval, no_grad), plus `run_with_cache` of every hook point where the
 imported models have hook points. Models are timed in turns, so slow drifts of a shared machine hit all alike.
+Where they have hook points it also prints what the hook points add to a forward with no hook set, measured
+directly (on a loaded machine the forward's own noise is far larger): the hook point calls of one forward
+times the cost of one call of an unhooked HookPoint.
 """
 
 import dataclasses
@@ -61,7 +64,19 @@ def run(config: HookBenchmarkConfig) -> dict:
             start = time.perf_counter()
             fn()
             times[label].append(time.perf_counter() - start)
+    result = {}
+    for name, model in models.items():
+        if hasattr(model, "hook_dict"):
+            points = {id(p): p for p in model.hook_dict.values()}
+            point, x, n = next(iter(points.values())), torch.zeros(1), 100_000
+            start = time.perf_counter()
+            for _ in range(n):
+                point(x)
+            per_call = (time.perf_counter() - start) / n
+            result[f"{name} hook points"] = {"calls_per_forward": len(points), "us_per_call": round(per_call * 1e6, 3),
+                                             "ms_per_forward": round(len(points) * per_call * 1e3, 3)}
     return {
+        "hook_overhead": result,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
                    f"torch {torch.__version__}",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

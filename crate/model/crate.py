@@ -82,10 +82,10 @@ class ISTA(nn.Module):
         eta, threshold = self.step_size, self.step_size * self.sparsity  # η, ηλ
         dt_x = self.hook_dtx(F.linear(x, self.weight))  # Dᵀx: (B, T, m)
         pre = eta * dt_x - threshold  # A₁ before its ReLU (A₀ = 0)
-        for k in range(self.steps):
-            if k > 0:
-                dtd_a = F.linear(F.linear(a, self.weight.t()), self.weight)  # DᵀD·Aₖ
-                pre = a + eta * (dt_x - dtd_a) - threshold
+        a = self.hook_code[0](self.act(self.hook_pre[0](pre)))
+        for k in range(1, self.steps):
+            dtd_a = F.linear(F.linear(a, self.weight.t()), self.weight)  # DᵀD·Aₖ
+            pre = a + eta * (dt_x - dtd_a) - threshold
             a = self.hook_code[k](self.act(self.hook_pre[k](pre)))
         return a
 
