@@ -187,8 +187,8 @@ def test_the_mfu_peak_is_logged_with_the_device(caplog):
 TORCH_ALONE = """import runpy, sys
 for name in ("ray", "deepspeed", "mlflow"):  # a GPU host has torch alone: importing these fails
     sys.modules[name] = None
-sys.argv = ["platform/gpu-check.py", "--dry-run"]
-runpy.run_path("platform/gpu-check.py", run_name="__main__")
+sys.argv = ["platform/gpu-check", "--dry-run"]
+runpy.run_path("platform/gpu-check", run_name="__main__")
 """
 
 
