@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+# What connect_ray exports for the instance it starts; restored when a module's instance is gone, so later
+# modules' subprocesses (the stack, the jobs) never look for a dead instance.
+RAY_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "CRATE_RAY_STARTED_HERE")
+
 
 @pytest.fixture(scope="module")
 def ray_cluster(request):
@@ -17,6 +21,7 @@ def ray_cluster(request):
     from crate.cluster import connect_ray
 
     os.environ.pop("RAY_ADDRESS", None)  # a shell that sourced a stack's env must not send the tests there
+    saved = {key: os.environ.get(key) for key in RAY_ENV}
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")  # 2 busy cores start workers slowly
     assert connect_ray(num_cpus=2, object_store_memory=200 * 2**20,
                        include_dashboard=getattr(request.module, "RAY_DASHBOARD", False)), "Ray was already initialised"
@@ -24,3 +29,8 @@ def ray_cluster(request):
     yield ray.get_runtime_context().gcs_address
     gc.collect()  # close abandoned data streams (their Ray Data executors) while Ray is still up
     ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

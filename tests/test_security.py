@@ -111,3 +111,28 @@ def test_local_instance_listens_on_loopback_only(ray_cluster):
     session = ray._private.worker._global_node.get_session_dir_path()
     assert_loopback_only(session, [os.getpid()], RAY_PROCESSES + ("ray::Probe",))
     ray.kill(probe)
+
+
+SINGLE_PROCESS_TRAINING = """
+import psutil, sys
+from crate.config import load_config
+from crate.train import PretrainConfig, launch
+launch(load_config(PretrainConfig, "smoke", ["train.launcher=local", "data.engine=local", "train.max_steps=2",
+                                             f"train.storage_path={sys.argv[1]}", f"tracking.uri=sqlite:///{sys.argv[1]}/m.db"]))
+print([f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process().net_connections("inet") if c.status == "LISTEN"])
+"""
+
+
+def test_single_process_training_listens_on_loopback_only(tmp_path):
+    """torch.distributed's env:// rendezvous store listens on every interface ('::'), whatever MASTER_ADDR says;
+    the single-process runtime's DeepSpeed group rendezvous through a file instead."""
+    import ast
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", SINGLE_PROCESS_TRAINING, str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    listening = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    exposed = [a for a in listening if not is_loopback(a.rsplit(":", 1)[0])]
+    assert not exposed, f"listening beyond loopback after training: {exposed}"

@@ -29,13 +29,21 @@ def checkpoint_name(step: int) -> str:
 
 
 def single_process_env() -> None:
-    """The torch.distributed environment of a world of one (DeepSpeed initialises a process group from it)."""
+    """The torch.distributed environment and process group of a world of one."""
     if "MASTER_PORT" not in os.environ:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
     for key, value in {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
         os.environ.setdefault(key, value)
+    import torch.distributed as dist
+
+    if dist.is_available() and not dist.is_initialized():
+        # The group is set up here, over a file, because the env:// rendezvous DeepSpeed would use starts a
+        # TCPStore that listens on every interface ('::') whatever MASTER_ADDR says.
+        store = Path(tempfile.mkdtemp(prefix="crate-process-group-")) / "store"
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
 
 
 class LocalRuntime:
