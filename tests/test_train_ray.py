@@ -39,24 +39,15 @@ def registered(checkpoint: Path) -> bool:
     return snapshot.exists() and checkpoint.name in snapshot.read_text()
 
 
-def kill_a_worker_after(checkpoint: Path, proc: subprocess.Popen, killed: list, ray_address: str) -> None:
-    """SIGKILL one Ray Train worker process of this test's Ray instance once `checkpoint` is registered."""
+def kill_a_worker_after(checkpoint: Path, proc: subprocess.Popen, killed: list) -> None:
+    """SIGKILL one Ray Train worker process once `checkpoint` is registered."""
     while proc.poll() is None and not registered(checkpoint):
         time.sleep(0.05)
     for process in psutil.process_iter(["cmdline"]):
-        if any("RayTrainWorker" in part for part in process.info["cmdline"] or []) and _of_instance(process, ray_address):
+        if any("RayTrainWorker" in part for part in process.info["cmdline"] or []):
             process.send_signal(signal.SIGKILL)
             killed.append(process.pid)
             return
-
-
-def _of_instance(process: psutil.Process, ray_address: str) -> bool:
-    """Whether a Ray process belongs to the instance at `ray_address` (its processes inherit RAY_ADDRESS), so
-    another Ray instance's workers on the same machine are never killed."""
-    try:
-        return process.environ().get("RAY_ADDRESS") == ray_address
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +61,7 @@ def killed_run(ray_address, tmp_path_factory):
                             env={**os.environ, "RAY_ADDRESS": ray_address}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=tmp)
     killed: list[int] = []
-    killer = threading.Thread(target=kill_a_worker_after, args=(tmp / "runs/zero2/checkpoint_00000008", proc, killed,
-                                                                 ray_address))
+    killer = threading.Thread(target=kill_a_worker_after, args=(tmp / "runs/zero2/checkpoint_00000008", proc, killed))
     killer.start()
     output, _ = proc.communicate(timeout=600)
     killer.join()
