@@ -22,18 +22,7 @@ from test_interp_http import FakeOpenAI
 _spec = importlib.util.spec_from_file_location("interpret_job", Path(__file__).parents[1] / "jobs" / "interpret.py")
 interpret_job = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(interpret_job)
-TEXT = ("The cat sat on the mat. A dog ran after the cat, and the cat ran up a tree. "
-        "def area(r):\n    return 3.14 * r * r\n\nprint(area(2))\n")
-
-
-@pytest.fixture(scope="module")
-def subject(tmp_path_factory):
-    root = tmp_path_factory.mktemp("interp-faults")
-    torch.manual_seed(0)
-    save_model(build_model("crate-tiny"), root / "tiny.pt", mlflow_run_id="train-run-1", run_name="tiny-run", step=5)
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": TEXT * (i % 5 + 1)}) + "\n" for i in range(60)))
-    return root
+from test_interp_job import subject  # noqa: F401 - the same tiny checkpoint and corpus (a module fixture)
 
 
 def overrides(subject, out=None, **extra) -> list[str]:
