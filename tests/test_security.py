@@ -136,3 +136,39 @@ def test_single_process_training_listens_on_loopback_only(tmp_path):
     listening = ast.literal_eval(done.stdout.strip().splitlines()[-1])
     exposed = [a for a in listening if not is_loopback(a.rsplit(":", 1)[0])]
     assert not exposed, f"listening beyond loopback after training: {exposed}"
+
+
+def test_ray_train_workers_listen_on_loopback_only(ray_cluster, tmp_path):
+    """A two-worker Ray Train run, scanned while it trains: torch.distributed's rendezvous store on rank 0 and
+    gloo's connections of every rank, beside Ray's own processes."""
+    import threading
+
+    import ray
+
+    from crate.config import load_config
+    from crate.train import PretrainConfig, launch
+
+    session = ray._private.worker._global_node.get_session_dir_path()
+    seen: dict[str, set[tuple[str, str]]] = {"sockets": set(), "names": set()}
+    done = threading.Event()
+
+    def scan() -> None:
+        while not done.wait(0.5):
+            processes = session_processes(session, [os.getpid()])
+            seen["names"].update(p.name() for p in processes.values() if p.is_running())
+            seen["sockets"].update(listening_sockets(processes))
+
+    scanner = threading.Thread(target=scan, daemon=True)
+    scanner.start()
+    try:
+        launch(load_config(PretrainConfig, "smoke", [
+            "train.num_workers=2", "train.cpus_per_worker=0.5", "data.read_cpus=0.25", "train.max_steps=4",
+            "train.checkpoint_interval=4", "train.controller_failure_limit=0", "tracking.system_metrics=false",
+            f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]))
+    finally:
+        done.set()
+        scanner.join()
+    assert any("RayTrainWorker" in name for name in seen["names"]), seen["names"]
+    exposed = sorted(f"{name} on {address}" for name, address in seen["sockets"]
+                     if not is_loopback(address.rsplit(":", 1)[0]))
+    assert not exposed, f"{len(exposed)} of {len(seen['sockets'])} sockets not on loopback: " + "; ".join(exposed)

@@ -116,6 +116,8 @@ def _fit_on_ray(cfg: PretrainConfig, job: dict, run_name: str, storage: str, cal
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from crate.train.process_group import BoundRendezvousConfig
+
     started_here = connect_ray()
     if started_here:
         check_resources(cfg, ray.cluster_resources())
@@ -124,6 +126,7 @@ def _fit_on_ray(cfg: PretrainConfig, job: dict, run_name: str, storage: str, cal
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=job,
+        torch_config=BoundRendezvousConfig(),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
         run_config=RunConfig(name=run_name, storage_path=storage,
