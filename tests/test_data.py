@@ -166,10 +166,11 @@ def test_bad_records_are_skipped_or_repaired_counted_and_the_rest_is_read(tmp_pa
     assert stats["documents"] == 5 + len(cut) - 1
 
 
-def test_a_cut_zstd_file_counts_the_bytes_it_lost(tmp_path):
-    """Half a zstd file keeps the records before the cut and counts what was lost past them: exactly, to the end
-    the frame header declares; where the header declares no size (a streamed frame, gzip), only the incomplete
-    record at the cut, a lower bound the warning calls one."""
+def test_a_cut_zstd_file_counts_the_bytes_and_records_it_lost(tmp_path):
+    """Half a zstd file keeps the records before the cut and counts what was lost past them: the bytes exactly, to
+    the end the frame header declares, and the records they held as estimated from the file's mean record size;
+    where the header declares no size (a streamed frame, gzip), only the incomplete record at the cut, a lower
+    bound the warning calls one."""
     docs = clean_docs(6, 3000)
     data = jsonl(docs)
     full = zstandard.ZstdCompressor().compress(data)  # the frame header records the content size
@@ -186,6 +187,9 @@ def test_a_cut_zstd_file_counts_the_bytes_it_lost(tmp_path):
     kept_bytes = len(jsonl(docs[: len(kept) - 1]))
     assert stats["cut.jsonl.zst"]["skipped/corrupt_file"] == 1
     assert stats["cut.jsonl.zst"]["lost_bytes/corrupt_file"] == len(data) - kept_bytes > len(data) // 3
+    lost_records = len(docs) - (len(kept) - 1)
+    estimated = stats["cut.jsonl.zst"]["lost_records_estimated/corrupt_file"]
+    assert abs(estimated - lost_records) <= 0.05 * lost_records, (estimated, lost_records)  # 1,699 for 1,679
     unsized_lost = stats["unsized.jsonl.zst"]["lost_bytes/corrupt_file"]
     assert 0 < unsized_lost < 2000 and stats["unsized.jsonl.zst"]["lost_bytes/unmeasured_files"] == 1
 

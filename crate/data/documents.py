@@ -8,7 +8,9 @@ skipped without ever being held.
 Bad input never stops a stream and never disappears silently: every record that is skipped, repaired or
 filtered comes out as a `Document` with `issue` set, and the stream counts it. A damaged compressed file keeps
 the records before the damage and says how many decompressed bytes were lost after them (`lost_bytes`: exact
-to the end of the damaged frame when its header declares its size, else a lower bound, `lost_measured` False).
+to the end of the damaged frame when its header declares its size, else a lower bound, `lost_measured` False)
+and about how many records those bytes held (`lost_records`: the lost bytes over the file's mean record size before
+the damage; an estimate, since a record's length is known only once it is read).
 A file that disappears while the run is going (deleted, unmounted) cannot come back by retrying: it is skipped
 as `missing_file`, named in a warning, and the stream goes on.
 """
@@ -45,6 +47,7 @@ class Document(NamedTuple):
     issue: str  # "" or one of SKIPPED / REPAIRED / FILTERED
     lost_bytes: int = 0  # corrupt_file: decompressed bytes after the last record kept that no record came from
     lost_measured: bool = True  # ... False: the damaged frame declares no size, so lost_bytes is a lower bound
+    lost_records: int = 0  # corrupt_file: records estimated to have been in lost_bytes (mean record size so far)
 
 
 class Record(NamedTuple):
@@ -57,6 +60,7 @@ class Record(NamedTuple):
     issue: str
     lost_bytes: int = 0
     lost_measured: bool = True
+    lost_records: int = 0
 
 
 class Start(NamedTuple):
@@ -102,7 +106,7 @@ def documents(unit: Unit, start: Start, options: ReadOptions) -> Iterator[Docume
             if record.text is not None and not options.keeps(record.set_name):
                 yield Document(None, record.set_name, doc, offset, FILTERED)
             elif record.text is None:
-                yield Document(None, record.set_name, doc, offset, record.issue, record.lost_bytes, record.lost_measured)
+                yield Document(None, record.set_name, doc, offset, record.issue, *record[5:])
             else:
                 tokens, repaired = tokenize(record.text)
                 yield Document(tokens, record.set_name, doc, offset, record.issue or repaired)
@@ -165,10 +169,12 @@ def jsonl_records(unit: Unit, start: Start, options: ReadOptions) -> Iterator[Re
     except CorruptFile as error:
         measured = error.declared_end is not None
         lost = max((error.declared_end if measured else error.decoded) - offset, 0)
-        log.warning("%s: %s; the rest of the file is skipped (from record %d): %s%s decompressed bytes lost%s",
-                    unit.name, error, doc, "" if measured else "at least ", f"{lost:,}",
+        lost_records = round(lost * doc / offset) if doc and offset else int(lost > 0)
+        log.warning("%s: %s; the rest of the file is skipped (from record %d): %s%s decompressed bytes lost, "
+                    "about %s records%s", unit.name, error, doc, "" if measured else "at least ", f"{lost:,}",
+                    f"{lost_records:,}",
                     "" if measured else " (the damaged frame declares no size, so the true loss is unknown)")
-        yield Record(None, label, doc, offset, "corrupt_file", lost, measured)
+        yield Record(None, label, doc, offset, "corrupt_file", lost, measured, lost_records)
 
 
 def json_record(line: bytes, options: ReadOptions, label: str) -> tuple[str | None, str, str]:

@@ -67,6 +67,7 @@ class StreamStats:
     repaired: Counter = field(default_factory=Counter)  # records kept after a repair, by reason
     lost_bytes: int = 0  # decompressed bytes of damaged files past the last record kept (corrupt_file)
     unmeasured_files: int = 0  # damaged files whose frame declares no size: their lost_bytes are a lower bound
+    lost_records: int = 0  # records estimated lost in those bytes (each file's mean record size before the damage)
 
     def count(self, doc: "Document") -> None:
         tokens, issue = doc.tokens, doc.issue
@@ -77,6 +78,7 @@ class StreamStats:
                 self.skipped[issue] += 1
                 self.lost_bytes += doc.lost_bytes
                 self.unmeasured_files += not doc.lost_measured
+                self.lost_records += doc.lost_records
             return
         self.documents += 1
         self.tokens += len(tokens)
@@ -91,5 +93,6 @@ class StreamStats:
         out.update({f"skipped/{reason}": n for reason, n in sorted(self.skipped.items())})
         out.update({f"repaired/{reason}": n for reason, n in sorted(self.repaired.items())})
         if self.skipped["corrupt_file"]:
-            out.update({"lost_bytes/corrupt_file": self.lost_bytes, "lost_bytes/unmeasured_files": self.unmeasured_files})
+            out.update({"lost_bytes/corrupt_file": self.lost_bytes, "lost_bytes/unmeasured_files": self.unmeasured_files,
+                        "lost_records_estimated/corrupt_file": self.lost_records})
         return out

@@ -68,11 +68,12 @@ def reshard_file(out: Path, index: int, unit: Unit, options: ReadOptions, file_b
         parts.append(name)
         writer, part_bytes = None, 0
 
-    for text, set_name, _, _, issue, lost_bytes, _ in records(unit, Start(), options):
+    for text, set_name, _, _, issue, lost_bytes, _, lost_records in records(unit, Start(), options):
         if text is None or not options.keeps(set_name):
             counts[f"skipped/{issue}" if text is None else "filtered"] += 1
             if lost_bytes:
                 counts["lost_bytes/corrupt_file"] += lost_bytes
+                counts["lost_records_estimated/corrupt_file"] += lost_records
             continue
         counts["documents"] += 1
         if issue:

@@ -25,6 +25,7 @@ class CorpusStats:
     filtered: int = 0
     lost_bytes: int = 0  # decompressed bytes of damaged files past their last readable record
     unmeasured_files: int = 0  # damaged files whose size is not declared: lost_bytes is a lower bound for them
+    lost_records: int = 0  # records estimated lost in lost_bytes (each file's mean record size before the damage)
     errors: list[str] = field(default_factory=list)  # paths that could not be read at all
     files: int = 0
 
@@ -45,7 +46,7 @@ class CorpusStats:
         if self.skipped["corrupt_file"]:
             bound = (f" (at least: {self.unmeasured_files} of them declare no size)" if self.unmeasured_files else "")
             lines.append(f"damaged files: {self.skipped['corrupt_file']:,}, {self.lost_bytes:,} decompressed bytes "
-                         f"lost past their last readable record{bound}")
+                         f"(about {self.lost_records:,} records) lost past their last readable record{bound}")
         if self.filtered:
             lines.append(f"filtered by include/exclude_sets: {self.filtered:,}")
         lines += [f"unreadable: {error}" for error in self.errors]
@@ -73,11 +74,12 @@ def corpus_stats(paths: list[str], cfg: DataConfig | None = None, progress: bool
         pretokenized_only = False
         for unit in tqdm(corpus.units, desc=path, unit="file", disable=not progress):
             try:
-                for text, set_name, _, _, issue, lost_bytes, measured in records(unit, Start(), options):
+                for text, set_name, _, _, issue, lost_bytes, measured, lost_records in records(unit, Start(), options):
                     if text is None:
                         result.skipped[issue] += 1
                         result.lost_bytes += lost_bytes
                         result.unmeasured_files += not measured
+                        result.lost_records += lost_records
                     elif not options.keeps(set_name):
                         result.filtered += 1
                     else:
