@@ -248,6 +248,7 @@ def test_a_job_configured_for_gpus_that_sees_none_fails_at_start_naming_the_fiel
     assert not (tmp_path / "a" / "records").exists() and not (tmp_path / "b" / "records").exists()
 
 
+@pytest.mark.e2e
 def test_the_cluster_interpret_job_collects_on_gpus():
     import shlex
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 CRATE = Path(__file__).resolve().parents[1] / "crate"
 ORCHESTRATION = ("ray", "deepspeed", "mlflow")
 
@@ -36,6 +38,7 @@ def test_nothing_in_the_package_imports_the_entry_points():
             assert name.split(".")[0] not in ("jobs", "tune"), f"{path} imports {name}"
 
 
+@pytest.mark.integration
 def test_platform_is_not_an_importable_package():
     out = subprocess.run([sys.executable, "-c", "import platform; print(platform.python_version())"],
                          cwd=CRATE.parent, capture_output=True, text=True, timeout=60)
@@ -43,9 +46,11 @@ def test_platform_is_not_an_importable_package():
     assert not list((CRATE.parent / "platform").glob("*.py"))
 
 
+@pytest.mark.integration
 def test_the_model_and_the_single_process_trainer_run_with_torch_alone(tmp_path):
     script = f"""
 import sys
+
 sys.modules.update({{name: None for name in {ORCHESTRATION!r}}})   # any import of them fails
 import torch
 from crate.model import build_model

@@ -24,6 +24,8 @@ from crate.stack import StackConfig, StackState, main, stack_processes
 from crate.tracking import resolve_tracking_uri
 from test_security import RAY_PROCESSES, assert_loopback_only, listening_sockets, session_processes
 
+pytestmark = pytest.mark.e2e  # the local stack's processes, its MLflow UI in a browser
+
 REPO = Path(__file__).resolve().parents[1]
 STACK = REPO / "platform" / "stack"
 SMOKE_STEPS = 6  # crate/recipes/smoke.yaml: train.max_steps
