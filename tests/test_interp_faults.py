@@ -44,7 +44,7 @@ def job_config(subject, out=None, **extra) -> InterpConfig:
 def test_every_checkpoint_job_accepts_a_storage_uri(subject, tmp_path):
     from crate.interp.job import Subject
     from crate.sae.job import TrainSAEConfig, run_sae_training
-    from crate.steering import SteerConfig, run_steering
+    from crate.results.steering import SteerConfig, run_steering
     from crate.tracking import TrackingConfig
 
     uri = f"file://{subject / 'tiny.pt'}"
