@@ -15,38 +15,14 @@ import logging
 import re
 import sys
 import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
-from crate.config import dump_yaml, list_recipes, load_config
+from crate.config import Flag, dump_yaml, list_recipes, load_config
 from crate.errors import ConfigError
 
 T = TypeVar("T")
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
-
-
-@dataclass(frozen=True)
-class Flag:
-    """A shorthand for one override: `--name VALUE` sets the dotted config `field`."""
-
-    name: str  # "--layer"
-    field: str  # the dotted config field it sets
-    help: str
-    kind: Literal["text", "number", "texts", "numbers"] = "number"  # plurals: comma-separated and/or repeated
-    metavar: str | None = None
-
-    @property
-    def dest(self) -> str:
-        return "flag_" + self.name.lstrip("-").replace("-", "_")
-
-    def override(self, values: list[str]) -> str:
-        """The flag's values as one override that YAML reads back exactly (text is JSON-quoted)."""
-        if self.kind in ("texts", "numbers"):
-            items = [item.strip() for value in values for item in value.split(",") if item.strip()]
-            return f"{self.field}={json.dumps(items) if self.kind == 'texts' else '[' + ', '.join(items) + ']'}"
-        value = values[-1]  # a repeated scalar flag: the last one wins, as with overrides
-        return f"{self.field}={json.dumps(value) if self.kind == 'text' else value}"
 
 
 def config_parser(cls: type, description: str, default_source: str | None = None,

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin
 
@@ -266,3 +268,26 @@ def check_name(field: str, name: str) -> None:
 
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A shorthand for one override: `--name VALUE` sets the dotted config `field`."""
+
+    name: str  # "--layer"
+    field: str  # the dotted config field it sets
+    help: str
+    kind: Literal["text", "number", "texts", "numbers"] = "number"  # plurals: comma-separated and/or repeated
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return "flag_" + self.name.lstrip("-").replace("-", "_")
+
+    def override(self, values: list[str]) -> str:
+        """The flag's values as one override that YAML reads back exactly (text is JSON-quoted)."""
+        if self.kind in ("texts", "numbers"):
+            items = [item.strip() for value in values for item in value.split(",") if item.strip()]
+            return f"{self.field}={json.dumps(items) if self.kind == 'texts' else '[' + ', '.join(items) + ']'}"
+        value = values[-1]  # a repeated scalar flag: the last one wins, as with overrides
+        return f"{self.field}={json.dumps(value) if self.kind == 'text' else value}"

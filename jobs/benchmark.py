@@ -8,7 +8,7 @@ import json
 import sys
 
 from crate.cli import parse_config, run_job, setup_logging
-from crate.train.benchmark import BenchmarkConfig, run
+from crate.bench.train import BenchmarkConfig, run
 
 
 def main(argv=None) -> None:

@@ -8,7 +8,7 @@ import json
 import sys
 
 from crate.cli import parse_config, run_job, setup_logging
-from crate.data.benchmark import DataBenchmarkConfig, run, summary
+from crate.bench.data import DataBenchmarkConfig, run, summary
 
 
 def main(argv=None) -> None:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from crate.cli import parse_config, run_job, setup_logging
-from crate.interp.benchmark import BenchmarkConfig, run_benchmark
+from crate.bench.interp import BenchmarkConfig, run_benchmark
 
 
 def main(argv=None) -> None:

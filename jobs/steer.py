@@ -10,7 +10,7 @@
 import sys
 
 from crate.cli import Flag, parse_config, run_job, setup_logging
-from crate.steering import SteerConfig, run_steering
+from crate.results.steering import SteerConfig, run_steering
 
 FLAGS = [
     Flag("--checkpoint", "checkpoint", "model checkpoint (CRATE or GPT)", "text", "PATH"),

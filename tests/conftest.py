@@ -1,10 +1,47 @@
-"""Shared fixtures. Ray: one instance per test module (2 CPUs, a small object store), started the way every job
-starts its local instance (crate.cluster.connect_ray: loopback only), shut down at its end."""
+"""Shared fixtures and the test tiers.
+
+Ray: one instance per test module (2 CPUs, a small object store), started the way every job starts its local
+instance (crate.cluster.connect_ray: loopback only), shut down at its end.
+
+Tiers (markers declared in pyproject.toml): `integration` tests start Ray, DeepSpeed, servers or subprocess jobs;
+`e2e` tests drive the local stack, a browser or kubectl. Everything else is the fast tier, the inner loop:
+`platform/test -m "not integration and not e2e"`. The guard below keeps it fast: an unmarked test that starts a
+process (Ray's, a job's, a server's, a browser's; git alone is allowed) fails, naming the marker it lacks.
+"""
 
 import gc
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+TIERS = ("integration", "e2e")
+ALLOWED_IN_FAST_TIER = {"git", "uname"}  # read the checkout, the host (provenance); nothing that lasts
+_unmarked_test: list[str] = []  # the node id of the unmarked test running now (empty: none)
+
+
+def _refuse_processes_in_the_fast_tier(event: str, args: tuple) -> None:
+    if event in ("subprocess.Popen", "os.fork", "os.posix_spawn") and _unmarked_test:
+        program = Path(str(args[0] or args[1][0])).name if event == "subprocess.Popen" else event
+        if program not in ALLOWED_IN_FAST_TIER:
+            raise RuntimeError(f"{_unmarked_test[0]} starts a process ({program}) but is not marked "
+                               f"integration or e2e (mark it, or the fast tier stops being fast)")
+
+
+sys.addaudithook(_refuse_processes_in_the_fast_tier)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    unmarked = not any(item.get_closest_marker(tier) for tier in TIERS)
+    if unmarked:
+        _unmarked_test.append(item.nodeid)
+    try:
+        return (yield)
+    finally:
+        if unmarked:
+            _unmarked_test.clear()
 
 # What connect_ray exports for the instance it starts; restored when a module's instance is gone, so later
 # modules' subprocesses (the stack, the jobs) never look for a dead instance.

@@ -82,6 +82,7 @@ def test_the_released_training_layout_loads_as_data(tmp_path):
         assert torch.equal(original(idx)[0], loaded(idx)[0])
 
 
+@pytest.mark.integration
 def test_jobs_refuse_a_crafted_checkpoint_in_one_line(tmp_path):
     path, marker = _crafted(tmp_path, "model.pt")
     env = {**os.environ, "PYTHONPATH": str(REPO)}

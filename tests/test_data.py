@@ -524,6 +524,7 @@ def test_builtin_corpus_is_the_stdlib_split_disjointly_and_labelled_github():
     assert set(batch.set_tokens) == {"Github"} and batch.tokens.shape == (1, 1025)
 
 
+@pytest.mark.integration
 def test_the_core_runs_without_ray_deepspeed_or_mlflow(clean, val_dir):
     root, _ = clean
     script = (f"import sys; sys.modules.update(ray=None, deepspeed=None, mlflow=None)\n"
@@ -543,6 +544,7 @@ def run_job(name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(job), *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.integration
 def test_corpus_stats_job_reports_sets_and_skipped_records(clean, tmp_path):
     root, expected = clean
     (tmp_path / "bad.jsonl").write_bytes(b'{"text": 1}\nnot json\n' + jsonl(clean_docs(3, 2)))
@@ -556,6 +558,7 @@ def test_corpus_stats_job_reports_sets_and_skipped_records(clean, tmp_path):
     assert run_job("corpus_stats.py", str(tmp_path / "missing")).returncode == 1
 
 
+@pytest.mark.integration
 def test_pretokenize_job_writes_shards_training_reads(clean, val_dir, tmp_path):
     root, _ = clean
     out = run_job("pretokenize.py", str(root), str(tmp_path / "tok"), "--local", "exclude_sets=[Beta]")

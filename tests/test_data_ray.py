@@ -10,7 +10,7 @@ import zstandard
 from crate.data import DataConfig, pretokenize, read_blocks, train_batches
 from test_data import B, clean_docs, config, flat, jsonl, take, write_clean_corpus
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module", autouse=True)

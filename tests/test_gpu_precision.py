@@ -120,6 +120,7 @@ def test_gpu_recipes_train_in_bf16_autocast():
     assert recipe_precision() == "bf16"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_zero_stage_keeps_fp32_master_weights_gradients_and_loss(run, stage):
     seen = run("deepspeed", stage)
@@ -130,6 +131,7 @@ def test_every_zero_stage_keeps_fp32_master_weights_gradients_and_loss(run, stag
     assert all(math.isfinite(norm) and norm > 0 for norm in seen["norms"]), seen["norms"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", STAGES)
 def test_every_zero_stage_accumulates_the_torch_engines_gradients_and_follows_its_loss_curve(run, stage):
     deepspeed, torch_engine = run("deepspeed", stage), run("torch")
@@ -139,6 +141,7 @@ def test_every_zero_stage_accumulates_the_torch_engines_gradients_and_follows_it
     assert deepspeed["norms"] == pytest.approx(torch_engine["norms"], rel=1e-3)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", STAGES)
 def test_the_export_holds_the_fp32_master_weights_bit_for_bit(run, stage, tmp_path):
     seen = run("deepspeed", stage)
@@ -151,6 +154,7 @@ def test_the_export_holds_the_fp32_master_weights_bit_for_bit(run, stage, tmp_pa
         assert torch.equal(exported[name], master), name
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", STAGES)
 def test_the_parameter_count_is_the_models_at_every_zero_stage(run, stage):
     seen = run("deepspeed", stage)
@@ -192,6 +196,7 @@ runpy.run_path("platform/gpu-check", run_name="__main__")
 """
 
 
+@pytest.mark.integration
 def test_the_device_check_runs_on_torch_alone_one_json_line_per_check():
     repo = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the script finds the repository itself

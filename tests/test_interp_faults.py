@@ -44,7 +44,7 @@ def job_config(subject, out=None, **extra) -> InterpConfig:
 def test_every_checkpoint_job_accepts_a_storage_uri(subject, tmp_path):
     from crate.interp.job import Subject
     from crate.sae.job import TrainSAEConfig, run_sae_training
-    from crate.steering import SteerConfig, run_steering
+    from crate.results.steering import SteerConfig, run_steering
     from crate.tracking import TrackingConfig
 
     uri = f"file://{subject / 'tiny.pt'}"
@@ -248,6 +248,7 @@ def test_a_job_configured_for_gpus_that_sees_none_fails_at_start_naming_the_fiel
     assert not (tmp_path / "a" / "records").exists() and not (tmp_path / "b" / "records").exists()
 
 
+@pytest.mark.e2e
 def test_the_cluster_interpret_job_collects_on_gpus():
     import shlex
 

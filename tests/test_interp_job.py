@@ -21,6 +21,8 @@ from crate.interp.store import ResultStore
 from crate.model import build_model, save_model
 from test_interp_http import FakeOpenAI
 
+pytestmark = pytest.mark.integration  # Ray actors and the job as a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 TEXT = ("The cat sat on the mat. A dog ran after the cat, and the cat ran up a tree. "
         "def area(r):\n    return 3.14 * r * r\n\nprint(area(2))\n")

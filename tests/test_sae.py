@@ -33,6 +33,7 @@ def sparse_dictionary(n_atoms=64, d=32, k=3, batch=256, seed=0):
     return atoms, batches()
 
 
+@pytest.mark.integration  # 40 s of training: too long for the inner loop
 def test_training_recovers_the_atoms_of_a_sparse_dictionary():
     atoms, batches = sparse_dictionary()
     config = SAETrainConfig(expansion=2, l1_coefficient=0.3, lr=1e-2, batch_size=256, steps=1000,

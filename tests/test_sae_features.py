@@ -59,7 +59,7 @@ def cluster(ray_cluster):
     return ray_cluster
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_sae_features_are_collected_scored_and_compared_like_neurons(cluster, subject, tmp_path):
     sae_spec = f"sae:{subject / 'sae.pt'}"
     base = {"checkpoint": str(subject / "crate.pt"), "corpus": str(subject / "corpus.jsonl"), "records.blocks": 8,

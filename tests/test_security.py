@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
+
+pytestmark = pytest.mark.integration  # Ray instances and training in subprocesses, their sockets scanned
 
 REPO = Path(__file__).resolve().parents[1]
 

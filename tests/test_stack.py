@@ -20,9 +20,11 @@ import requests
 
 from crate.config import load_config
 from crate.errors import ConfigError
-from crate.stack import StackConfig, StackState, main, stack_processes
+from crate.ops.stack import StackConfig, StackState, main, stack_processes
 from crate.tracking import resolve_tracking_uri
 from test_security import RAY_PROCESSES, assert_loopback_only, listening_sockets, session_processes
+
+pytestmark = pytest.mark.e2e  # the local stack's processes, its MLflow UI in a browser
 
 REPO = Path(__file__).resolve().parents[1]
 STACK = REPO / "platform" / "stack"
@@ -209,7 +211,7 @@ def test_mlflow_ui_shows_the_run_name_and_its_metrics(stack, pretraining_run):
 
 
 def stack_session(stack) -> dict:
-    """The stack's processes and listening sockets, found independently of crate.stack: the services' process trees
+    """The stack's processes and listening sockets, found independently of crate.ops.stack: the services' process trees
     and everything pointing into the stack's Ray temp dir."""
     state = stack["state"]
     processes = session_processes(state["ray_temp_dir"], list(state["pids"].values()))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from crate.errors import ConfigError
 from crate.config import load_config
 from crate.model import build_model, save_model
-from crate.steering import (SteerConfig, format_effect, next_token_probs, run_steering, steering_effect,
+from crate.results.steering import (SteerConfig, format_effect, next_token_probs, run_steering, steering_effect,
                             steering_effects)
 from crate.tokenizer import gpt2_tokenizer
 

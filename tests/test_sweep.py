@@ -18,7 +18,7 @@ from crate.sweep import SweepConfig, run_sweep
 from crate.sweep.state import read_state
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 DEAD = 50.0  # λ so large that every ISTA code is zero: such a trial cannot learn and ASHA stops it at step 2
 
 

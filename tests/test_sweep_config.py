@@ -154,6 +154,7 @@ def test_a_sweep_name_is_used_once_and_resume_needs_an_existing_sweep(tmp_path):
         run_sweep(sweep_config(), resume=True)
 
 
+@pytest.mark.integration
 def test_the_command_line_rejects_a_bad_space_with_the_field():
     proc = subprocess.run([sys.executable, str(REPO / "tune/sweep.py"), "--config", str(REPO / "tune/ista-grid.yaml"),
                            "space.model.ista_step_size={grid: [0.1, -0.1]}"], capture_output=True, text=True, timeout=120)

@@ -78,6 +78,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_newest_checkpoint_is_skipped_naming_the_file(storage, damage, caplog):
     apply, named = DAMAGE[damage]
@@ -88,6 +89,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_naming_the_file(storage, damage,
     assert "checkpoint_00000006" in skipped and named in skipped, skipped
 
 
+@pytest.mark.integration
 def test_resume_skips_a_torn_checkpoint_and_continues_exactly(finished, storage, caplog):
     full = (storage / "good/checkpoint_00000006" / OPTIMIZER).stat().st_size
     torn(storage / "good/checkpoint_00000006")
@@ -104,6 +106,7 @@ def test_resume_skips_a_torn_checkpoint_and_continues_exactly(finished, storage,
     verify(storage / "good/checkpoint_00000006")  # the torn one was rewritten whole
 
 
+@pytest.mark.integration
 def test_without_a_checkpoint_that_verifies_the_resume_is_a_checkpoint_error(storage):
     (storage / "good/checkpoint_00000006/model.pt").write_bytes(b"")
     cut(storage / "good/checkpoint_00000003/trainer_state.json", 0.5)
@@ -114,6 +117,7 @@ def test_without_a_checkpoint_that_verifies_the_resume_is_a_checkpoint_error(sto
     assert "checkpoint_00000003: trainer_state.json has" in message and "train.run_name" in message
 
 
+@pytest.mark.integration
 def test_a_changed_config_is_refused_on_resume_naming_the_fields(storage):
     with pytest.raises(ConfigError) as error:  # the issue's resubmission: lambda 0.1 -> 0.5 and a new LR
         launch(config(storage, *FINISHED, "model.ista_sparsity=0.5", "train.optim.lr=1e-3", "train.max_steps=12",
@@ -133,6 +137,7 @@ class Crafted:
         return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
 
 
+@pytest.mark.integration
 def test_a_crafted_pickle_in_a_checkpoint_is_refused_naming_the_file(storage, tmp_path):
     checkpoint = storage / "good/checkpoint_00000006"
     marker = tmp_path / "code-ran"
@@ -150,6 +155,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused_naming_the_file(storage, tm
     assert not marker.exists()
 
 
+@pytest.mark.integration
 def test_a_diverging_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path):
     storage = tmp_path / "runs"
     with pytest.raises(TrainingDiverged, match=r"at step 2: loss nan") as error:
@@ -174,6 +180,7 @@ def test_a_checkpoint_of_a_non_finite_model_is_never_written(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.integration
 def test_steps_the_engine_skips_in_a_row_stop_the_run(tmp_path):
     cfg = config(tmp_path / "runs", "train.run_name=skips", "train.max_skipped_steps=3", "train.log_interval=1")
     trainer = Trainer(cfg, RunInfo("skips"), LocalRuntime(tmp_path / "runs/skips", 3))
@@ -184,7 +191,7 @@ def test_steps_the_engine_skips_in_a_row_stop_the_run(tmp_path):
     assert trainer.engine.skipped_steps == 3 and not list((tmp_path / "runs/skips").glob("checkpoint_*"))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_under_ray_a_diverged_run_fails_at_once_keeping_its_last_good_checkpoint(ray_cluster, tmp_path):
     """Ray Train rotates what is reported (keep 1 here): a NaN checkpoint reported would evict the good one;
     and a divergence raised in the workers would be retried from it max_failures times, diverging each time."""

@@ -60,6 +60,7 @@ def test_token_budget_sets_the_step_count(tmp_path):
     assert cfg.train.max_steps == math.ceil(2000 / (8 * 64))
 
 
+@pytest.mark.integration  # whole tracked training runs: seconds each, not the inner loop
 @pytest.mark.parametrize("engine", ["torch", "deepspeed"])
 def test_resume_continues_exactly_where_the_uninterrupted_run_would(tmp_path, engine):
     common = [f"train.engine={engine}", "train.log_interval=1", "train.optim.decay_steps=8",
@@ -76,6 +77,7 @@ def test_resume_continues_exactly_where_the_uninterrupted_run_would(tmp_path, en
     assert model.checkpoint_metadata["step"] == 8
 
 
+@pytest.mark.integration
 def test_the_plain_export_is_the_trained_model(tmp_path):
     result = launch(config(tmp_path, "train.engine=torch", "train.run_name=export"))
     model = load_model(result.model_file).eval()
@@ -97,6 +99,7 @@ def test_workers_that_leave_no_cpu_for_reading_are_refused(tmp_path):
                            "train.num_workers=2", "train.micro_batch_size=4"), {"CPU": 2.0})
 
 
+@pytest.mark.integration
 def test_submitting_a_finished_run_again_does_no_work(tmp_path):
     first = launch(config(tmp_path, "train.engine=torch", "train.run_name=twice"))
     again = launch(config(tmp_path, "train.engine=torch", "train.run_name=twice"))

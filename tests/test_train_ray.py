@@ -19,7 +19,7 @@ from crate.model import load_model
 from crate.train import PretrainConfig, launch
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,7 @@ def browser(tmp_path):
     session.quit()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_researcher_finds_a_neuron_and_sees_its_explanation_and_shaded_tokens(interp_dir, tmp_path, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

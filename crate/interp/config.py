@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
-from crate.cli import Flag
+from crate.config import Flag
 from crate.errors import ConfigError
 from crate.interp.protocols import metric_groups
 from crate.interp.schema import METRICS, PROTOCOLS

@@ -9,7 +9,7 @@ or anything else with one activation per token.
 
 A new kind registers a factory `(argument: str | None) -> FeatureSource` under its name, either at import time
 with `register_feature_source("sae", SAEFeatures)` or lazily as an import string in `FEATURE_SOURCES`
-(`"sae": "crate.sae.features:SAEFeatures"`), so `--features sae:PATH` needs no change anywhere else.
+(`"sae": "crate.interp.sae_features:SAEFeatures"`), so `--features sae:PATH` needs no change anywhere else.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class ModelNeurons(FeatureSource):
 FeatureFactory = Callable[[str | None], FeatureSource]
 FEATURE_SOURCES: dict[str, FeatureFactory | str] = {
     "neurons": ModelNeurons,
-    "sae": "crate.sae.features:SAEFeatures",  # features of an SAE trained by jobs/train_sae.py
+    "sae": "crate.interp.sae_features:SAEFeatures",  # features of an SAE trained by jobs/train_sae.py
 }
 
 

@@ -15,7 +15,6 @@ GPT-SAE rows). Scores are Pearson correlations; reports show them ×100 as the p
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from crate.interp.aggregate import EXCLUDE_LAST_FROM, across_layers, layer_stats
 from crate.plots import pyplot, save
 from crate.results.tables import metric_order, read_results
 from crate.tracking import Tracker, TrackingConfig, resolve_locations
-from crate.train.checkpoint import TRAINER_STATE
+from crate.train.checkpoint import last_validation_loss
 
 log = logging.getLogger(__name__)
 
@@ -107,17 +106,9 @@ def improvements(summary: pl.DataFrame) -> pl.DataFrame:
 def validation_losses(results: pl.DataFrame) -> pl.DataFrame:
     """Per model, the validation loss of its checkpoint: the last evaluation in the trainer state that the
     pretraining job saves beside `model.pt` (null for checkpoints without one, e.g. remote or released ones)."""
-    rows = [{"model": model, "val_loss": _saved_val_loss(checkpoint)}
+    rows = [{"model": model, "val_loss": last_validation_loss(checkpoint)}
             for model, checkpoint in results.select("model", "checkpoint").unique(maintain_order=True).iter_rows()]
     return pl.DataFrame(rows, schema={"model": pl.String, "val_loss": pl.Float64}).unique("model", keep="first")
-
-
-def _saved_val_loss(checkpoint: str | None) -> float | None:
-    state_file = Path(checkpoint).parent / TRAINER_STATE if checkpoint else None
-    if state_file is None or not state_file.is_file():
-        return None
-    evaluations = json.loads(state_file.read_text()).get("history", {}).get("val") or []
-    return float(evaluations[-1][1]) if evaluations else None
 
 
 def compare(results: pl.DataFrame, exclude_last_from: int = EXCLUDE_LAST_FROM) -> Comparison:

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from crate.cli import setup_logging
+from crate.logs import configure as configure_logging
 from crate.data import read_blocks
 from crate.model import load_model
 from crate.sweep.config import ProxyConfig, trial_config
@@ -52,7 +52,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    setup_logging()
+    configure_logging()
     trial_id = tune.get_context().get_trial_id()
     cfg = setup.config(params, trial_id)
     result = launch(cfg, parent_run_id=setup.parent_run_id, tags={SWEEP_TAG: setup.sweep_id, TRIAL_TAG: trial_id},

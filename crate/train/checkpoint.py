@@ -256,3 +256,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def last_validation_loss(model_file: str | None) -> float | None:
+    """The last validation loss in the trainer state the pretraining job saves beside `model_file` (None for a
+    model file without one, e.g. a remote or released checkpoint)."""
+    state_file = Path(model_file).parent / TRAINER_STATE if model_file else None
+    if state_file is None or not state_file.is_file():
+        return None
+    evaluations = json.loads(state_file.read_text()).get("history", {}).get("val") or []
+    return float(evaluations[-1][1]) if evaluations else None

@@ -1,6 +1,6 @@
 """The local stack: a real Ray head and a real MLflow tracking server on loopback, for development.
 
-    platform/stack up                     # or: python -m crate.stack up [--config FILE] [key=value ...]
+    platform/stack up                     # or: python -m crate.ops.stack up [--config FILE] [key=value ...]
     source .stack/env                     # RAY_ADDRESS, RAY_API_SERVER_ADDRESS, MLFLOW_TRACKING_URI, RAY_AUTH_MODE,
                                           # CRATE_STORAGE_PATH
     ray job submit --working-dir . -- python jobs/pretrain.py --config smoke
