@@ -26,7 +26,7 @@ LAYERS = {
                  "crate.tracking.tracker"],
     "training": ["crate.train", "crate.train.checkpoint", "crate.train.config", "crate.train.engine", "crate.train.errors",
                  "crate.train.evaluate", "crate.train.launch", "crate.train.loop", "crate.train.metrics",
-                 "crate.train.runtime", "crate.train.schedule",
+                 "crate.train.process_group", "crate.train.runtime", "crate.train.schedule",
                  "crate.sae", "crate.sae.activations", "crate.sae.evaluate", "crate.sae.job", "crate.sae.model",
                  "crate.sae.train"],
     "analysis": ["crate.interp", "crate.interp.aggregate", "crate.interp.backends", "crate.interp.backends.base",
