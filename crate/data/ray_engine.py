@@ -118,6 +118,7 @@ def documents_table(rows: list[tuple[int, Document]]) -> "pa.Table":
         "issue": pa.array([d.issue for _, d in rows], pa.string()),
         "lost_bytes": pa.array([d.lost_bytes for _, d in rows], pa.int64()),
         "lost_measured": pa.array([d.lost_measured for _, d in rows], pa.bool_()),
+        "lost_records": pa.array([d.lost_records for _, d in rows], pa.int64()),
         "tokens": tokens,
     })
 
