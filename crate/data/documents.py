@@ -106,7 +106,8 @@ def documents(unit: Unit, start: Start, options: ReadOptions) -> Iterator[Docume
             if record.text is not None and not options.keeps(record.set_name):
                 yield Document(None, record.set_name, doc, offset, FILTERED)
             elif record.text is None:
-                yield Document(None, record.set_name, doc, offset, record.issue, *record[5:])
+                yield Document(None, record.set_name, doc, offset, record.issue, record.lost_bytes, record.lost_measured,
+                               record.lost_records)
             else:
                 tokens, repaired = tokenize(record.text)
                 yield Document(tokens, record.set_name, doc, offset, record.issue or repaired)
