@@ -21,7 +21,8 @@ FLAGS = [
 def main(argv=None) -> None:
     setup_logging()
     config, _ = parse_config(CompareConfig, __doc__, argv, flags=FLAGS, positional="results")
-    run_compare(config)
+    _, written = run_compare(config)
+    print(written[0].read_text(encoding="utf-8"))
 
 
 if __name__ == "__main__":

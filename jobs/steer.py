@@ -10,7 +10,7 @@
 import sys
 
 from crate.cli import Flag, parse_config, run_job, setup_logging
-from crate.results.steering import SteerConfig, run_steering
+from crate.results.steering import SteerConfig, format_effect, run_steering
 
 FLAGS = [
     Flag("--checkpoint", "checkpoint", "model checkpoint (CRATE or GPT)", "text", "PATH"),
@@ -32,7 +32,8 @@ FLAGS = [
 def main(argv=None) -> None:
     setup_logging()
     config, _ = parse_config(SteerConfig, __doc__, argv, flags=FLAGS)
-    run_steering(config)
+    for effect in run_steering(config):
+        print(format_effect(effect), end="\n\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Rerunning the same command resumes from the last checkpoint in the output direct
 import sys
 
 from crate.cli import Flag, parse_config, run_job, setup_logging
-from crate.sae.job import TrainSAEConfig, run_sae_training
+from crate.sae.job import TrainSAEConfig, describe_sae, run_sae_training
 
 FLAGS = [
     Flag("--checkpoint", "checkpoint", "model checkpoint (CRATE or GPT)", "text", "PATH"),
@@ -25,7 +25,7 @@ FLAGS = [
 def main(argv=None) -> None:
     setup_logging()
     config, _ = parse_config(TrainSAEConfig, __doc__, argv, flags=FLAGS)
-    run_sae_training(config)
+    print(describe_sae(*run_sae_training(config)))
 
 
 if __name__ == "__main__":

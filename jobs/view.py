@@ -18,7 +18,8 @@ FLAGS = [
 def main(argv=None) -> None:
     setup_logging()
     config, _ = parse_config(ViewerConfig, __doc__, argv, flags=FLAGS, positional="inputs")
-    run_viewer(config)
+    index = run_viewer(config)
+    print(f"neuron viewer: {index.resolve().as_uri()}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from crate.errors import CheckpointError, ConfigError
-from crate.model import CRATE, GPT, PRESETS, build_model, load_model, load_released, model_config, save_model
+from crate.model import CRATE, GPT, PRESETS, build_model, load_checkpoint, load_model, load_released, model_config, save_model
 from crate.model.crate import ISTA
 
 PAPER_COUNTS = {
@@ -214,12 +214,13 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, name):
     torch.manual_seed(0)
     model = build_model(name, **({"ista_sparsity": 0.05} if name.startswith("crate") else {})).eval()
     path = save_model(model, tmp_path / "model.pt", step=7)
-    loaded = load_model(path).eval()
+    loaded, metadata = load_checkpoint(path)
+    loaded.eval()
     idx = torch.randint(0, 50257, (2, 12))
     with torch.no_grad():
         assert torch.equal(model(idx)[0], loaded(idx)[0])
     assert loaded.config == model.config
-    assert loaded.checkpoint_metadata == {"step": 7}
+    assert metadata == {"step": 7}
 
 
 def released_layout(model):

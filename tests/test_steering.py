@@ -69,7 +69,7 @@ def test_a_sweep_shows_the_effect_growing_with_the_clamp_value(tokenizer):
     assert probs == sorted(probs)
 
 
-def test_the_job_writes_tables_and_a_sweep_plot(tmp_path, tokenizer, capsys):
+def test_the_job_writes_tables_and_a_sweep_plot(tmp_path, tokenizer):
     target = tokenizer.encode(" banana")[0]
     checkpoint = save_model(wired_model("crate", target), tmp_path / "crate.pt")
     config = load_config(SteerConfig, {
@@ -78,7 +78,7 @@ def test_the_job_writes_tables_and_a_sweep_plot(tmp_path, tokenizer, capsys):
                                                          "system_metrics": False}})
     effects = run_steering(config)
     assert len(effects) == 2
-    printed = capsys.readouterr().out
+    printed = "\n\n".join(map(format_effect, effects))  # what jobs/steer.py prints
     assert "' banana'" in printed and "steered:" in printed
     rows = json.loads((tmp_path / "out" / "steering.json").read_text())
     assert rows[1]["increased"][0]["token_id"] == target and rows[1]["increased"][0]["delta"] > 0.5

@@ -9,7 +9,7 @@ import torch
 
 from crate.config import load_config
 from crate.errors import ConfigError
-from crate.model import load_model
+from crate.model import load_checkpoint, load_model
 from crate.train import PretrainConfig, launch
 from crate.train.schedule import learning_rate
 
@@ -73,8 +73,7 @@ def test_resume_continues_exactly_where_the_uninterrupted_run_would(tmp_path, en
     for step in range(5, 9):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
     assert expected[8] < expected[1]
-    model = load_model(resumed.model_file)
-    assert model.checkpoint_metadata["step"] == 8
+    assert load_checkpoint(resumed.model_file).metadata["step"] == 8
 
 
 @pytest.mark.integration

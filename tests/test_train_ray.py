@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from crate.config import load_config
-from crate.model import load_model
+from crate.model import load_checkpoint
 from crate.train import PretrainConfig, launch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,8 +105,8 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(killed_run):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model", "plots", "config.yaml"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
-    model = load_model(client.download_artifacts(run.info.run_id, "model/model.pt", str(tmp)))
-    assert model.checkpoint_metadata["step"] == 40 and model.checkpoint_metadata["mlflow_run_id"] == run.info.run_id
+    _, metadata = load_checkpoint(client.download_artifacts(run.info.run_id, "model/model.pt", str(tmp)))
+    assert metadata["step"] == 40 and metadata["mlflow_run_id"] == run.info.run_id
 
 
 def test_resuming_on_one_worker_continues_from_the_two_worker_checkpoint(killed_run):
@@ -131,5 +131,5 @@ def test_zero3_two_workers_train_and_export_a_plain_model(ray_address, tmp_path)
     assert losses[-1] < losses[0]
     assert sorted(p.name for p in Path(result.checkpoint).glob("engine/*model_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
-    model = load_model(result.model_file)
-    assert model.num_params() == 1_622_400 and model.checkpoint_metadata["step"] == 6
+    model, metadata = load_checkpoint(result.model_file)
+    assert model.num_params() == 1_622_400 and metadata["step"] == 6

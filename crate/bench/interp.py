@@ -67,9 +67,9 @@ def _sync(device: torch.device) -> None:
 
 
 def run_benchmark(cfg: BenchmarkConfig) -> dict:
-    from crate.model import build_model, load_model
+    from crate.model import build_model, load_model, resolve_device
 
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(cfg.device)
     model = (load_model(cfg.checkpoint) if cfg.checkpoint else build_model(cfg.preset)).to(device).eval()
     cfg = dataclasses.replace(cfg, records=cfg.records.for_context(model.config.block_size))  # block_length: the model's
     spec, n_layer = cfg.records, model.config.n_layer

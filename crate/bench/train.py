@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from crate.config import load_config
-from crate.model import build_model
+from crate.model import build_model, resolve_device
 from crate.train.config import PretrainConfig
 from crate.train.engine import DeepSpeedEngine, TorchEngine, resolve_precision
 from crate.train.metrics import peak_flops
@@ -107,7 +107,7 @@ def measure(kind: str, preset: str, cfg: PretrainConfig, device: torch.device, w
 
 
 def run(bench: BenchmarkConfig) -> Iterator[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     cfg = load_config(PretrainConfig, bench.recipe, ["train.launcher=local", "data.engine=local"])
     if bench.context:  # the benchmark builds each preset with this context, whatever the recipe's model
         cfg.data = dataclasses.replace(cfg.data, context=bench.context)

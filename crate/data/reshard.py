@@ -20,8 +20,9 @@ from pathlib import Path
 
 from crate.data.config import DataConfig, MiB
 from crate.data.documents import ReadOptions, Start, records
-from crate.data.shards import map_files, progress_bar, write_atomic
+from crate.data.shards import map_files, progress_bar
 from crate.data.sources import Unit, resolve_input
+from crate.files import write_atomic
 
 log = logging.getLogger(__name__)
 ROW_GROUP_BYTES = 16 * MiB  # text per Parquet row group: the granularity of column reads and of resume

@@ -30,6 +30,7 @@ from crate.data.config import DataConfig, MiB
 from crate.data.documents import ReadOptions, Start, documents
 from crate.data.packing import StreamStats
 from crate.data.sources import INDEX_FILE, SourceError, Unit, resolve_input
+from crate.files import replacing, write_atomic
 from crate.tokenizer import EOT_TOKEN
 
 log = logging.getLogger(__name__)
@@ -160,8 +161,7 @@ def write_shard(out: Path, i: int, units: list[Unit], options: ReadOptions) -> d
     """Tokenize one group of files into shard `i`; the marker file is written last."""
     name = shard_name(i)
     stats, set_ids, docs, n_tokens = StreamStats(), {}, [], 0
-    tmp = out / f"{name}.bin.tmp"
-    with open(tmp, "wb") as tokens_file:
+    with replacing(out / f"{name}.bin") as tmp, open(tmp, "wb") as tokens_file:
         for unit in units:
             for doc in documents(unit, Start(), options):
                 stats.count(doc)
@@ -170,10 +170,8 @@ def write_shard(out: Path, i: int, units: list[Unit], options: ReadOptions) -> d
                 docs.append((n_tokens, set_ids.setdefault(doc.set_name, len(set_ids))))
                 doc.tokens.astype("<u2", copy=False).tofile(tokens_file)
                 n_tokens += len(doc.tokens)
-    os.replace(tmp, out / f"{name}.bin")
-    with open(out / f"{name}.docs.npy.tmp", "wb") as docs_file:
+    with replacing(out / f"{name}.docs.npy") as tmp, open(tmp, "wb") as docs_file:
         np.save(docs_file, np.array(docs, dtype=np.int64).reshape(-1, 2))
-    os.replace(out / f"{name}.docs.npy.tmp", out / f"{name}.docs.npy")
     marker = {"tokens": f"{name}.bin", "docs": f"{name}.docs.npy", "n_tokens": n_tokens, "n_documents": len(docs),
               "sets": list(set_ids), "files": [u.name for u in units],
               "stats": {k: v for k, v in stats.as_dict().items() if k not in ("blocks", "dropped_tail_tokens")}}
@@ -200,9 +198,3 @@ def progress_bar(items: Iterator, total: int, enabled: bool, unit: str = "shard"
     from tqdm import tqdm
 
     return tqdm(items, total=total, unit=unit, disable=not enabled)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

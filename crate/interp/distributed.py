@@ -47,7 +47,7 @@ class CollectionWorker:
     def __init__(self, checkpoint: str, features: str, sha256: str, gpus: float = 0.0):
         from crate.interp.features import feature_source
         from crate.interp.job import model_sha256
-        from crate.model import load_model
+        from crate.model import load_model, resolve_device
 
         self.problem = _no_gpu("workers.collect_gpus", gpus)
         if self.problem:
@@ -57,7 +57,7 @@ class CollectionWorker:
             raise RuntimeError(f"{checkpoint} changed after the job started: model_sha256 {model_sha256(self.model)[:12]}"
                                f", the job's {sha256[:12]}")
         self.source = feature_source(features)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device("auto")
 
     def ready(self) -> str:
         if self.problem:

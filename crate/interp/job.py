@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from crate.config import flatten
 from crate.errors import CheckpointError, ConfigError
+from crate.files import write_atomic
 from crate.interp.collect import batched, collect, records_precision
 from crate.interp.config import InterpConfig
 from crate.interp.features import feature_source
@@ -42,7 +42,9 @@ from crate.interp.report import layer_summary, model_summary, plot_layers
 from crate.interp.schema import RESULTS_SCHEMA, result_key, write_parquet
 from crate.interp.scoring import failed_rows
 from crate.interp.store import ResultStore
+from crate.model import resolve_device
 from crate.plots import save
+from crate.tracking.job import TrackedJob
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ class Subject:
 
     @classmethod
     def load(cls, checkpoint: str) -> "Subject":
-        from crate.model import load_model
+        from crate.model import load_checkpoint
         from crate.model.checkpoint import is_storage_uri
 
         if not is_storage_uri(checkpoint):
@@ -93,11 +95,10 @@ class Subject:
                 raise ConfigError("checkpoint", f"no checkpoint file at {checkpoint}")
             checkpoint = str(Path(checkpoint).resolve())
         try:
-            model = load_model(checkpoint)
+            model, metadata = load_checkpoint(checkpoint)  # no metadata: the paper's released checkpoints
         except CheckpointError as error:  # a storage URI that does not open, a damaged or crafted file
             raise ConfigError("checkpoint", str(error)) from None
         sha256 = model_sha256(model)
-        metadata = getattr(model, "checkpoint_metadata", {}) or {}  # absent for the paper's released checkpoints
         run_id, step = metadata.get("mlflow_run_id"), metadata.get("step")
         trained_as = metadata.get("run_name") or run_id  # tables and plots label the model by its run name
         if trained_as and step is not None:
@@ -259,7 +260,7 @@ class InterpretabilityJob:
         """Where records are collected: the actors' GPUs (collect_gpus > 0), else the driver's `device`."""
         if self.cfg.workers.collect_actors:
             return "cuda" if self.cfg.workers.collect_gpus > 0 else "cpu"
-        return self.cfg.device if self.cfg.device != "auto" else ("cuda" if _cuda() else "cpu")
+        return str(resolve_device(self.cfg.device))
 
     # -- stage 2: explain, simulate, score ---------------------------------------------------------------------
     def key(self, backend: str, layer: int, neuron: int, metric: str) -> tuple:
@@ -310,40 +311,30 @@ class InterpretabilityJob:
             self.store.close()
 
     def _score(self, pool, collections: dict[str, Path]) -> dict:
-        from crate.tracking import Tracker
-
         cfg = self.cfg
         records_id = {m: collections[group.collection].name for group, metrics in self.groups for m in metrics}
-        scope = self._scope(pool.identity)
-        runs = self._run_ids()
-        tracker = Tracker.start(cfg.tracking, run_name=cfg.tracking.run_name or f"interpret-{self.subject.model_id}",
-                                params=self._params(), tags=self._tags(pool.identity), resume_run_id=runs.get(scope))
-        if tracker.run_id:
-            self._write_json("mlflow_runs.json", {**runs, scope: tracker.run_id})
-        common = {**self.subject.provenance, "features": cfg.features, "feature_kind": self.source.kind,
-                  "corpus": cfg.corpus, "job_run_id": tracker.run_id, "code_version": _code_version()}
+        job = TrackedJob(cfg.tracking, "interpret", f"interpret-{self.subject.model_id}", config=cfg,
+                         params=self._params(), tags=self._tags(pool.identity), location=self.out,
+                         scope=self._scope(pool.identity), code_version=_code_version())
+        with job:
+            common = {**self.subject.provenance, "features": cfg.features, "feature_kind": self.source.kind,
+                      "corpus": cfg.corpus, "job_run_id": job.run_id, "code_version": _code_version()}
 
-        def store(rows: list[dict]) -> None:
-            now = int(time.time() * 1000)
-            self.store.append({**common, **row, "records_id": records_id[row["metric"]], "created_at": now}
-                              for row in rows)
-            if self.store.unfolded >= cfg.workers.compact_every:
-                self.store.compact()
+            def store(rows: list[dict]) -> None:
+                now = int(time.time() * 1000)
+                self.store.append({**common, **row, "records_id": records_id[row["metric"]], "created_at": now}
+                                  for row in rows)
+                if self.store.unfolded >= cfg.workers.compact_every:
+                    self.store.compact()
 
-        try:
             total = self.count_todo(pool.identity["backend"])
             log.info("scoring %d features with %s (%s × %d in flight)", total, pool.identity["backend"],
                      f"{cfg.workers.actors} actors" if cfg.workers.actors else "the driver", cfg.workers.concurrency)
             pool.score_tasks(self.tasks(pool.identity, collections, store), total, cfg.seed, store)
             self.store.compact()
-            summary = self.summarize(pool.identity, tracker)
-        except BaseException:
-            tracker.end("FAILED")
-            raise
-        if summary["failed_rows"] > cfg.max_failed_share * summary["rows"]:
-            tracker.end("FAILED")
-            raise TooManyFailures(summary, cfg.max_failed_share)
-        tracker.end()
+            summary = self.summarize(pool.identity, job.tracker)
+            if summary["failed_rows"] > cfg.max_failed_share * summary["rows"]:
+                raise TooManyFailures(summary, cfg.max_failed_share)
         return summary
 
     # -- stage 3: summary ----------------------------------------------------------------------------------------
@@ -390,24 +381,16 @@ class InterpretabilityJob:
         return json.dumps([self.subject.model_id, self.subject.sha256, self.cfg.features, self.cfg.protocol, sorted(self.cfg.metrics),
                            backend["backend"], PROMPT_VERSION, self.cfg.seed, self.layers, self.cfg.sample])
 
-    def _run_ids(self) -> dict[str, str]:
-        path = self.out / "mlflow_runs.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
-
     def _write_json(self, name: str, payload) -> None:
-        tmp = self.out / f".{name}.tmp"
-        tmp.write_text(json.dumps(payload, indent=1, default=str))
-        os.replace(tmp, self.out / name)
+        write_atomic(self.out / name, json.dumps(payload, indent=1, default=str))
 
     def _params(self) -> dict:
-        params = {k: v for k, v in flatten(self.cfg).items() if not k.startswith("tracking.")}
         config = self.subject.model.config
-        params.update({"model.id": self.subject.model_id, "model.sha256": self.subject.sha256, "model.arch": config.arch, "model.n_layer": config.n_layer,
-                       "model.n_neurons": config.n_neurons, "prompt_version": PROMPT_VERSION})
-        return params
+        return {"model.id": self.subject.model_id, "model.sha256": self.subject.sha256, "model.arch": config.arch,
+                "model.n_layer": config.n_layer, "model.n_neurons": config.n_neurons, "prompt_version": PROMPT_VERSION}
 
     def _tags(self, backend: dict[str, str]) -> dict[str, str]:
-        tags = {"crate.job": "interpret", "crate.arch": self.subject.model.config.arch, "crate.model_id": self.subject.model_id,
+        tags = {"crate.arch": self.subject.model.config.arch, "crate.model_id": self.subject.model_id,
                 "crate.model_sha256": self.subject.sha256,
                 "crate.checkpoint": self.subject.checkpoint, "crate.backend": backend["backend"],
                 "crate.protocol": self.cfg.protocol}

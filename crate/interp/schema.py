@@ -70,6 +70,8 @@ from typing import Any, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from crate.files import replacing
+
 SCHEMA_VERSION = 2  # 2: results keyed by model_sha256 too
 METADATA_KEY = b"crate.interp"
 COMPLETE_MARKER = "_COMPLETE"
@@ -180,8 +182,6 @@ def write_parquet(table: pa.Table, path: str | os.PathLike, schema: pa.Schema,
     table = table.cast(schema)
     if provenance is not None:
         table = table.replace_schema_metadata(provenance_metadata(provenance))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
     return path

@@ -13,11 +13,12 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 
 from crate.errors import CheckpointError, ConfigError
+from crate.files import replacing
 from crate.model.build import build_model
 from crate.model.config import ModelConfig
 from crate.model.lm import LanguageModel
@@ -42,9 +43,8 @@ def save_weights(config: ModelConfig, state_dict: Mapping[str, torch.Tensor], pa
     state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state_dict.items()}
     payload = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(config), "model": state,
                "metadata": metadata}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint under the final name
+    with replacing(path) as tmp:  # never leave a half-written checkpoint under the final name
+        torch.save(payload, tmp)
     return path
 
 
@@ -93,15 +93,24 @@ def _read_remote(uri: str) -> bytes:
         raise CheckpointError(f"cannot be read: {first_line(error)}", field=uri) from None
 
 
-def load_model(path: str | os.PathLike, **overrides: Any) -> LanguageModel:
-    """A model from one of our checkpoint files, or from a file in the paper's released layout."""
+class LoadedCheckpoint(NamedTuple):
+    model: LanguageModel
+    metadata: dict[str, Any]  # what `save_model` was given (step, mlflow_run_id, run_name...); {} for released files
+
+
+def load_checkpoint(path: str | os.PathLike, **overrides: Any) -> LoadedCheckpoint:
+    """The model of one of our checkpoint files (or of a file in the paper's released layout) and its metadata."""
     payload = read_checkpoint(path)
     if payload.get("format") != FORMAT:
-        return load_released(payload, **overrides)
+        return LoadedCheckpoint(load_released(payload, **overrides), {})
     model = build_model(ModelConfig(**payload["config"]), **overrides)
     model.load_state_dict(payload["model"])
-    model.checkpoint_metadata = payload.get("metadata", {})
-    return model
+    return LoadedCheckpoint(model, dict(payload.get("metadata", {})))
+
+
+def load_model(path: str | os.PathLike, **overrides: Any) -> LanguageModel:
+    """The model alone of `load_checkpoint`."""
+    return load_checkpoint(path, **overrides).model
 
 
 def load_released(source: str | os.PathLike | Mapping[str, Any], n_head: int | None = None, **overrides: Any) -> LanguageModel:

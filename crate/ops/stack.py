@@ -53,6 +53,7 @@ from typing import Callable, Sequence
 from crate.cluster import LOOPBACK, LOOPBACK_RAY_ENV
 from crate.config import dump_yaml, load_config
 from crate.errors import ConfigError
+from crate.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -210,17 +211,10 @@ class StackState:
         return cls(**json.loads(path.read_text()))
 
     def save(self, root: Path) -> None:
-        _write_atomic(root / STATE_FILE, json.dumps(dataclasses.asdict(self), indent=2))
+        write_atomic(root / STATE_FILE, json.dumps(dataclasses.asdict(self), indent=2))
 
     def stack_config(self) -> StackConfig:
         return load_config(StackConfig, self.config)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.") as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -542,7 +536,7 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 def write_env_file(config: StackConfig) -> Path:
     path = config.root / ENV_FILE
-    _write_atomic(path, "".join(f"export {key}={value}\n" for key, value in config.exports().items()))
+    write_atomic(path, "".join(f"export {key}={value}\n" for key, value in config.exports().items()))
     return path
 
 

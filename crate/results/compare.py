@@ -26,7 +26,8 @@ from crate.errors import ConfigError
 from crate.interp.aggregate import EXCLUDE_LAST_FROM, across_layers, layer_stats, scored_layers
 from crate.plots import pyplot, save
 from crate.results.tables import metric_order, read_results
-from crate.tracking import Tracker, TrackingConfig, resolve_locations
+from crate.tracking import TrackingConfig, resolve_locations
+from crate.tracking.job import TrackedJob
 from crate.train.checkpoint import last_validation_loss
 
 log = logging.getLogger(__name__)
@@ -242,28 +243,25 @@ def write_comparison(comparison: Comparison, output_dir: str | Path, exclude_las
     return paths
 
 
-def run_compare(config: CompareConfig) -> Comparison:
-    """The compare job: read, compare, print the markdown, write the files, log them to MLflow."""
+def run_compare(config: CompareConfig) -> tuple[Comparison, list[Path]]:
+    """The compare job: read, compare, write the files, log them to MLflow; returns the comparison and the files
+    written (the markdown table first, which the job script prints)."""
     config = resolve_locations(config)
-    results = read_results(config.results)
-    if config.protocol:
-        results = results.filter(pl.col("protocol") == config.protocol)
-    if config.metrics:
-        results = results.filter(pl.col("metric").is_in(config.metrics))
-    if results.is_empty():
-        raise ValueError(f"no result rows left to compare in {config.results} (protocol={config.protocol}, "
-                         f"metrics={config.metrics or 'all'})")
-    comparison = compare(results, config.exclude_last_from)
-    paths = write_comparison(comparison, config.output_dir, config.exclude_last_from)
-    print(paths[0].read_text(encoding="utf-8"))
-    tracker = Tracker.start(config.tracking, run_name=config.tracking.run_name or "compare",
-                            params={"results": ",".join(config.results), "protocol": config.protocol,
-                                    "metrics": ",".join(config.metrics), "exclude_last_from": config.exclude_last_from},
-                            tags={"crate.job": "compare"})
-    for path in paths:
-        tracker.log_artifact(path, "comparison")
-    for row in comparison.summary.filter(pl.col("rule") == PAPER_RULE).iter_rows(named=True):
-        name = re.sub(r"[^\w\-. /]", "_", f"{row['model']}.{row['feature_kind']}.{row['metric']}")  # MLflow's charset
-        tracker.log_metrics({f"{name}.mean": 100 * row["mean"], f"{name}.variance": 1e4 * row["variance"]}, step=0)
-    tracker.end()
-    return comparison
+    with TrackedJob(config.tracking, "compare", "compare", config=config) as job:
+        results = read_results(config.results)
+        if config.protocol:
+            results = results.filter(pl.col("protocol") == config.protocol)
+        if config.metrics:
+            results = results.filter(pl.col("metric").is_in(config.metrics))
+        if results.is_empty():
+            raise ValueError(f"no result rows left to compare in {config.results} (protocol={config.protocol}, "
+                             f"metrics={config.metrics or 'all'})")
+        comparison = compare(results, config.exclude_last_from)
+        paths = write_comparison(comparison, config.output_dir, config.exclude_last_from)
+        for path in paths:
+            job.tracker.log_artifact(path, "comparison")
+        for row in comparison.summary.filter(pl.col("rule") == PAPER_RULE).iter_rows(named=True):
+            name = re.sub(r"[^\w\-. /]", "_", f"{row['model']}.{row['feature_kind']}.{row['metric']}")  # MLflow's charset
+            job.tracker.log_metrics({f"{name}.mean": 100 * row["mean"], f"{name}.variance": 1e4 * row["variance"]},
+                                    step=0)
+    return comparison, paths

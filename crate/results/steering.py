@@ -11,7 +11,7 @@ model's hook points); this module measures what it does:
     print(format_effect(effect))
 
 and `run_steering(config)` is the job: pick neurons (by hand, or the best-explained ones of an
-interpretability results table), sweep the clamp value, print, write `steering.json` + `steering.csv` and a
+interpretability results table), sweep the clamp value, write `steering.json` + `steering.csv` and a
 sweep plot, and log them to MLflow.
 """
 
@@ -32,7 +32,9 @@ import torch.nn.functional as F
 
 from crate.errors import ConfigError
 from crate.plots import pyplot, save
-from crate.tracking import Tracker, TrackingConfig, resolve_locations
+from crate.files import replacing, write_atomic
+from crate.tracking import TrackingConfig, resolve_locations
+from crate.tracking.job import TrackedJob
 
 log = logging.getLogger(__name__)
 
@@ -217,38 +219,35 @@ def _format_shift(shift: TokenShift | None) -> str:
 
 # --------------------------------------------------------------------------------------------------
 def run_steering(config: SteerConfig) -> list[SteeringEffect]:
-    """The steering job: every chosen neuron at every clamp value; printed, written, logged to MLflow."""
+    """The steering job: every chosen neuron at every clamp value; written, logged to MLflow, returned (the
+    job script prints them with `format_effect`)."""
     config = resolve_locations(config)
-    from crate.model import load_model
+    from crate.model import load_checkpoint, resolve_device
     from crate.tokenizer import gpt2_tokenizer
 
     targets = _chosen_neurons(config)  # reads the results table before the model loads
     checkpoint = _checkpoint_name(config.checkpoint)
-    model = load_model(config.checkpoint).to(_device(config.device))
+    model, metadata = load_checkpoint(config.checkpoint)
+    model = model.to(resolve_device(config.device))
     for layer, neurons, _ in targets:  # a site, layer or neuron the model lacks fails before any work
         model.steer_hooks(layer, neurons, 0.0, config.site)
     tokenizer = gpt2_tokenizer()
-    tracker = Tracker.start(config.tracking, run_name=config.tracking.run_name or f"steer-{Path(config.checkpoint).stem}",
-                            params=_params(config, model), tags=_tags(model))
     effects: list[SteeringEffect] = []
-    try:
+    with TrackedJob(config.tracking, "steer", f"steer-{Path(config.checkpoint).stem}", config=config,
+                    params={f"model.{k}": v for k, v in dataclasses.asdict(model.config).items()},
+                    tags=_tags(model, metadata)) as job:
         for layer, neurons, explanation in targets:
             batch = steering_effects(model, tokenizer, config.prompt, layer, neurons, config.values,
                                      config.top_tokens, config.new_tokens, config.site)
             for effect in batch:
                 effect.explanation, effect.checkpoint = explanation, checkpoint
-                print(format_effect(effect), end="\n\n", flush=True)
             effects.extend(batch)
         written = write_effects(effects, config.output_dir)
         if len(config.values) > 1:
             written.extend(plot_sweeps(effects, config.output_dir))
         for path in written:
-            tracker.log_artifact(path, "steering")
-        tracker.log_metrics({"steering/max_kl": max(e.kl_divergence for e in effects)}, step=0)
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end()
+            job.tracker.log_artifact(path, "steering")
+        job.tracker.log_metrics({"steering/max_kl": max(e.kl_divergence for e in effects)}, step=0)
     log.info("steering results in %s", config.output_dir)
     return effects
 
@@ -274,23 +273,8 @@ def _checkpoint_name(checkpoint: str) -> str:
     return checkpoint if is_storage_uri(checkpoint) else str(Path(checkpoint).resolve())
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _params(config: SteerConfig, model) -> dict:
-    from crate.config import flatten
-
-    params = {k: v for k, v in flatten(config).items() if not k.startswith("tracking.")}
-    params.update({f"model.{k}": v for k, v in dataclasses.asdict(model.config).items()})
-    return params
-
-
-def _tags(model) -> dict[str, str]:
-    metadata = getattr(model, "checkpoint_metadata", {}) or {}
-    tags = {"crate.job": "steer", "crate.arch": model.config.arch}
+def _tags(model, metadata: dict) -> dict[str, str]:
+    tags = {"crate.arch": model.config.arch}
     if metadata.get("mlflow_run_id"):
         tags["crate.model_run_id"] = str(metadata["mlflow_run_id"])
     return tags
@@ -301,9 +285,8 @@ def write_effects(effects: Sequence[SteeringEffect], output_dir: str | os.PathLi
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out / "steering.json", out / "steering.csv"
-    _atomic_write(json_path, json.dumps([e.to_dict() for e in effects], indent=1, ensure_ascii=False))
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+    write_atomic(json_path, json.dumps([e.to_dict() for e in effects], indent=1, ensure_ascii=False))
+    with replacing(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["layer", "site", "neurons", "value", "direction", "rank", "token", "token_id", "p_before",
                          "p_after", "delta", "kl_divergence"])
@@ -313,7 +296,6 @@ def write_effects(effects: Sequence[SteeringEffect], output_dir: str | os.PathLi
                     writer.writerow([e.layer, e.site, " ".join(map(str, e.neurons)), e.value, direction, rank, s.token,
                                      s.token_id, f"{s.before:.6g}", f"{s.after:.6g}", f"{s.delta:.6g}",
                                      f"{e.kl_divergence:.6g}"])
-    os.replace(tmp, csv_path)
     return [json_path, csv_path]
 
 
@@ -341,8 +323,3 @@ def plot_sweeps(effects: Sequence[SteeringEffect], output_dir: str | os.PathLike
         paths.append(save(fig, Path(output_dir) / f"sweep-layer{layer}-{unit}{name}.png"))
     return paths
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

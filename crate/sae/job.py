@@ -6,7 +6,7 @@ Output directory (`output_dir`, default `sae-<checkpoint>-layer<L>`):
     train_state.pt        SAE + Adam + step + data-stream position, every `sae.checkpoint_every` steps: a
                           rerun with the same output_dir resumes there (activations that were still in the
                           shuffle buffer are not replayed: the stream continues with the next unread block)
-    mlflow_run_id         the run a resumed job keeps logging to
+    mlflow_runs.json      the run a resumed job keeps logging to (crate.tracking.job; older folders: mlflow_run_id)
     metrics.json          the evaluation (reconstruction, L0, dead fraction, loss recovered)
     feature_density.png   histogram of log10 feature firing frequency on the evaluation tokens
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,9 @@ from crate.sae.activations import LayerActivations, shuffled_batches
 from crate.sae.evaluate import SAEEvaluation, evaluate_sae
 from crate.sae.model import SAESource, save_sae
 from crate.sae.train import SAETrainConfig, SAETrainer, train_sae
-from crate.tracking import Tracker, TrackingConfig, resolve_locations
+from crate.files import replacing, write_atomic
+from crate.tracking import TrackingConfig, resolve_locations
+from crate.tracking.job import TrackedJob
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,14 @@ def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
     """Train (or resume), evaluate, save; returns the SAE file and its evaluation."""
     config = resolve_locations(config)
     from crate.data import check_sources, train_batches, val_batches
-    from crate.model import load_model
-
+    from crate.model import load_checkpoint, resolve_device
     from crate.model.checkpoint import is_storage_uri
 
     if not is_storage_uri(config.checkpoint) and not Path(config.checkpoint).is_file():
         raise ConfigError("checkpoint", f"no model checkpoint at {config.checkpoint}")
     check_sources(config.data)  # both corpora exist and open, before the model loads
-    model = load_model(config.checkpoint).to(_device(config.device)).eval().requires_grad_(False)
+    model, metadata = load_checkpoint(config.checkpoint)
+    model = model.to(resolve_device(config.device)).eval().requires_grad_(False)
     if config.layer >= model.config.n_layer:
         raise ConfigError("layer", f"the model has {model.config.n_layer} layers (0..{model.config.n_layer - 1})")
     if config.data.context > model.config.block_size:
@@ -86,7 +87,7 @@ def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
                                           f"({model.config.block_size}); set data.context={model.config.block_size}")
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
-    source = _source(config, model)
+    source = _source(config, model, metadata)
     device = next(model.parameters()).device
 
     trainer = SAETrainer(config.sae, model.config.n_neurons, device)
@@ -97,11 +98,9 @@ def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
         trainer.load_state_dict(state["trainer"])
         position["data"] = state["data"]
         log.info("resuming %s at step %d", out, trainer.step)
-    run_id = _read_run_id(out) if trainer.step else None
-    tracker = Tracker.start(config.tracking, run_name=config.tracking.run_name or f"sae-{out.name}",
-                            params=_params(config, model), tags=_tags(source), resume_run_id=run_id)
-    _write_run_id(out, tracker.run_id)
-    try:
+    job = TrackedJob(config.tracking, "train_sae", f"sae-{out.name}", config=config, params=_params(config, model),
+                     tags=_tags(source), location=out, resume=bool(trainer.step), legacy_run_id=_legacy_run_id(out))
+    with job:
         stream = train_batches(config.data, config.blocks_per_forward, rank=0, world_size=1, state=position["data"])
 
         def inputs():
@@ -114,43 +113,38 @@ def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
                                    config.sae.batch_size, shuffle)
 
         def save_state(t: SAETrainer) -> None:
-            _atomic_save({"trainer": t.state_dict(), "data": position["data"]}, state_path)
+            with replacing(state_path) as tmp:
+                torch.save({"trainer": t.state_dict(), "data": position["data"]}, tmp)
 
-        train_sae(trainer, batches, log_metrics=tracker.log_metrics, on_checkpoint=save_state)
+        train_sae(trainer, batches, log_metrics=job.tracker.log_metrics, on_checkpoint=save_state)
         stream.close()
         held_out = (batch.tokens for batch in val_batches(config.data, config.blocks_per_forward, 0, 1,
                                                           config.eval_blocks))
         evaluation = evaluate_sae(model, config.layer, trainer.sae, held_out)
         metrics = evaluation.metrics()
-        tracker.log_metrics(metrics, step=trainer.step)
+        job.tracker.log_metrics(metrics, step=trainer.step)
         sae_path = save_sae(trainer.sae, out / "sae.pt", source, metrics=metrics,
                             training={**dataclasses.asdict(config.sae), "steps_done": trainer.step,
-                                      "mlflow_run_id": tracker.run_id})
-        (out / "metrics.json").write_text(json.dumps({"step": trainer.step, **metrics}, indent=1))
+                                      "mlflow_run_id": job.run_id})
+        write_atomic(out / "metrics.json", json.dumps({"step": trainer.step, **metrics}, indent=1))
         plot = _plot_density(evaluation, out / "feature_density.png", f"{out.name} (step {trainer.step})")
         for path in (out / "metrics.json", plot):
-            tracker.log_artifact(path)
-        tracker.set_tags({"crate.sae_checkpoint": str(sae_path.resolve())})
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end()
-    print(f"SAE {sae_path}: fvu {evaluation.fvu:.3f}, L0 {evaluation.l0:.1f}, dead {evaluation.dead_fraction:.1%}, "
-          f"loss recovered {evaluation.loss_recovered:.1%} (clean {evaluation.loss_clean:.3f}, spliced "
-          f"{evaluation.loss_spliced:.3f}, zero-ablated {evaluation.loss_zero_ablated:.3f})")
+            job.tracker.log_artifact(path)
+        job.tracker.set_tags({"crate.sae_checkpoint": str(sae_path.resolve())})
     return sae_path, evaluation
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def describe_sae(sae_path: Path, evaluation: SAEEvaluation) -> str:
+    """The one line the job prints: the file and its evaluation."""
+    e = evaluation
+    return (f"SAE {sae_path}: fvu {e.fvu:.3f}, L0 {e.l0:.1f}, dead {e.dead_fraction:.1%}, loss recovered "
+            f"{e.loss_recovered:.1%} (clean {e.loss_clean:.3f}, spliced {e.loss_spliced:.3f}, zero-ablated "
+            f"{e.loss_zero_ablated:.3f})")
 
 
-def _source(config: TrainSAEConfig, model) -> SAESource:
+def _source(config: TrainSAEConfig, model, metadata: dict) -> SAESource:
     from crate.model.checkpoint import is_storage_uri
 
-    metadata = getattr(model, "checkpoint_metadata", {}) or {}
     checkpoint = config.checkpoint if is_storage_uri(config.checkpoint) else str(Path(config.checkpoint).resolve())
     return SAESource(checkpoint=checkpoint, arch=model.config.arch, layer=config.layer,
                      model_run_id=metadata.get("mlflow_run_id"), corpus=config.data.train,
@@ -159,12 +153,8 @@ def _source(config: TrainSAEConfig, model) -> SAESource:
 
 
 def _params(config: TrainSAEConfig, model) -> dict:
-    from crate.config import flatten
-
-    params = {k: v for k, v in flatten(config).items() if not k.startswith("tracking.")}
-    params.update({"model.arch": model.config.arch, "model.n_layer": model.config.n_layer,
-                   "model.n_neurons": model.config.n_neurons, "sae.n_features": config.sae.expansion * model.config.n_neurons})
-    return params
+    return {"model.arch": model.config.arch, "model.n_layer": model.config.n_layer,
+            "model.n_neurons": model.config.n_neurons, "sae.n_features": config.sae.expansion * model.config.n_neurons}
 
 
 def _tags(source: SAESource) -> dict[str, str]:
@@ -174,20 +164,10 @@ def _tags(source: SAESource) -> dict[str, str]:
     return tags
 
 
-def _read_run_id(out: Path) -> str | None:
+def _legacy_run_id(out: Path) -> str | None:
+    """The run id an output folder written before `mlflow_runs.json` keeps in its `mlflow_run_id` file."""
     path = out / "mlflow_run_id"
     return path.read_text().strip() or None if path.is_file() else None
-
-
-def _write_run_id(out: Path, run_id: str | None) -> None:
-    if run_id:
-        (out / "mlflow_run_id").write_text(run_id)
-
-
-def _atomic_save(payload: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
 
 
 def _plot_density(evaluation: SAEEvaluation, path: Path, title: str) -> Path:

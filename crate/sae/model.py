@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crate.errors import ConfigError
+from crate.files import replacing
 from crate.model.checkpoint import load_data
 
 FORMAT = "crate-sae-checkpoint"
@@ -117,9 +118,8 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, source: SAESource,
     payload = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(sae.config),
                "state": {k: v.detach().float().cpu() for k, v in sae.state_dict().items()},
                "source": dataclasses.asdict(source), "metrics": dict(metrics or {}), "training": dict(training or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

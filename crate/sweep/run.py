@@ -2,8 +2,8 @@
 mark the trials' runs and write the report.
 
 Layout under `<trial.train.storage_path>/<name>/`: Tune's experiment (one folder per trial), `crate-sweep.json`
-(sweep id, parent run, config), `trials/<name>-<trial id>/` (each trial's Ray Train run and checkpoints) and
-`report/` (summary.csv, summary.md, plots/).
+(sweep id, config), `mlflow_runs.json` (the parent run), `trials/<name>-<trial id>/` (each trial's Ray Train run
+and checkpoints) and `report/` (summary.csv, summary.md, plots/).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from crate.data import check_sources
 from crate.errors import ConfigError
 from crate.sweep.config import SweepConfig
 from crate.sweep.report import ETA, LAMBDA, TrialRecord, markdown, summary_table, write_report
-from crate.sweep.runs import count_outcomes, mark_trial_runs, open_parent
+from crate.sweep.runs import count_outcomes, mark_trial_runs, parent_job
 from crate.sweep.state import SweepState, check_same_config, read_state, write_state
 from crate.sweep.trial import COMPLETED, TrialSetup, run_trial
 from crate.tracking import resolve_locations
@@ -59,33 +59,31 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
     preflight(cfg)
     base = pinned_trial(cfg.trial, experiment)
     sweep_id = state.sweep_id if state else f"{name}-{uuid.uuid4().hex[:6]}"
-    parent = open_parent(cfg, name, sweep_id, resume_run_id=state.parent_run_id if state else None)
-    if state is None:
-        write_state(experiment, SweepState(sweep_id, parent.run_id, to_dict(cfg)))
-    setup = TrialSetup(sweep_id=sweep_id, name=name, base=base, parent_run_id=parent.run_id, proxy=cfg.proxy)
-    log.info("sweep %s (%s): %s; every trial %s for %d steps (%s tokens), up to %d at once; experiment %s",
-             name, sweep_id, ", ".join(f"{k} {d.describe()}" for k, d in cfg.space.items()),
-             base.model.preset or base.model.arch, base.train.max_steps,
-             f"{base.train.max_steps * base.tokens_per_step:,}", cfg.max_concurrent_trials, experiment)
-    try:
+    job = parent_job(cfg, name, sweep_id, experiment, resume=state is not None,
+                     legacy_run_id=state.parent_run_id if state else None)
+    with job:
+        parent = job.tracker
+        if state is None:
+            write_state(experiment, SweepState(sweep_id, None, to_dict(cfg)))
+        setup = TrialSetup(sweep_id=sweep_id, name=name, base=base, parent_run_id=parent.run_id, proxy=cfg.proxy)
+        log.info("sweep %s (%s): %s; every trial %s for %d steps (%s tokens), up to %d at once; experiment %s",
+                 name, sweep_id, ", ".join(f"{k} {d.describe()}" for k, d in cfg.space.items()),
+                 base.model.preset or base.model.arch, base.train.max_steps,
+                 f"{base.train.max_steps * base.tokens_per_step:,}", cfg.max_concurrent_trials, experiment)
         grid = build_tuner(cfg, setup, storage, name, experiment, resume).fit()
-    except BaseException as error:
-        parent.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-        raise
-    records = trial_records(grid, base)
-    ended = sum(r.outcome != "unfinished" for r in records)
-    if ended < cfg.expected_trials:
-        parent.end("KILLED")
-        log.warning("sweep %s stopped after %d of %d trials; continue it with --resume name=%s", name, ended,
-                    cfg.expected_trials, name)
-        return SweepResult(name, experiment, parent.run_id, None)
-    run_ids = mark_trial_runs(parent, sweep_id, {r.trial_id: r.outcome for r in records})
-    for record in records:
-        record.run_id = run_ids.get(record.trial_id)
-    keys = list(dict.fromkeys([*(k for k in (LAMBDA, ETA) if base.model.arch == "crate"), *cfg.space]))
-    table = summary_table(records, keys, cfg.metric, cfg.mode)
-    publish_report(table, cfg, name, experiment, parent, keys)
-    parent.end("FINISHED")
+        records = trial_records(grid, base)
+        ended = sum(r.outcome != "unfinished" for r in records)
+        if ended < cfg.expected_trials:
+            job.end("KILLED")
+            log.warning("sweep %s stopped after %d of %d trials; continue it with --resume name=%s", name, ended,
+                        cfg.expected_trials, name)
+            return SweepResult(name, experiment, parent.run_id, None)
+        run_ids = mark_trial_runs(parent, sweep_id, {r.trial_id: r.outcome for r in records})
+        for record in records:
+            record.run_id = run_ids.get(record.trial_id)
+        keys = list(dict.fromkeys([*(k for k in (LAMBDA, ETA) if base.model.arch == "crate"), *cfg.space]))
+        table = summary_table(records, keys, cfg.metric, cfg.mode)
+        publish_report(table, cfg, name, experiment, parent, keys)
     return SweepResult(name, experiment, parent.run_id, table, parent.describe())
 
 

@@ -11,8 +11,10 @@ from typing import Iterable
 
 from crate.config import flatten
 from crate.sweep.config import SweepConfig
+from crate.sweep.state import RUN_SCOPE
 from crate.sweep.trial import SWEEP_TAG, TRIAL_TAG
 from crate.tracking import Tracker, TrackingConfig
+from crate.tracking.job import TrackedJob
 
 log = logging.getLogger("crate.sweep")
 
@@ -26,13 +28,16 @@ def parent_tracking(cfg: SweepConfig) -> TrackingConfig:
     return dataclasses.replace(cfg.trial.tracking, system_metrics=False)
 
 
-def open_parent(cfg: SweepConfig, name: str, sweep_id: str, resume_run_id: str | None) -> Tracker:
+def parent_job(cfg: SweepConfig, name: str, sweep_id: str, experiment: str, resume: bool,
+               legacy_run_id: str | None = None) -> TrackedJob:
+    """The sweep's parent run, kept in the experiment's `mlflow_runs.json` and reopened by `--resume`."""
     params = {**{f"space.{key}": dim.describe() for key, dim in cfg.space.items()},
               **{key: value for key, value in flatten(cfg).items() if not key.startswith(("trial.", "space."))},
               "trial.model": cfg.trial.model.preset or cfg.trial.model.arch,
               "trial.max_steps": cfg.trial.train.max_steps, "trial.tokens": cfg.trial.train.max_steps * cfg.trial.tokens_per_step}
     tags = {SWEEP_TAG: sweep_id, "crate.kind": "sweep", "crate.sweep.metric": cfg.metric}
-    return Tracker.start(parent_tracking(cfg), name, params=params, tags=tags, resume_run_id=resume_run_id)
+    return TrackedJob(parent_tracking(cfg), "sweep", name, params=params, tags=tags, location=experiment,
+                      scope=RUN_SCOPE, resume=resume, legacy_run_id=legacy_run_id)
 
 
 def mark_trial_runs(parent: Tracker, sweep_id: str, outcomes: dict[str, str]) -> dict[str, str]:

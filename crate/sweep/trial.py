@@ -17,7 +17,7 @@ import numpy as np
 
 from crate.logs import configure as configure_logging
 from crate.data import read_blocks
-from crate.model import load_model
+from crate.model import load_checkpoint
 from crate.sweep.config import ProxyConfig, trial_config
 from crate.tracking import Tracker
 from crate.train import PretrainConfig, TrainingResult, launch
@@ -67,7 +67,7 @@ def score_proxy(result: TrainingResult, cfg: PretrainConfig, proxy: ProxyConfig)
     try:
         from crate.interp import proxy_score
 
-        model = load_model(result.model_file)  # a local path or a storage URI
+        model, metadata = load_checkpoint(result.model_file)  # a local path or a storage URI
         blocks = np.stack(list(read_blocks(cfg.data.val, cfg.data.context, proxy.blocks, cfg.data.text_field)))
         scores = proxy_score(model, blocks, neurons_per_layer=proxy.neurons_per_layer, seed=proxy.seed)
     except Exception:  # noqa: BLE001 - the proxy is an extra objective, never worth the trial
@@ -75,7 +75,7 @@ def score_proxy(result: TrainingResult, cfg: PretrainConfig, proxy: ProxyConfig)
         return {}
     log.info("%s: proxy TaR %.2f (mean over layers, %d neurons per layer, %d blocks)", result.run_name,
              scores["proxy_tar/mean"], proxy.neurons_per_layer, len(blocks))
-    run_id = model.checkpoint_metadata.get("mlflow_run_id")
+    run_id = metadata.get("mlflow_run_id")
     if run_id:
         tracker = Tracker.start(dataclasses.replace(cfg.tracking, system_metrics=False), result.run_name,
                                 resume_run_id=run_id)

@@ -5,6 +5,7 @@ A checkpoint directory holds
 - `data_state_rank{r}.json` and `rng_rank{r}.pt` for every rank (the stream position, block-exact);
 - `trainer_state.json`: step, tokens seen, the last loss, world size, engine, ZeRO stage, MLflow run id, loss
   history and the run's config;
+- `mlflow_runs.json`: the MLflow run a resume from it reopens (`{"train": run id}`, crate.tracking.job);
 - `model.pt`: config + fp32 weights, readable with `crate.model.load_model` without DeepSpeed;
 - `manifest_rank{r}.json` for every rank, written after all of that rank's files: each file's size and sha256.
 
@@ -28,7 +29,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +40,10 @@ import torch
 from crate.config import flatten, to_dict
 from crate.data import resume_states
 from crate.errors import CheckpointError, ConfigError
+from crate.files import write_atomic
 from crate.model.checkpoint import first_line, load_data, save_weights
 from crate.model.config import ModelConfig
+from crate.tracking.job import read_run_ids, record_run_id
 from crate.train.config import PretrainConfig, resumable
 from crate.train.errors import TrainingDiverged
 from crate.train.evaluate import all_reduce
@@ -52,6 +54,7 @@ TRAINER_STATE = "trainer_state.json"
 MODEL_FILE = "model.pt"
 MANIFEST = "manifest_rank{rank}.json"
 MANIFEST_FORMAT = "crate-lm-checkpoint-manifest"
+RUN_SCOPE = "train"  # the training run's key in a checkpoint's mlflow_runs.json
 
 
 def write_checkpoint(directory: Path, engine, rank: int, world_size: int, trainer_state: dict[str, Any],
@@ -78,7 +81,15 @@ def write_checkpoint(directory: Path, engine, rank: int, world_size: int, traine
                      tokens_seen=state["tokens_seen"], mlflow_run_id=state.get("mlflow_run_id"),
                      run_name=state.get("run_name"))
         (directory / TRAINER_STATE).write_text(json.dumps(state))
+        if state.get("mlflow_run_id"):  # the run a resume from this checkpoint reopens (crate.tracking.job)
+            record_run_id(str(directory), RUN_SCOPE, state["mlflow_run_id"])
     _write_manifest(directory, rank, world_size, trainer_state["step"])
+
+
+def checkpoint_run_id(directory: Path, trainer_state: dict[str, Any]) -> str | None:
+    """The MLflow run a resume from `directory` reopens: its `mlflow_runs.json`, else (a checkpoint written before
+    that file) the trainer state's `mlflow_run_id`."""
+    return read_run_ids(str(directory)).get(RUN_SCOPE) or trainer_state.get("mlflow_run_id")
 
 
 def _write_manifest(directory: Path, rank: int, world_size: int, step: int) -> None:
@@ -91,10 +102,7 @@ def _write_manifest(directory: Path, rank: int, world_size: int, step: int) -> N
             files[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
     manifest = {"format": MANIFEST_FORMAT, "version": 1, "rank": rank, "world_size": world_size, "step": step,
                 "files": files}
-    target = directory / MANIFEST.format(rank=rank)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, target)
+    write_atomic(directory / MANIFEST.format(rank=rank), json.dumps(manifest, indent=1))
 
 
 def _sha256(path: Path) -> str:

@@ -13,23 +13,27 @@ workers return the error instead of raising it, and the driver raises it (`raise
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 import yaml
 
-from crate.config import dump_yaml, flatten, from_dict, to_dict
+from crate.config import dump_yaml, from_dict, to_dict
 from crate.data import train_batches, val_batches
 from crate.errors import CheckpointError, ConfigError
 from crate.model import build_model
 from crate.plots import pyplot
 from crate.tracking import Tracker
-from crate.train.checkpoint import MODEL_FILE, load_weights_into, plan_resume, restore_engine, write_checkpoint
+from crate.tracking.job import TrackedJob
+from crate.train.checkpoint import (MODEL_FILE, checkpoint_run_id, load_weights_into, plan_resume, restore_engine,
+                                    write_checkpoint)
 from crate.train.config import PretrainConfig
 from crate.train.engine import build_engine
 from crate.train.errors import TrainingDiverged
@@ -78,11 +82,8 @@ def raise_returned_error(returned: dict[str, Any] | None) -> None:
 def run_training(job: dict[str, Any], runtime) -> dict[str, float]:
     """Train until `max_steps` (or the token budget ends the stream); returns the final metrics."""
     trainer = Trainer(from_dict(PretrainConfig, job["config"]), RunInfo(**job["run"]), runtime)
-    try:
+    with trainer.tracked_job():
         return trainer.fit()
-    except BaseException:
-        trainer.tracker.end("FAILED")
-        raise
 
 
 class Trainer:
@@ -111,27 +112,49 @@ class Trainer:
         self.loss: float | None = saved.get("loss")  # the last step's loss, averaged over the workers
         self.skipped_in_a_row = 0
         self.skipped_before = self.engine.skipped_steps
-        self.tracker = self._open_tracker(saved.get("mlflow_run_id"))
+        self.resume = resume
+        self.tracker = Tracker(cfg.tracking)  # inactive until `tracked_job` opens the run
         self.batches = train_batches(cfg.data, cfg.train.micro_batch_size, self.rank, self.world_size, self.data_state)
         self.throughput = Throughput(self.engine.module.flops_per_token(cfg.data.context),
                                      peak_flops(self.device, cfg.train.peak_flops), self.world_size)
-        if resume:
-            self._log(f"resumed at step {self.step} from {resume.directory.name}")
-            self.tracker.log_metrics({"train/resumed_from_step": self.step}, step=self.step)
-            if resume.changes:
-                changes = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in resume.changes.items())
-                self._log(f"config changed on resume (allowed): {changes}")
-                if self.rank == 0:  # MLflow cannot change a logged param: the changes go beside them
-                    self.tracker.log_text(yaml.safe_dump({name: {"checkpoint": old, "now": new}
-                                                          for name, (old, new) in resume.changes.items()}),
-                                          f"config_changes/resume_at_step_{self.step:08d}.yaml")
+
+    @contextlib.contextmanager
+    def tracked_job(self) -> Iterator[TrackedJob]:
+        """The run's MLflow run (rank 0 alone logs), reopened when the checkpoint resumed names it, ended with the
+        job's outcome (crate.tracking.job)."""
+        cfg, run, resume = self.cfg, self.run, self.resume
+        tracking = cfg.tracking if self.rank == 0 else dataclasses.replace(cfg.tracking, enabled=False)
+        params = {"run.code_version": run.code_version, "run.world_size": self.world_size,
+                  "run.grad_accum_steps": cfg.train.grad_accum_steps, "run.tokens_per_step": cfg.tokens_per_step,
+                  "run.params": self.engine.num_params, **{f"packages.{k}": v for k, v in run.packages.items()}}
+        tags = {"crate.run_name": run.name, "crate.arch": cfg.model.arch, "crate.model": cfg.model.preset or "custom",
+                **run.tags}
+        resume_run_id = checkpoint_run_id(resume.directory, resume.trainer_state) if resume else None
+        with TrackedJob(tracking, "train", run.name, config=cfg, params=params, tags=tags, resume_run_id=resume_run_id,
+                        parent_run_id=run.parent_run_id, skip_logged_steps=True, code_version=run.code_version) as job:
+            self.tracker = job.tracker
+            if not resume_run_id:
+                self.tracker.log_text(dump_yaml(cfg), "config.yaml")
+            if resume:
+                self._log_resume(resume)
+            yield job
+
+    def _log_resume(self, resume) -> None:
+        self._log(f"resumed at step {self.step} from {resume.directory.name}")
+        self.tracker.log_metrics({"train/resumed_from_step": self.step}, step=self.step)
+        if resume.changes:
+            changes = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in resume.changes.items())
+            self._log(f"config changed on resume (allowed): {changes}")
+            if self.rank == 0:  # MLflow cannot change a logged param: the changes go beside them
+                self.tracker.log_text(yaml.safe_dump({name: {"checkpoint": old, "now": new}
+                                                      for name, (old, new) in resume.changes.items()}),
+                                      f"config_changes/resume_at_step_{self.step:08d}.yaml")
 
     # ----------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         train = self.cfg.train
         if self.step >= train.max_steps:  # a finished run submitted again: nothing to do
             self._log(f"{self.run.name} is already complete at step {self.step}")
-            self.tracker.end("FINISHED")
             return self.final_metrics
         metrics: dict[str, float] = {}
         self._log(f"training {self.cfg.model.preset or self.cfg.model.arch} for {train.max_steps} steps of "
@@ -266,26 +289,7 @@ class Trainer:
         figure = self.history.figure(f"{self.run.name}: {self.cfg.model.preset or self.cfg.model.arch}")
         self.tracker.log_figure(figure, "plots/loss_curve.png")
         pyplot().close(figure)
-        self.tracker.end("FINISHED")
         self._log(f"done: {self.step} steps, {self.tokens_seen:,} tokens")
-
-    # ----------------------------------------------------------------------------------------------
-    def _open_tracker(self, resume_run_id: str | None) -> Tracker:
-        if self.rank != 0:
-            return Tracker(self.cfg.tracking)  # inactive: rank 0 alone logs
-        cfg, run = self.cfg, self.run
-        tags = {"crate.run_name": run.name, "crate.arch": cfg.model.arch, "crate.model": cfg.model.preset or "custom",
-                "mlflow.source.git.commit": run.code_version, **run.tags}
-        params = {**flatten(cfg), "run.code_version": run.code_version, "run.world_size": self.world_size,
-                  "run.grad_accum_steps": cfg.train.grad_accum_steps, "run.tokens_per_step": cfg.tokens_per_step,
-                  "run.params": self.engine.num_params,
-                  **{f"packages.{k}": v for k, v in run.packages.items()}}
-        tracker = Tracker.start(cfg.tracking, cfg.tracking.run_name or run.name, params=params, tags=tags,
-                                parent_run_id=run.parent_run_id, resume_run_id=resume_run_id,
-                                skip_logged_steps=True)
-        if not resume_run_id:
-            tracker.log_text(dump_yaml(cfg), "config.yaml")
-        return tracker
 
     def _log(self, message: str) -> None:
         if self.rank == 0:

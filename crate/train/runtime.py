@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import torch
 
+from crate.model import resolve_device
 from crate.train.checkpoint import is_marked_complete, newest_complete
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class LocalRuntime:
         single_process_env()
 
     def device(self, use_gpu: bool) -> torch.device:
-        return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        return resolve_device("auto" if use_gpu else "cpu")
 
     def checkpoints(self) -> list[Path]:
         return sorted(p for p in self.run_dir.glob("checkpoint_*") if p.is_dir())

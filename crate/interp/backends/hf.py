@@ -24,15 +24,10 @@ from crate.interp.backends.base import Backend, BackendError, CallCounter, Expla
 from crate.interp.prompts import (VALUE_STRINGS, chat_turns, explanation_prompt, expected_values, parse_explanation,
                                   render_text, simulation_prompt)
 from crate.interp.records import Excerpt
+from crate.model import resolve_device
 
 log = logging.getLogger(__name__)
 SIMULATION_BATCH = 8  # prompts per forward pass
-
-
-def _device(config) -> torch.device:
-    if config.device != "auto":
-        return torch.device(config.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _dtype(config, device: torch.device) -> torch.dtype:
@@ -54,7 +49,7 @@ class HFModel:
         if not Path(path).is_dir():
             raise BackendError(f"no local model directory at {path} (models are never downloaded)")
         self.name = Path(path).name + (f"/{gguf_file}" if gguf_file else "")
-        self.device, self.calls = _device(config), calls
+        self.device, self.calls = resolve_device(config.device), calls
         if gguf_file:
             _check_gguf_support(Path(path) / gguf_file)
         kwargs = {"local_files_only": True, **({"gguf_file": gguf_file} if gguf_file else {})}

@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 
 from crate.errors import ConfigError
 from crate.results.tables import distinct_labels, metric_order
-from crate.tracking import Tracker, TrackingConfig, resolve_locations
+from crate.files import write_atomic
+from crate.tracking import TrackingConfig, resolve_locations
+from crate.tracking.job import TrackedJob
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -266,9 +268,7 @@ def write_script(path: Path, key: str, payload: Any) -> None:
     """A data file the viewer loads with a <script> tag (atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"CRATE_VIEWER.register({json.dumps(key)},{body});\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, f"CRATE_VIEWER.register({json.dumps(key)},{body});\n")
 
 
 def _finite(value: float | None) -> float | None:
@@ -277,14 +277,9 @@ def _finite(value: float | None) -> float | None:
 
 
 def run_viewer(config: ViewerConfig) -> Path:
-    """The view job: build the viewer and log the folder to MLflow as the `viewer` artifact."""
+    """The view job: build the viewer and log the folder to MLflow as the `viewer` artifact; returns its index."""
     config = resolve_locations(config)
-    index = build_viewer(config)
-    tracker = Tracker.start(config.tracking, run_name=config.tracking.run_name or "neuron-viewer",
-                            params={"inputs": ",".join(config.inputs), "steering": ",".join(config.steering),
-                                    "top_excerpts": config.top_excerpts, "random_excerpts": config.random_excerpts},
-                            tags={"crate.job": "view"})
-    tracker.log_artifact(index.parent, "viewer")
-    tracker.end()
-    print(f"neuron viewer: {index.resolve().as_uri()}")
+    with TrackedJob(config.tracking, "view", "neuron-viewer", config=config) as job:
+        index = build_viewer(config)
+        job.tracker.log_artifact(index.parent, "viewer")
     return index
