@@ -16,7 +16,7 @@ ORCHESTRATION = ("ray", "deepspeed", "mlflow")
 # and modules of its own layer only inside its own package (`crate.data.*` among themselves; the top-level
 # foundation modules among themselves). A new module is added here, in the layer its imports allow.
 LAYERS = {
-    "foundation": ["crate", "crate.errors", "crate.files", "crate.config", "crate.logs",
+    "foundation": ["crate", "crate.errors", "crate.files", "crate.retry", "crate.config", "crate.logs",
                    "crate.tokenizer", "crate.plots", "crate.cluster"],
     "model": ["crate.model", "crate.model.__main__", "crate.model.build", "crate.model.checkpoint", "crate.model.config",
               "crate.model.crate", "crate.model.gpt", "crate.model.hooks", "crate.model.lm"],

@@ -1,23 +1,21 @@
 """Corpus URIs resolved to what the stream reads: an ordered list of files ("units"), or a pretokenized directory.
 
 Every file goes through fsspec, local ones included, so the hub (`hf://`), object stores and local disks share
-one code path; listing and opening are retried with exponential backoff and fail with the file's name.
+one code path; listing and opening are retried (crate.retry's policy) and fail with the file's name.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import sysconfig
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from crate.data.config import DataConfig
 from crate.errors import ConfigError
+from crate.retry import GaveUp, RetryPolicy, TryAgain
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # suffix -> (record format, compression)
@@ -29,6 +27,7 @@ FORMATS = {
     ".parquet": ("parquet", None),
     ".txt": ("text", None),
 }
+MAX_BACKOFF_S = 60.0  # the longest wait between two attempts at a remote file
 INDEX_FILE = "index.json"  # marks a pretokenized directory (crate.data.shards)
 BUILTIN_LABEL = "Github"  # the built-in corpus is source code, like the Pile's Github set
 VAL_HASH_BELOW = 13  # first sha1 byte of the path < 13: the ~5% validation split of the built-in corpus
@@ -44,14 +43,15 @@ class MissingFile(SourceError):
 
 @dataclass(frozen=True)
 class Retry:
-    """Bounded retries with exponential backoff around remote I/O; a missing file is never retried."""
+    """Bounded retries around remote I/O under the platform's retry policy (crate.retry: exponential backoff
+    with full jitter, so many readers that failed together do not retry together); a missing file is never
+    retried."""
 
-    retries: int = 5
-    backoff_s: float = 1.0
+    retries: int = 5  # after the first attempt
+    backoff_s: float = 1.0  # the first wait's ceiling; it doubles per attempt, up to MAX_BACKOFF_S
 
     def __call__(self, fn: Callable[[], T], what: str) -> T:
-        attempt = 0
-        while True:
+        def attempt(_remaining_s: float | None) -> T:
             try:
                 return fn()
             except FileNotFoundError as error:
@@ -59,14 +59,13 @@ class Retry:
             except SourceError:
                 raise
             except Exception as error:  # network stacks raise anything from OSError to httpx errors
-                if attempt == self.retries:
-                    raise SourceError(f"{what}: {type(error).__name__}: {error} "
-                                      f"(gave up after {attempt + 1} attempts)") from error
-                wait = self.backoff_s * 2**attempt
-                attempt += 1
-                log.warning("%s: %s: %s; retry %d/%d in %.1fs", what, type(error).__name__, error,
-                            attempt, self.retries, wait)
-                time.sleep(wait)
+                raise TryAgain(f"{type(error).__name__}: {error}") from error
+
+        policy = RetryPolicy(self.retries + 1, self.backoff_s, max(MAX_BACKOFF_S, self.backoff_s))
+        try:
+            return policy.call(attempt, what)
+        except GaveUp as error:
+            raise SourceError(f"{what}: {error.problem} (gave up after {error.attempts} attempts)") from error
 
 
 @dataclass(frozen=True)

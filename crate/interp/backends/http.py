@@ -7,8 +7,8 @@ Explanations: /chat/completions (or /completions with the rendered prompt). Simu
 - sampled: chat-only endpoints, no logprobs: the model writes the values (rows say simulator_kind="sampled").
 All excerpts of a feature go in one /completions request (`prompt` is a list).
 
-Requests are retried on timeouts, connection errors, 429 and 5xx with exponential backoff and full jitter
-(`Retry-After` is honoured); other 4xx fail at once. One request, all attempts and waits together, ends by
+Requests are retried on timeouts, connection errors, 429 and 5xx under the platform's one retry policy
+(crate.retry: exponential backoff with full jitter, `Retry-After` honoured); other 4xx fail at once. One request, all attempts and waits together, ends by
 `request_deadline_s`. A circuit breaker shared by the client's threads counts failed attempts in a row (timeouts,
 connection errors, 5xx): at `breaker_failures` it opens and every call fails at once, without a request, for
 `breaker_cooldown_s`; then one trial call goes through, and any answer from the server closes it again. The API key comes from the environment variable named in the
@@ -32,6 +32,7 @@ from crate.interp.prompts import (VALUE_STRINGS, MalformedOutput, Message, expla
                                   parse_explanation, parse_sampled_values, render_text, sampled_simulation_prompt,
                                   simulation_prompt)
 from crate.interp.records import Excerpt
+from crate.retry import GaveUp, RetryPolicy, TryAgain
 
 log = logging.getLogger(__name__)
 RETRYABLE_STATUS = {408, 409, 425, 429}
@@ -86,44 +87,47 @@ class HTTPClient:
         return f"HTTPClient({self.base_url})"
 
     def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        url = f"{self.base_url}/{path}"
         c = self.config
-        deadline = time.monotonic() + c.request_deadline_s
-        for attempt in range(1, c.max_attempts + 1):
+        policy = RetryPolicy(c.max_attempts, c.backoff_s, c.backoff_max_s, c.request_deadline_s, logging.DEBUG)
+        attempts = 0
+
+        def attempt(remaining_s: float | None) -> dict[str, Any]:
+            nonlocal attempts
+            attempts += 1
             self.breaker.check(path)
             self.calls.add()
-            wait = min(c.backoff_max_s, c.backoff_s * 2 ** (attempt - 1)) * self.rng.random()
-            timeout = min(c.request_timeout_s, deadline - time.monotonic())
-            backend_failed = True  # the server did not answer, or answered 5xx
+            timeout = min(c.request_timeout_s, remaining_s)
             try:
-                response = self.session.post(url, json=payload, timeout=max(timeout, 1e-3))
+                response = self.session.post(f"{self.base_url}/{path}", json=payload, timeout=max(timeout, 1e-3))
             except (requests.Timeout, requests.ConnectionError) as error:
-                problem = f"{type(error).__name__}"
+                self._backend_failed(path, type(error).__name__, attempts)
+                raise TryAgain(type(error).__name__) from None
+            if response.status_code >= 500:
+                self._backend_failed(path, f"HTTP {response.status_code}", attempts)
             else:
-                backend_failed = response.status_code >= 500
-                if not backend_failed:
-                    self.breaker.answered()
-                if response.status_code == 200:
-                    try:
-                        return response.json()
-                    except ValueError:
-                        problem = "a response that is not JSON"
-                elif response.status_code in RETRYABLE_STATUS or response.status_code >= 500:
-                    problem = f"HTTP {response.status_code}"
-                    wait = max(wait, _retry_after(response))
-                else:
-                    raise BackendError(f"HTTP {response.status_code} from /{path}: {response.text[:200]}")
-            if backend_failed and self.breaker.failed():
-                raise BackendError(f"{problem} from /{path} (attempt {attempt}); circuit open after "
-                                   f"{c.breaker_failures} failed calls in a row")
-            if attempt == c.max_attempts:
-                raise BackendError(f"{problem} from /{path} after {attempt} attempts")
-            if time.monotonic() + wait >= deadline:
-                raise BackendError(f"{problem} from /{path}: request_deadline_s ({c.request_deadline_s:g}s) "
-                                   f"reached after {attempt} attempts")
-            log.debug("%s from /%s (attempt %d); retrying in %.1fs", problem, path, attempt, wait)
-            time.sleep(wait)
-        raise AssertionError("unreachable")
+                self.breaker.answered()
+            if response.status_code == 200:
+                try:
+                    return response.json()
+                except ValueError:
+                    raise TryAgain("a response that is not JSON") from None
+            if response.status_code in RETRYABLE_STATUS or response.status_code >= 500:
+                raise TryAgain(f"HTTP {response.status_code}", _retry_after(response))
+            raise BackendError(f"HTTP {response.status_code} from /{path}: {response.text[:200]}")
+
+        try:
+            return policy.call(attempt, f"/{path}", self.rng)
+        except GaveUp as error:
+            if error.deadline:
+                raise BackendError(f"{error.problem} from /{path}: request_deadline_s ({c.request_deadline_s:g}s) "
+                                   f"reached after {error.attempts} attempts") from None
+            raise BackendError(f"{error.problem} from /{path} after {error.attempts} attempts") from None
+
+    def _backend_failed(self, path: str, problem: str, attempt: int) -> None:
+        """The server did not answer, or answered 5xx: counted by the breaker, which may open now."""
+        if self.breaker.failed():
+            raise BackendError(f"{problem} from /{path} (attempt {attempt}); circuit open after "
+                               f"{self.config.breaker_failures} failed calls in a row")
 
     def close(self) -> None:
         self.session.close()
