@@ -8,13 +8,13 @@ import json
 import sys
 
 from crate.cli import parse_config, run_job, setup_logging
-from crate.bench.train import BenchmarkConfig, run
+from crate.bench.train import StepBenchmarkConfig, benchmark_steps
 
 
 def main(argv=None) -> None:
     setup_logging()
-    config, _ = parse_config(BenchmarkConfig, __doc__, argv)
-    for line in run(config):
+    config, _ = parse_config(StepBenchmarkConfig, __doc__, argv)
+    for line in benchmark_steps(config):
         print(json.dumps(line), flush=True)
 
 

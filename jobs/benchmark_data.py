@@ -8,14 +8,14 @@ import json
 import sys
 
 from crate.cli import parse_config, run_job, setup_logging
-from crate.bench.data import DataBenchmarkConfig, run, summary
+from crate.bench.data import DataBenchmarkConfig, benchmark_data, summary
 
 
 def main(argv=None) -> None:
     setup_logging()
     config, _ = parse_config(DataBenchmarkConfig, __doc__, argv)
     results = []
-    for result in run(config):
+    for result in benchmark_data(config):
         print(json.dumps(result), flush=True)
         results.append(result)
     print(summary(results))

@@ -48,7 +48,7 @@ def _commit() -> str:
 
 
 @torch.no_grad()
-def run(config: HookBenchmarkConfig) -> dict:
+def benchmark_hooks(config: HookBenchmarkConfig) -> dict:
     torch.set_num_threads(config.threads)
     torch.manual_seed(0)
     models = {name: build_model(name).eval() for name in config.presets}
@@ -90,7 +90,7 @@ def run(config: HookBenchmarkConfig) -> dict:
 def main(argv=None) -> None:
     setup_logging()
     config, _ = parse_config(HookBenchmarkConfig, __doc__, argv)
-    print(json.dumps(run(config), indent=1))
+    print(json.dumps(benchmark_hooks(config), indent=1))
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 from crate.cli import parse_config, run_job, setup_logging
-from crate.bench.interp import BenchmarkConfig, run_benchmark
+from crate.bench.interp import RecordsBenchmarkConfig, benchmark_records
 
 
 def main(argv=None) -> None:
     setup_logging()
-    config, _ = parse_config(BenchmarkConfig, __doc__, argv)
-    result = run_benchmark(config)
+    config, _ = parse_config(RecordsBenchmarkConfig, __doc__, argv)
+    result = benchmark_records(config)
     Path(config.output).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 

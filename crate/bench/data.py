@@ -56,7 +56,7 @@ class DataBenchmarkConfig:
             raise ConfigError("object_store_mb", "Ray needs at least 80 MB")
 
 
-def run(cfg: DataBenchmarkConfig) -> Iterator[dict[str, Any]]:
+def benchmark_data(cfg: DataBenchmarkConfig) -> Iterator[dict[str, Any]]:
     """One result dict per measurement, machine description first."""
     import ray
 

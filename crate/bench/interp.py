@@ -34,7 +34,7 @@ from crate.interp.records import write_records
 
 
 @dataclass
-class BenchmarkConfig:
+class RecordsBenchmarkConfig:
     preset: str = "crate-12l"  # model preset (random weights) when no checkpoint is given
     checkpoint: str | None = None
     corpus: str | None = None  # a crate.data corpus URI; None: seeded random token ids
@@ -48,7 +48,7 @@ class BenchmarkConfig:
             self.records = self.records.resolved("crate-paper")
 
 
-def _blocks(cfg: BenchmarkConfig, vocab: int) -> list[np.ndarray]:
+def _blocks(cfg: RecordsBenchmarkConfig, vocab: int) -> list[np.ndarray]:
     spec = cfg.records
     if cfg.corpus is None:
         rng = np.random.default_rng(cfg.seed)
@@ -66,7 +66,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_benchmark(cfg: BenchmarkConfig) -> dict:
+def benchmark_records(cfg: RecordsBenchmarkConfig) -> dict:
     from crate.model import build_model, load_model, resolve_device
 
     device = resolve_device(cfg.device)

@@ -30,7 +30,7 @@ from crate.train.runtime import single_process_env
 
 
 @dataclass
-class BenchmarkConfig:
+class StepBenchmarkConfig:
     presets: list[str] = dataclasses.field(default_factory=lambda: ["crate-tiny", "gpt-tiny"])
     recipe: str = "quickstart"  # the pretraining recipe whose engine settings the platform step uses
     steps: str = "core,platform"  # which steps to measure
@@ -106,7 +106,7 @@ def measure(kind: str, preset: str, cfg: PretrainConfig, device: torch.device, w
     }
 
 
-def run(bench: BenchmarkConfig) -> Iterator[dict]:
+def benchmark_steps(bench: StepBenchmarkConfig) -> Iterator[dict]:
     device = resolve_device("auto")
     cfg = load_config(PretrainConfig, bench.recipe, ["train.launcher=local", "data.engine=local"])
     if bench.context:  # the benchmark builds each preset with this context, whatever the recipe's model
