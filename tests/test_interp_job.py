@@ -5,6 +5,7 @@ duplicated rows."""
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -81,9 +82,15 @@ def test_job_collects_with_actors_scores_and_tracks_one_linked_run(cluster, subj
 
 
 def rows_written(out: Path) -> int:
-    wal, results = out / "results.wal.jsonl", out / "results.parquet"
-    lines = wal.read_text().count("\n") if wal.is_file() else 0
-    return lines + (pq.read_metadata(results).num_rows if results.is_file() else 0)
+    """Rows committed to the store's database (read-only, beside the running job)."""
+    database = out / "results.sqlite"
+    if not database.is_file():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+            return db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+    except sqlite3.OperationalError:  # the job has not created the table yet
+        return 0
 
 
 def test_a_killed_job_resumes_without_lost_or_duplicated_rows(cluster, subject, tmp_path):

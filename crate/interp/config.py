@@ -148,7 +148,7 @@ class WorkersConfig:
     cpus_per_actor: float = 1.0
     gpu_wait_s: float = 600.0  # actors that ask for GPUs must start within this (an autoscaler adds GPU nodes)
     max_actor_restarts: int = 2  # a crashed actor is restarted and its in-flight neurons retried
-    compact_every: int = 500  # rows between compactions of the write-ahead log into results.parquet
+    compact_every: int = 500  # rows between compactions of the results database (and its mirror)
 
     def __post_init__(self) -> None:
         if self.collect_actors < 0 or self.actors < 0 or self.compact_every < 1:

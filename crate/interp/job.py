@@ -41,7 +41,7 @@ from crate.interp.records import is_complete, read_feature_records, write_record
 from crate.interp.report import layer_summary, model_summary, plot_layers
 from crate.interp.schema import RESULTS_SCHEMA, result_key, write_parquet
 from crate.interp.scoring import failed_rows
-from crate.interp.store import ResultStore
+from crate.interp.store import DATABASE_FILE, LOG_FILE, RESULTS_FILE, ResultStore
 from crate.model import resolve_device
 from crate.plots import save
 from crate.tracking.job import TrackedJob
@@ -165,7 +165,7 @@ class InterpretabilityJob:
         default = Path("" if "://" in storage else storage) / "interp" / self.subject.folder
         self.out = Path(cfg.output_dir or default).resolve()  # on the driver
         self._check_output()
-        self.store = ResultStore(self.out)
+        self.store = ResultStore(self.out, mirror=_results_mirror(storage, self.subject.folder, cfg.output_dir))
         self._write_json("model.json", {"model": self.subject.model_id, "model_sha256": self.subject.sha256,
                                         "checkpoint": self.subject.checkpoint})
 
@@ -179,7 +179,7 @@ class InterpretabilityJob:
                                                 f"{str(theirs.get('model_sha256'))[:12]}), not this checkpoint's "
                                                 f"{self.subject.model_id} ({self.subject.sha256[:12]}); give another "
                                                 f"--output or leave it unset (a folder per model)")
-        elif any((self.out / name).exists() for name in ("records", "results.parquet", "results.wal.jsonl")):
+        elif any((self.out / name).exists() for name in ("records", RESULTS_FILE, DATABASE_FILE, LOG_FILE)):
             raise ConfigError("output_dir", f"{self.out} holds records or results of a model it does not name "
                                             f"(no model.json); give another --output")
 
@@ -332,6 +332,7 @@ class InterpretabilityJob:
                      f"{cfg.workers.actors} actors" if cfg.workers.actors else "the driver", cfg.workers.concurrency)
             pool.score_tasks(self.tasks(pool.identity, collections, store), total, cfg.seed, store)
             self.store.compact()
+            self.store.write_results()
             summary = self.summarize(pool.identity, job.tracker)
             if summary["failed_rows"] > cfg.max_failed_share * summary["rows"]:
                 raise TooManyFailures(summary, cfg.max_failed_share)
@@ -397,6 +398,12 @@ class InterpretabilityJob:
         if self.subject.run_id:
             tags["crate.model_run_id"] = str(self.subject.run_id)  # the training run this job evaluates
         return tags
+
+
+def _results_mirror(storage: str, folder: str, output_dir: str | None) -> str | None:
+    """Where the results of a job in its default folder are mirrored: the same folder under a remote
+    CRATE_STORAGE_PATH (the driver's disk may not outlive the job); None for a local one (it is the folder)."""
+    return f"{storage.rstrip('/')}/interp/{folder}" if "://" in storage and not output_dir else None
 
 
 def _for_model(cfg: InterpConfig, context: int) -> InterpConfig:

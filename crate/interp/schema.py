@@ -9,8 +9,8 @@ Layout of one job's output directory (`InterpConfig.output_dir`):
     records/<collection_id>/features.parquet    per-feature activation statistics     (FEATURES_SCHEMA)
     records/<collection_id>/_COMPLETE           written last: the collection finished
     model.json                                  the model this directory belongs to (label, model_sha256)
-    results.parquet                             one row per scored feature × metric   (RESULTS_SCHEMA)
-    results.wal.jsonl                           rows finished since the last compaction (see crate.interp.store)
+    results.parquet                             one row per scored feature × metric   (RESULTS_SCHEMA), at the end
+    results.sqlite                              the same rows while the job runs, one per key (crate.interp.store)
 
 **Activation records** — one row per (feature, record). A record is a `window`-token excerpt of one block of
 the evaluation stream with the feature's activation at every token.
