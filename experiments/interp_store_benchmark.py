@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -42,7 +44,8 @@ def old_store_class(commit: str):
 
 def feature_rows(layer: int, neuron: int) -> list[dict]:
     """The two rows (tar, random) of one scored feature, sized like the job's (explanation, 20 excerpt names,
-    20 simulated excerpts of 64 tokens)."""
+    20 simulated excerpts of 64 tokens of seeded random values: as incompressible as real simulations)."""
+    rng = np.random.default_rng([layer, neuron])
     base = {name: None for name in RESULTS_SCHEMA.names}
     base.update(model="crate-12l@60000", model_sha256="0" * 64, features="neurons", layer=layer, neuron=neuron,
                 protocol="crate-paper", backend="http:llama-3-70b", prompt_version="v3", seed=0, status="scored",
@@ -53,7 +56,7 @@ def feature_rows(layer: int, neuron: int) -> list[dict]:
                 created_at=1_700_000_000_000 + neuron)
     return [{**base, "metric": metric, "score": 0.1 + (neuron % 7) / 10,
              "excerpts": [f"top/{i}" for i in range(20)],
-             "simulated": [[0.25] * 64 for _ in range(20)]} for metric in ("tar", "random")]
+             "simulated": rng.random((20, 64), dtype=np.float32).tolist()} for metric in ("tar", "random")]
 
 
 def measure(store_class, rows: int, compact_every: int, directory: Path) -> dict:
@@ -62,8 +65,9 @@ def measure(store_class, rows: int, compact_every: int, directory: Path) -> dict
     compactions = 0
     features_per_layer = rows // 2 // 12 + 1
     for feature in range(rows // 2):
+        rows_of_feature = feature_rows(feature // features_per_layer, feature % features_per_layer)
         started = time.perf_counter()
-        store.append(feature_rows(feature // features_per_layer, feature % features_per_layer))
+        store.append(rows_of_feature)
         append_s += time.perf_counter() - started
         if store.unfolded >= compact_every:
             started = time.perf_counter()
