@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from crate.files import replacing, write_atomic
-from crate.interp.schema import RESULT_KEY, RESULTS_SCHEMA, result_key, write_parquet
+from crate.interp.schema import RESULTS_SCHEMA, result_key, write_parquet
 
 log = logging.getLogger(__name__)
 DATABASE_FILE, RESULTS_FILE, LOCK_FILE = "results.sqlite", "results.parquet", "results.lock"
