@@ -9,6 +9,7 @@ from typing import Literal
 
 from crate.config import Flag
 from crate.errors import ConfigError
+from crate.interp.features import check_feature_spec
 from crate.interp.protocols import metric_groups
 from crate.interp.schema import METRICS, PROTOCOLS
 from crate.tracking import TrackingConfig
@@ -166,9 +167,13 @@ METRICS_BY_PROTOCOL = {"crate-paper": ("tar", "random", "anthropic"), "openai": 
 
 @dataclass
 class InterpConfig:
-    checkpoint: str = ""  # model checkpoint file (ours, or the paper's released layout); required
+    # required: a model checkpoint file (ours, or the paper's released layout) or a local Hugging Face causal LM
+    # directory (config.json + weights; GPT-2's tokenizer), e.g. OpenAI's GPT-2 downloaded beforehand
+    checkpoint: str = ""
     corpus: str = "stdlib://val"  # evaluation stream, any crate.data corpus URI (paper: pile://val)
-    features: str = "neurons"  # feature source: neurons, or a registered kind such as sae:PATH
+    # feature source (crate.interp.features): neurons; hook:SITE, any hook point or module with {l} for the layer
+    # (hook:blocks.{l}.ista.hook_dtx, hook:transformer.h.{l}.mlp.act); sae:PATH, an SAE from jobs/train_sae.py
+    features: str = "neurons"
     layers: list[int] | None = None  # default: every layer
     protocol: Literal["crate-paper", "openai"] = "crate-paper"
     metrics: list[str] = field(default_factory=lambda: ["tar"])  # crate-paper: tar random anthropic; openai: tar top random
@@ -186,6 +191,7 @@ class InterpConfig:
     def __post_init__(self) -> None:
         if not self.checkpoint:
             raise ConfigError("checkpoint", "required: the model checkpoint to interpret (--checkpoint PATH)")
+        check_feature_spec(self.features)
         if self.protocol not in PROTOCOLS:
             raise ConfigError("protocol", f"must be one of {PROTOCOLS}")
         allowed = METRICS_BY_PROTOCOL[self.protocol]
@@ -209,12 +215,12 @@ class InterpConfig:
 
 # Shorthand flags of `jobs/interpret.py`, each the same as a `key=value` override.
 FLAGS = [
-    Flag("--checkpoint", "checkpoint", "model checkpoint file", "text", "PATH"),
+    Flag("--checkpoint", "checkpoint", "model checkpoint file, or a local Hugging Face causal LM directory", "text", "PATH"),
     Flag("--corpus", "corpus", "evaluation corpus URI (pile://val, a path, a pretokenized directory, ...)", "text", "URI"),
     Flag("--metric", "metrics", "tar, random, anthropic (crate-paper); tar, top, random (openai)", "texts"),
     Flag("--protocol", "protocol", "crate-paper | openai", "text"),
     Flag("--backend", "backend.kind", "tokenset | http | hf", "text"),
-    Flag("--features", "features", "neurons, or a registered source such as sae:PATH", "text"),
+    Flag("--features", "features", "neurons | hook:SITE ({l} = the layer) | sae:PATH", "text"),
     Flag("--sample", "sample", "score a seeded sample of N features per layer", metavar="N"),
     Flag("--layers", "layers", "layer indices (default: all)", "numbers"),
     Flag("--output", "output_dir", "output directory (default interp/<run>@<step>-<sha12>, one per model)", "text", "DIR"),

@@ -15,15 +15,13 @@ scope is reopened.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +29,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from crate.config import flatten
-from crate.errors import CheckpointError, ConfigError
+from crate.errors import ConfigError
 from crate.interp.collect import batched, collect, records_precision
 from crate.interp.config import InterpConfig
 from crate.interp.features import feature_source
@@ -42,22 +40,10 @@ from crate.interp.report import layer_summary, model_summary, plot_layers
 from crate.interp.schema import RESULTS_SCHEMA, result_key, write_parquet
 from crate.interp.scoring import failed_rows
 from crate.interp.store import ResultStore
+from crate.interp.subject import Subject
 from crate.plots import save
 
 log = logging.getLogger(__name__)
-
-
-def model_sha256(model) -> str:
-    """The model's identity by content: SHA-256 over its config and every tensor of its state dict (name, dtype,
-    shape, bytes), so the same weights hash alike wherever and in whatever file layout they are stored."""
-    import torch
-
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 class TooManyFailures(RuntimeError):
@@ -69,55 +55,6 @@ class TooManyFailures(RuntimeError):
         super().__init__(f"{failed} of {rows} result rows failed ({failed / max(rows, 1):.0%}), more than "
                          f"max_failed_share={max_share:g}; their reasons are in {summary['results']} "
                          f"(status failed); rerun the same command to retry only them")
-
-
-@dataclass
-class Subject:
-    """The model under study and where it came from. `model_id` is its name in tables and plots (`<run>@<step>`
-    for platform checkpoints); `sha256` (model_sha256) is what it is."""
-
-    model: object
-    checkpoint: str
-    model_id: str
-    sha256: str
-    run_id: str | None
-    step: int | None
-
-    @classmethod
-    def load(cls, checkpoint: str) -> "Subject":
-        from crate.model import load_model
-        from crate.model.checkpoint import is_storage_uri
-
-        if not is_storage_uri(checkpoint):
-            if not Path(checkpoint).is_file():
-                raise ConfigError("checkpoint", f"no checkpoint file at {checkpoint}")
-            checkpoint = str(Path(checkpoint).resolve())
-        try:
-            model = load_model(checkpoint)
-        except CheckpointError as error:  # a storage URI that does not open, a damaged or crafted file
-            raise ConfigError("checkpoint", str(error)) from None
-        sha256 = model_sha256(model)
-        metadata = getattr(model, "checkpoint_metadata", {}) or {}  # absent for the paper's released checkpoints
-        run_id, step = metadata.get("mlflow_run_id"), metadata.get("step")
-        trained_as = metadata.get("run_name") or run_id  # tables and plots label the model by its run name
-        if trained_as and step is not None:
-            model_id = f"{trained_as}@{step}"
-        else:
-            model_id = f"{PurePosixPath(checkpoint).stem}-{sha256[:12]}"
-        return cls(model, checkpoint, model_id, sha256, run_id, step)
-
-    @property
-    def folder(self) -> str:
-        """The default output folder's name: the label and the content hash, in characters safe in a path."""
-        label = re.sub(r"[^\w.@+-]", "_", self.model_id)
-        return label if label.endswith(self.sha256[:12]) else f"{label}-{self.sha256[:12]}"
-
-    @property
-    def provenance(self) -> dict:
-        c = self.model.config
-        return {"checkpoint": self.checkpoint, "checkpoint_run_id": self.run_id, "checkpoint_step": self.step,
-                "model": self.model_id, "model_sha256": self.sha256, "preset": c.preset, "arch": c.arch,
-                "n_layer": c.n_layer}
 
 
 def _code_version() -> str:
@@ -140,12 +77,12 @@ def selected_features(cfg: InterpConfig, n_features: dict[int, int]) -> dict[int
 class InterpretabilityJob:
     def __init__(self, cfg: InterpConfig):
         self.subject = Subject.load(cfg.checkpoint)
-        config = self.subject.model.config
-        self.cfg = cfg = _for_model(cfg, config.block_size)
-        self.layers = list(cfg.layers) if cfg.layers is not None else list(range(config.n_layer))
+        model = self.subject.model
+        self.cfg = cfg = _for_model(cfg, model.context)
+        self.layers = list(cfg.layers) if cfg.layers is not None else list(range(model.n_layer))
         self.source = feature_source(cfg.features)
         try:
-            n_features = {layer: self.source.n_features(self.subject.model, layer) for layer in self.layers}
+            n_features = {layer: self.source.n_features(model, layer) for layer in self.layers}
         except ValueError as error:
             raise ConfigError("layers", str(error)) from None
         self.n_features = n_features
@@ -153,9 +90,9 @@ class InterpretabilityJob:
         self.groups = metric_groups(cfg.protocol, cfg.metrics)
         for group, _ in self.groups:
             collection = getattr(cfg, group.collection)
-            if collection.block_length > config.block_size:
+            if collection.block_length > model.context:
                 raise ConfigError(f"{group.collection}.block_length", f"{collection.block_length} exceeds the model's "
-                                                                      f"context ({config.block_size})")
+                                                                      f"context ({model.context})")
         self._check_devices()
         self._check_corpus()
         self._check_backend()
@@ -362,14 +299,14 @@ class InterpretabilityJob:
         mask = pc.and_(mask, pc.is_in(unit, pa.array(chosen, pa.int64())))  # this job's features only
         scoped = table.filter(mask)
         layers = layer_summary(scoped, self.n_features)
-        models = model_summary(layers, self.subject.model.config.n_layer)
+        models = model_summary(layers, self.subject.model.n_layer)
         summary = {"output_dir": str(self.out), "results": str(self.store.results_path), "model": self.subject.model_id,
                    "model_sha256": self.subject.sha256, "checkpoint": self.subject.checkpoint,
                    "quarantined": self.store.quarantined, "backend": backend["backend"], "protocol": cfg.protocol, "mlflow_run_id": tracker.run_id,
                    "rows": scoped.num_rows, "failed_rows": sum(r["failed"] for r in layers),
                    "layers": layers, "models": models}
         self._write_json("summary.json", summary)
-        figure = plot_layers(layers, self.subject.model.config.n_layer, f"{self.subject.model_id} ({cfg.features})")
+        figure = plot_layers(layers, self.subject.model.n_layer, f"{self.subject.model_id} ({cfg.features})")
         tracker.log_figure(figure, "layers.png")
         save(figure, self.out / "layers.png")
         for row in layers:
@@ -401,13 +338,14 @@ class InterpretabilityJob:
 
     def _params(self) -> dict:
         params = {k: v for k, v in flatten(self.cfg).items() if not k.startswith("tracking.")}
-        config = self.subject.model.config
-        params.update({"model.id": self.subject.model_id, "model.sha256": self.subject.sha256, "model.arch": config.arch, "model.n_layer": config.n_layer,
-                       "model.n_neurons": config.n_neurons, "prompt_version": PROMPT_VERSION})
+        model = self.subject.model
+        params.update({"model.id": self.subject.model_id, "model.sha256": self.subject.sha256, "model.arch": model.arch,
+                       "model.n_layer": model.n_layer, "features.kind": self.source.kind,
+                       "features.per_layer": max(self.n_features.values()), "prompt_version": PROMPT_VERSION})
         return params
 
     def _tags(self, backend: dict[str, str]) -> dict[str, str]:
-        tags = {"crate.job": "interpret", "crate.arch": self.subject.model.config.arch, "crate.model_id": self.subject.model_id,
+        tags = {"crate.job": "interpret", "crate.arch": self.subject.model.arch, "crate.model_id": self.subject.model_id,
                 "crate.model_sha256": self.subject.sha256,
                 "crate.checkpoint": self.subject.checkpoint, "crate.backend": backend["backend"],
                 "crate.protocol": self.cfg.protocol}

@@ -34,7 +34,7 @@ step, model id, model_sha256, features spec, corpus, the collection settings, co
 
 **Model identity**: `model` is a model's name in tables and plots (`<run name>@<step>` for platform checkpoints,
 `<file stem>-<sha12>` for others); `model_sha256` is what it is: SHA-256 over its config and weights
-(`crate.interp.job.model_sha256`). Both are in every result key and the collection id, and an output directory's
+(`crate.interp.subject.model_sha256`). Both are in every result key and the collection id, and an output directory's
 `model.json` names the one model whose records and results it holds (a job for another model refuses it).
 
 **Feature statistics** — one row per feature of a collection: `count` units seen, `mean`, `variance`,

@@ -52,6 +52,17 @@ def distinct_labels(table: pl.DataFrame) -> pl.DataFrame:
                               .otherwise(pl.col("model")).alias("model"))
 
 
+def feature_label(feature_kind: str) -> str:
+    """What follows a model's label for its features: nothing for its neurons, "+SAE" for an SAE on them,
+    "+SAE@SITE" for an SAE on another site, "@SITE" for the values at a hook point or module (`hook:SITE`)."""
+    kind, _, site = feature_kind.partition(":")
+    if kind == "neurons":
+        return ""
+    if kind == "hook":
+        return f"@{site}"
+    return f"+{kind.upper()}" + (f"@{site}" if site else "")
+
+
 def metric_order(metrics: Iterable[str]) -> list[str]:
     """The schema's order (tar, random, top, anthropic), then any others alphabetically."""
     from crate.interp.schema import METRICS
