@@ -83,6 +83,8 @@ class InterpretabilityJob:
         self.source = feature_source(cfg.features)
         try:
             n_features = {layer: self.source.n_features(model, layer) for layer in self.layers}
+        except ConfigError:  # the source does not fit the model (a site it lacks): already names `features`
+            raise
         except ValueError as error:
             raise ConfigError("layers", str(error)) from None
         self.n_features = n_features
