@@ -49,7 +49,7 @@ def test_every_checkpoint_job_accepts_a_storage_uri(subject, tmp_path):
 
     uri = f"file://{subject / 'tiny.pt'}"
     loaded = Subject.load(uri)
-    assert loaded.checkpoint == uri and loaded.model.config.n_layer == 2
+    assert loaded.checkpoint == uri and loaded.model.n_layer == 2
     with pytest.raises(ConfigError) as error:
         Subject.load(f"file://{tmp_path / 'missing.pt'}")
     assert error.value.field == "checkpoint" and "missing.pt" in str(error.value)
