@@ -3,7 +3,9 @@
 in Table 2 beside our CRATE and GPT; any hook point of our models as a feature source, directly or through an SAE
 trained, evaluated and scored there. Single-process (scoring in the driver, `workers.actors=0`), tiny models."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -19,9 +21,13 @@ from crate.interp.subject import Subject, model_sha256
 from crate.model import build_model, save_model
 from crate.results.compare import compare, render_markdown
 from crate.results.tables import read_results
-from crate.sae import SAEConfig, SAESource, SparseAutoencoder, evaluate_sae, save_sae
+from crate.sae import SAEConfig, SparseAutoencoder, evaluate_sae, load_sae
 from crate.sae.activations import LayerActivations
 from crate.sae.job import TrainSAEConfig
+
+_spec = importlib.util.spec_from_file_location("train_sae_job", Path(__file__).parents[1] / "jobs" / "train_sae.py")
+train_sae_job = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_sae_job)
 
 TEXT = ("The cat sat on the mat. A dog ran after the cat, and the cat ran up a tree. "
         "def area(r):\n    return 3.14 * r * r\n\nprint(area(2))\n")
@@ -30,7 +36,7 @@ RESID = "blocks.{l}.hook_resid_post"
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Our tiny CRATE and GPT checkpoints, a tiny random GPT-2 directory with GPT-2's tokenizer, a corpus."""
+    """Our tiny CRATE and GPT checkpoints, a tiny random GPT-2 directory with GPT-2's tokenizer, two corpora."""
     root = tmp_path_factory.mktemp("sources")
     torch.manual_seed(0)
     save_model(build_model("crate-tiny"), root / "crate.pt", mlflow_run_id="run-c", run_name="crate-tiny", step=1)
@@ -39,6 +45,7 @@ def models(tmp_path_factory):
     GPT2LMHeadModel(config).save_pretrained(root / "gpt2-random")
     hf_tokenizer().save_pretrained(root / "gpt2-random")
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": TEXT * (i % 5 + 1)}) + "\n" for i in range(40)))
+    (root / "val.jsonl").write_text("".join(json.dumps({"text": TEXT[::-1] * (i + 1)}) + "\n" for i in range(8)))
     return root
 
 
@@ -132,7 +139,7 @@ def test_gpt2_neurons_are_scored_under_both_protocols_and_compared_beside_crate_
     assert set(comparison.improvements["crate"]) == {"crate-tiny@1"}  # CRATE against our GPT only
 
 
-def test_an_sae_on_the_residual_stream_is_evaluated_there_and_scored_like_neurons(models, tmp_path):
+def test_an_sae_on_the_residual_stream_is_evaluated_there_trained_by_the_job_and_scored_like_neurons(models, tmp_path):
     model = build_model("crate-tiny")
     model.load_state_dict(torch.load(models / "crate.pt", weights_only=True)["model"])
     d = model.config.n_embd
@@ -142,14 +149,23 @@ def test_an_sae_on_the_residual_stream_is_evaluated_there_and_scored_like_neuron
         exact.W_dec.copy_(exact.W_enc)
         exact.b_enc.zero_()
         exact.b_dec.zero_()
-    batches = tokens(4, 17).split(2)
-    rows = next(iter(LayerActivations(model, 0, [tokens()], RESID)))
-    assert rows.shape == (2 * 12, d)
-    evaluation = evaluate_sae(model, 0, exact, batches, RESID)
+    assert next(iter(LayerActivations(model, 0, [tokens()], RESID))).shape == (2 * 12, d)
+    evaluation = evaluate_sae(model, 0, exact, tokens(4, 17).split(2), RESID)  # spliced in at the stream
     assert evaluation.mse < 1e-10 and evaluation.loss_recovered == pytest.approx(1.0)
     assert evaluation.loss_zero_ablated != pytest.approx(evaluation.loss_clean)
-    save_sae(exact, tmp_path / "sae.pt", SAESource(str(models / "crate.pt"), "crate", layer=0, site=RESID))
-    for name, extra in (("sae", {"features": f"sae:{tmp_path / 'sae.pt'}"}), ("neurons", {})):
+
+    argv = ["--checkpoint", str(models / "crate.pt"), "--layer", "0", "--site", RESID, "--output-dir",
+            str(tmp_path / "train"), f"data.train={models / 'corpus.jsonl'}", f"data.val={models / 'val.jsonl'}",
+            "data.context=16", "eval_blocks=4", "sae.expansion=2", "sae.batch_size=64", "sae.buffer_size=256",
+            "sae.resample_at=[]", "tracking.enabled=false", "--steps", "10"]
+    with pytest.raises(ConfigError, match="no hook point 'blocks.0.hook_nothing'") as error:
+        train_sae_job.main([*argv, "--site", "blocks.{l}.hook_nothing"])
+    assert error.value.field == "site"
+    train_sae_job.main(argv)
+    sae, source = load_sae(tmp_path / "train" / "sae.pt")
+    assert (source.site, source.layer, sae.config.n_features) == (RESID, 0, 2 * d)
+    assert 0 <= sae.checkpoint_metrics["eval/fvu"] and "eval/loss_recovered" in sae.checkpoint_metrics
+    for name, extra in (("sae", {"features": f"sae:{tmp_path / 'train' / 'sae.pt'}"}), ("neurons", {})):
         run_interpretability(job(models, tmp_path / name, layers="[0]", **extra))
     rows = pq.read_table(tmp_path / "sae" / "results.parquet").to_pylist()
     assert {r["feature_kind"] for r in rows} == {f"sae:{RESID}"} and all(0 <= r["neuron"] < 2 * d for r in rows)
