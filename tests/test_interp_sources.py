@@ -171,3 +171,14 @@ def test_an_sae_on_the_residual_stream_is_evaluated_there_trained_by_the_job_and
     assert {r["feature_kind"] for r in rows} == {f"sae:{RESID}"} and all(0 <= r["neuron"] < 2 * d for r in rows)
     assert sum(r["status"] == "scored" for r in rows) >= 1, [r["reason"] for r in rows]
     assert f"crate-tiny@1+SAE@{RESID}" in render_markdown(compare(read_results([tmp_path / "sae", tmp_path / "neurons"])))
+
+
+@pytest.mark.integration  # Ray actors load the Hugging Face directory themselves
+def test_ray_actors_collect_and_score_a_hugging_face_model_as_the_driver_alone_does(ray_cluster, models, tmp_path):
+    alone = run_interpretability(job(models, tmp_path / "alone", checkpoint=models / "gpt2-random"))
+    actors = run_interpretability(job(models, tmp_path / "actors", checkpoint=models / "gpt2-random",
+                                      **{"workers.collect_actors": 2, "workers.actors": 1}))
+    assert actors["model_sha256"] == alone["model_sha256"]
+    scores = {name: sorted((r["layer"], r["neuron"], r["score"]) for r in
+                           pq.read_table(tmp_path / name / "results.parquet").to_pylist()) for name in ("alone", "actors")}
+    assert scores["actors"] == scores["alone"] and len(scores["alone"]) == 2 * 4
