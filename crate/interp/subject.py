@@ -141,11 +141,11 @@ class HFSubject(SubjectModel):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         c = model.config
-        self.arch, self.n_layer = c.model_type, c.num_hidden_layers
-        self.context = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
-        if not self.context:
-            raise ConfigError("checkpoint", f"the {self.arch} model's config names no context length "
-                                            f"(max_position_embeddings)")
+        self.arch = c.model_type
+        self.n_layer, self.context = getattr(c, "num_hidden_layers", None), getattr(c, "max_position_embeddings", None)
+        if not self.n_layer or not self.context:
+            raise ConfigError("checkpoint", f"the {self.arch} model's config names no number of layers "
+                                            f"(num_hidden_layers) or context length (max_position_embeddings)")
         self.neurons = HF_NEURONS.get(self.arch)
 
     def hooked(self, name: str, fn) -> torch.utils.hooks.RemovableHandle:
@@ -221,7 +221,8 @@ class Subject:
         if trained_as and step is not None:
             model_id = f"{trained_as}@{step}"
         else:
-            model_id = f"{PurePosixPath(checkpoint).stem}-{sha256[:12]}"
+            path = PurePosixPath(checkpoint)
+            model_id = f"{path.name if is_hf_directory(checkpoint) else path.stem}-{sha256[:12]}"
         return cls(model, checkpoint, model_id, sha256, run_id, step)
 
     @property
