@@ -127,8 +127,9 @@ class NativeSubject(SubjectModel):
     def hooked(self, name: str, fn) -> torch.utils.hooks.RemovableHandle:
         point = self.inner.hook_dict.get(name)
         if point is None:
+            first = [n for n in self.inner.hook_dict if n.startswith("blocks.0.")]
             raise ConfigError("features", f"the {self.arch} model has no hook point {name!r} (the names: docs/model.md, "
-                                          f"model.hook_dict; e.g. {', '.join(n for n in self.inner.hook_dict if n.startswith('blocks.0.'))})")
+                                          f"model.hook_dict; those of its first block: {', '.join(first)})")
         return point.add_hook(lambda activation, hook: fn(activation))
 
     def run(self, tokens: torch.Tensor) -> None:

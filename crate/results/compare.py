@@ -12,7 +12,8 @@ A series is one model's features under one protocol and backend: the model's neu
 sites (`--features hook:SITE`, a series per site), or the features of its SAEs (one SAE per layer, from separate
 `--features sae:PATH` runs, pooled into one "+SAE" series per site as the paper's GPT-SAE rows). Any subject is a
 model here: our CRATE and GPT checkpoints and Hugging Face models (arch = their model type, e.g. `gpt2`) appear
-side by side; the improvement pairs only our CRATE and GPT neurons. Scores are Pearson correlations; reports show them ×100 as the paper does.
+side by side; the improvement pairs only our CRATE and GPT neurons. Scores are Pearson correlations; reports
+show them ×100 as the paper does.
 """
 
 from __future__ import annotations
