@@ -17,7 +17,7 @@ from crate.errors import ConfigError
 from crate.interop import hf_tokenizer, to_gpt2
 from crate.interp import InterpConfig, run_interpretability
 from crate.interp.features import feature_source
-from crate.interp.subject import Subject, model_sha256
+from crate.interp.subject import Subject, model_sha256, subject_model
 from crate.model import build_model, save_model
 from crate.results.compare import compare, render_markdown
 from crate.results.tables import read_results
@@ -94,6 +94,9 @@ def test_any_hook_point_of_our_models_is_a_feature_source_read_without_the_rest_
     model.transformer.h[1].register_forward_hook(lambda *args: later_block.append(1))
     feature_source("hook:blocks.{l}.ista.hook_dtx").activations(model, tokens(), [0])
     assert head_calls == [] and later_block == []  # the forward stops once every site has fired
+    with pytest.raises(ConfigError, match="no hook point 'blocks.1.nothing'"):
+        subject_model(model).read(tokens(), ["blocks.0.hook_resid_post", "blocks.1.nothing"])
+    assert not any(point._forward_hooks for point in model.hook_dict.values())  # the first site's hook is gone too
 
 
 def test_bad_sources_are_refused_with_one_line_naming_the_problem_before_any_work(models, tmp_path):

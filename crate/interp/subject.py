@@ -95,8 +95,10 @@ class SubjectModel(nn.Module):
 
             return hook
 
-        handles = [self.hooked(name, store(name)) for name in wanted]
+        handles = []
         try:
+            for name in dict.fromkeys(names):  # in the try: a site that does not exist removes the hooks already added
+                handles.append(self.hooked(name, store(name)))
             self.run(tokens)
         except _AllSitesRead:
             pass
@@ -115,7 +117,7 @@ class SubjectModel(nn.Module):
 
 
 class NativeSubject(SubjectModel):
-    """One of our LanguageModels; sites are its hook points (`model.hook_dict`), hooked through `model.hooks`."""
+    """One of our LanguageModels; sites are its hook points (`model.hook_dict`), hooked as `model.hooks` does."""
 
     neurons = NEURONS
 
