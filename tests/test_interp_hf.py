@@ -76,7 +76,7 @@ def test_simulated_values_are_expected_values_read_right_after_each_tab(model_di
 
 def test_hf_backend_explains_and_scores_a_feature(model_dir):
     backend = build_backend(config(model_dir))
-    (group, metrics), = metric_groups("crate-paper", ["tar", "random"])
+    (group, metrics), = metric_groups("crate-paper", ["tar", "random"], "rescore")
     rows = score_task(group.task(records()), metrics, backend, seed=0)
     assert rows[0]["explanation"].startswith("cat") and rows[0]["status"] in ("scored", "undefined")
     assert rows[0]["backend"] == f"hf:{model_dir.name}" and rows[0]["simulator_kind"] == "logprob-ev"

@@ -25,7 +25,7 @@ Selection, per feature (one total order each, so every selection is exact and sh
   batch needs one sort of its unit hashes and a slice per feature, never a key per (unit, feature).
 - quantile bins: the sampling pool is the next `quantile_pool` units of the same order. At the end the pool's
   activations estimate the feature's quantiles; bin b holds the pool units whose activation rank (ties broken by
-  sampling key) falls in [e_b, e_b+1) of the pool; the first `per_quantile` of them in sampling order are the
+  sampling key) among the pool's units that are not random records falls in [e_b, e_b+1); the first `per_quantile` of them in sampling order are the
   bin's records — a uniform sample of the bin. A bin narrower than per_quantile/quantile_pool of the distribution
   gets fewer records (the table says how many; raise quantile_pool for rare bins).
 Windows are gathered only for units that enter a selection, while their batch is on the device.
@@ -318,8 +318,10 @@ class LayerCollector:
         in_key_order = np.broadcast_to(np.arange(order.shape[0])[:, None], order.shape)
         parts.append(self._rows(self.pool, order, valid & (in_key_order < spec.random), "random", in_key_order, -1))
         if spec.n_bins:
-            bins, _ = self._pool_bins(order, valid)
+            # ranked among the quantile pool alone: with the random records in the ranking, tied zeros sort by
+            # sampling key and the random records (drawn first) take the bottom bin's ranks
             eligible = valid & (in_key_order >= spec.random)
+            bins, _ = self._pool_bins(order, eligible)
             for b in range(spec.n_bins):
                 member = eligible & (bins == b)
                 rank = np.cumsum(member, axis=0) - 1

@@ -1,0 +1,87 @@
+"""The protocol fields (crate.interp.protocols.PROTOCOL_RULES) exercised both ways, fast and without processes:
+quantile bins of sparse features, the simulator's expected-value reading, windows cut from the stream, the
+random-only pass, and the results schema carrying every field."""
+
+import numpy as np
+import pytest
+import torch
+
+from crate.interp.collect import RecordCollector
+from crate.interp.config import CollectionConfig, anthropic_collection
+
+
+def collect_layer(acts: torch.Tensor, spec: CollectionConfig, seed: int = 0) -> RecordCollector:
+    n_blocks, length, n = acts.shape
+    tokens = np.arange(n_blocks * length).reshape(n_blocks, length) % 50000
+    collector = RecordCollector(spec, {0: np.arange(n)}, seed)
+    for start in range(0, n_blocks, spec.batch_blocks):
+        ids = np.arange(start, min(start + spec.batch_blocks, n_blocks))
+        collector.update(ids, tokens[ids], {0: acts[ids]})
+    return collector
+
+
+def sparse_activations(densities, n_blocks: int, length: int, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    acts = np.zeros((n_blocks, length, len(densities)), dtype=np.float32)
+    for f, density in enumerate(densities):
+        fires = rng.random((n_blocks, length)) < density
+        acts[..., f] = np.where(fires, rng.random((n_blocks, length)) + 0.1, 0.0)
+    return torch.from_numpy(acts)
+
+
+DENSITIES = (0.3, 0.1, 0.01, 0.0)
+
+
+def test_every_anthropic_quantile_bin_gets_its_full_count_for_sparse_features():
+    """Zeros tie; the random records drawn first must not eat the bottom bin (the paper draws 20 per bin)."""
+    spec = CollectionConfig(**{**anthropic_collection().__dict__, "blocks": 40, "block_length": 128,
+                               "windows": "centered", "batch_blocks": 8})
+    records = collect_layer(sparse_activations(DENSITIES, 40, 128), spec).records(0)
+    for f, density in enumerate(DENSITIES):
+        quantile = (records["neuron"] == f) & (records["kind"] == "quantile")
+        counts = np.bincount(records["bin"][quantile], minlength=spec.n_bins)
+        assert list(counts) == [spec.per_quantile] * spec.n_bins, f"density {density}: per-bin counts {counts}"
+        random_units = records["block"][(records["neuron"] == f) & (records["kind"] == "random")]
+        assert len(random_units) == spec.random
+
+
+# -- prompt formats: character for character what the released code renders (tests/fixtures/prompts/generate.py) --
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from crate.interp.prompts import explanation_prompt, merged_system_turn, parse_explanation, simulation_prompt  # noqa: E402
+from crate.interp.records import Excerpt  # noqa: E402
+
+PROMPTS = Path(__file__).parent / "fixtures" / "prompts"
+
+
+def golden(name: str) -> dict:
+    return json.loads((PROMPTS / f"{name}.json").read_text())
+
+
+def excerpts(records: list[dict]) -> list[Excerpt]:
+    return [Excerpt(f"top/{i}", tuple(r["tokens"]), np.asarray(r["activations"], dtype=np.float32))
+            for i, r in enumerate(records)]
+
+
+@pytest.mark.parametrize("protocol,prompt_format", [("crate-paper", "fork"), ("openai", "openai")])
+def test_prompts_equal_the_released_codes_character_for_character(protocol, prompt_format):
+    fixture = golden(protocol)
+    inputs = fixture["inputs"]
+    for name, records in (("sparse", inputs["explain_records"]), ("dense", inputs["dense_records"])):
+        messages = explanation_prompt(excerpts(records), prompt_format)
+        assert [{"role": m.role, "content": m.content} for m in messages] == fixture["explanation"][name]
+        if prompt_format == "fork":
+            assert merged_system_turn(messages) == fixture["explanation_merged"][name]
+    explanation = parse_explanation(inputs["explanation"], prompt_format)
+    assert explanation == inputs["explanation"].strip()  # the raw completion, not its first line
+    for case in fixture["simulation"]:
+        text, offsets = simulation_prompt(explanation, case["tokens"], prompt_format)
+        assert text == case["prompt"]
+        assert [text[o:o + 7] for o in offsets] == ["unknown"] * len(case["tokens"])
+        assert text.count("<|endofprompt|>") == 1
+
+
+def test_a_nan_activation_is_shown_as_zero():
+    messages = explanation_prompt(excerpts([{"tokens": ["a", "b"], "activations": [float("nan"), 1.0]}]), "openai")
+    assert messages[-1].content.split("Activations:")[1].startswith("\n<start>\na\t0\nb\t10\n<end>")
