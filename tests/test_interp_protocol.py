@@ -85,3 +85,57 @@ def test_prompts_equal_the_released_codes_character_for_character(protocol, prom
 def test_a_nan_activation_is_shown_as_zero():
     messages = explanation_prompt(excerpts([{"tokens": ["a", "b"], "activations": [float("nan"), 1.0]}]), "openai")
     assert messages[-1].content.split("Activations:")[1].startswith("\n<start>\na\t0\nb\t10\n<end>")
+
+
+# -- windows: the paper's stream rule vs the block-bound one (hand-built streams) ---------------------------------
+from crate.interp.collect import with_neighbours  # noqa: E402
+from crate.interp.records import group_records  # noqa: E402
+
+
+def collect_stream(acts: torch.Tensor, spec: CollectionConfig) -> RecordCollector:
+    """Through `with_neighbours`, as the job feeds the collector."""
+    n_blocks, length, n = acts.shape
+    tokens = np.arange(n_blocks * length).reshape(n_blocks, length)
+    batches = [(np.arange(s, min(s + spec.batch_blocks, n_blocks)), tokens[s:s + spec.batch_blocks])
+               for s in range(0, n_blocks, spec.batch_blocks)]
+    collector = RecordCollector(spec, {0: np.arange(n)}, 0)
+    for block_ids, rows, before, after in with_neighbours(batches):
+        neighbour = lambda row: None if row is None else acts[int(row[0]) // length]
+        collector.update(block_ids, rows, {0: acts[block_ids]}, neighbours={0: (neighbour(before), neighbour(after))})
+    return collector
+
+
+EDGE_POSITIONS = (0, 2, 31, 32, 35, 63, 95)  # stream start, near it, block edges (blocks of 32), the stream's end
+
+
+@pytest.mark.parametrize("windows", ["stream", "centered"])
+def test_windows_at_block_edges_and_the_stream_start(windows):
+    n_blocks, length, w = 3, 32, 8
+    acts = torch.zeros(n_blocks, length, len(EDGE_POSITIONS))
+    flat = acts.view(-1, len(EDGE_POSITIONS))
+    for f, position in enumerate(EDGE_POSITIONS):
+        flat[:, f] = torch.arange(n_blocks * length) / 1000  # every token distinct: windows show where they sit
+        flat[position, f] = 10.0
+    spec = CollectionConfig(blocks=n_blocks, block_length=length, window=w, windows=windows, top=1, random=1,
+                            per_quantile=0, quantile_pool=0, batch_blocks=2)
+    collector = collect_stream(acts, spec) if windows == "stream" else collect_layer(acts, spec)
+    columns = collector.records(0)
+    records = group_records(columns, 0, [str(i) for i in range(n_blocks * length)])
+    for f, position in enumerate(EDGE_POSITIONS):
+        if windows == "stream":  # [t - 4, t + 4) of the stream, cut at its start and end (the paper's rule)
+            expected = list(range(max(0, position - w // 2), min(n_blocks * length, position + w - w // 2)))
+        else:  # shifted to stay inside the token's block
+            block_start = position // length * length
+            start = min(max(position - w // 2, block_start), block_start + length - w)
+            expected = list(range(start, start + w))
+        top = records[f].top[0]
+        assert [int(t) for t in top.tokens] == expected, (windows, position)
+        assert np.allclose(top.activations, flat[expected, f].numpy())
+        assert top.tokens[records[f].top_focus[0]] == str(position)
+
+
+def test_stream_windows_refuse_batches_without_their_neighbours():
+    spec = CollectionConfig(blocks=2, block_length=32, window=8, windows="stream", top=1, random=1, per_quantile=0,
+                            quantile_pool=0, batch_blocks=2)
+    with pytest.raises(ValueError, match="with_neighbours"):
+        collect_layer(torch.zeros(2, 32, 1), spec)

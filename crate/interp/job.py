@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from crate.config import flatten
 from crate.errors import CheckpointError, ConfigError
-from crate.interp.collect import batched, collect, records_precision
+from crate.interp.collect import batched, collect, records_precision, with_neighbours
 from crate.interp.config import InterpConfig
 from crate.interp.features import feature_source
 from crate.interp.prompts import PROMPT_VERSION
@@ -237,6 +237,8 @@ class InterpretabilityJob:
             log.warning("%s holds only %d blocks of %d tokens (asked for %d)", cfg.corpus, len(blocks), spec.block_length,
                         spec.blocks)
         batches = list(batched(blocks, spec.batch_blocks))
+        if spec.windows == "stream":  # windows run across batch edges: each batch brings its neighbours
+            batches = with_neighbours(batches)
         if cfg.workers.collect_actors:
             from crate.interp.distributed import collect_sharded
 
