@@ -139,3 +139,44 @@ def test_stream_windows_refuse_batches_without_their_neighbours():
                             quantile_pool=0, batch_blocks=2)
     with pytest.raises(ValueError, match="with_neighbours"):
         collect_layer(torch.zeros(2, 32, 1), spec)
+
+
+# -- the simulator's reading on fixed log-probability tables ----------------------------------------------------
+from crate.errors import ConfigError  # noqa: E402
+from crate.interp.backends.http import _best  # noqa: E402
+from crate.interp.config import BackendConfig, InterpConfig  # noqa: E402
+from crate.interp.prompts import expected_values, reading_top_k, top_k_values  # noqa: E402
+
+# one position's next-token log-probabilities, best first (as a server or torch.topk returns them)
+TABLE = [("unknown", -0.1), ("0", -1.0), (" the", -2.0), ("7", -2.5), ("\n", -3.0), ("10", -3.5), ("3", -4.0)]
+
+
+def reading(table, k):
+    return float(expected_values(top_k_values(_best(dict(table), k))[None])[0])
+
+
+def test_top_k_reading_counts_only_digits_among_the_k_best_and_reads_0_without_one():
+    p0, p7, p10 = np.exp(-1.0), np.exp(-2.5), np.exp(-3.5)
+    assert reading(TABLE, 1) == 0.0  # "unknown" alone: no digit in the top 1 -> 0 (the fork's rule)
+    assert reading(TABLE, 2) == 0.0  # "0" only
+    assert reading(TABLE, 5) == pytest.approx(7 * p7 / (p0 + p7))  # top 5: "0" and "7"; "10" is 6th
+    assert reading(TABLE, 6) == pytest.approx((7 * p7 + 10 * p10) / (p0 + p7 + p10))
+    assert reading([("unknown", -0.1), (" 5", -1.0)], 5) == 0.0  # " 5" is not the text "5"
+    assert reading_top_k("top-5") == 5 and reading_top_k("top-15") == 15 and reading_top_k("full") is None
+
+
+def test_each_protocol_resolves_its_rules_and_bad_fields_name_themselves():
+    paper, openai = InterpConfig(checkpoint="c.pt"), InterpConfig(checkpoint="c.pt", protocol="openai")
+    assert (paper.backend.reading, paper.records.windows, paper.backend.prompt_format, paper.random_only) == \
+        ("top-5", "stream", "fork", "separate")
+    assert (openai.backend.reading, openai.records.windows, openai.backend.prompt_format, openai.random_only) == \
+        ("top-15", "fragments", "openai", "rescore")
+    chosen = InterpConfig(checkpoint="c.pt", backend=BackendConfig(reading="full", prompt_format="crate-v1"),
+                          random_only="rescore")
+    assert (chosen.backend.reading, chosen.backend.prompt_format, chosen.random_only) == ("full", "crate-v1", "rescore")
+    with pytest.raises(ConfigError, match="reading"):
+        BackendConfig(reading="top-0")
+    with pytest.raises(ConfigError, match="reading"):
+        BackendConfig(kind="http", explainer_model="m", reading="full")
+    with pytest.raises(ConfigError, match="prompt_format"):
+        BackendConfig(prompt_format="gpt")

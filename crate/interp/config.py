@@ -150,6 +150,13 @@ class BackendConfig:
     def simulator(self) -> str | None:
         return self.simulator_model or self.explainer_model
 
+    def resolved(self, protocol: str = "crate-paper") -> "BackendConfig":
+        """These settings with `auto` reading and prompt_format replaced by the protocol's (InterpConfig does this
+        for its protocol; a backend built from unresolved settings gets the default protocol's)."""
+        rules = PROTOCOL_RULES[protocol]
+        return replace(self, reading=rules.reading if self.reading == "auto" else self.reading,
+                       prompt_format=rules.prompt_format if self.prompt_format == "auto" else self.prompt_format)
+
 
 @dataclass
 class WorkersConfig:
@@ -224,10 +231,7 @@ class InterpConfig:
         if self.random_only not in ("auto", *RANDOM_ONLY):
             raise ConfigError("random_only", f"must be auto, separate or rescore, got {self.random_only}")
         self.random_only = rules.random_only if self.random_only == "auto" else self.random_only
-        self.backend = replace(self.backend,
-                               reading=rules.reading if self.backend.reading == "auto" else self.backend.reading,
-                               prompt_format=rules.prompt_format if self.backend.prompt_format == "auto"
-                               else self.backend.prompt_format)
+        self.backend = self.backend.resolved(self.protocol)
         self.records = self.records.resolved(self.protocol)
         self.anthropic_records = self.anthropic_records.resolved(self.protocol)
         for group, _ in metric_groups(self.protocol, self.metrics, self.random_only):

@@ -331,6 +331,12 @@ def _ne_simulation_prompt(explanation: str, tokens: Sequence[str]) -> tuple[str,
     return text + "\n<end>\n", offsets
 
 
+def completion_text(messages: Sequence[Message], prompt_format: str) -> str:
+    """The explanation prompt as one completion text: crate-v1's `render_text`, or neuron_explainer's
+    PromptFormat.NONE (the messages' contents joined)."""
+    return render_text(messages) if prompt_format == "crate-v1" else "".join(m.content for m in messages)
+
+
 def merged_system_turn(messages: Sequence[Message]) -> list[dict[str, str]]:
     """The fork's explainer turns (api_client.mimic_api_explanation): the system text joined to the first user
     turn with one space."""
