@@ -201,7 +201,6 @@ class HFSimulator(Simulator):
 
 
 def build(config, seed: int = 0) -> Backend:
-    config = config.resolved()  # a no-op for an InterpConfig's backend (already resolved by its protocol)
     calls = CallCounter()
     explainer_lm = HFModel(config.explainer_model, config.explainer_gguf, config, calls)
     simulator_gguf = config.simulator_gguf if config.simulator_model else config.explainer_gguf

@@ -275,7 +275,6 @@ class SampledSimulator(Simulator):
 
 
 def build(config, seed: int = 0) -> Backend:
-    config = config.resolved()  # a no-op for an InterpConfig's backend (already resolved by its protocol)
     calls = CallCounter()
     client = HTTPClient(config, seed, calls)
     sampled = config.simulation == "sampled"
