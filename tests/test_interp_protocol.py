@@ -180,3 +180,54 @@ def test_each_protocol_resolves_its_rules_and_bad_fields_name_themselves():
         BackendConfig(kind="http", explainer_model="m", reading="full")
     with pytest.raises(ConfigError, match="prompt_format"):
         BackendConfig(prompt_format="gpt")
+
+
+# -- random-only: a separate pass or a re-aggregation; the record shortfall; the schema carries every field -------
+from crate.interp.backends.base import build_backend  # noqa: E402
+from crate.interp.protocols import PROTOCOL_RULES, metric_groups  # noqa: E402
+from crate.interp.records import FeatureRecords  # noqa: E402
+from crate.interp.schema import RESULT_KEY, RESULTS_SCHEMA, SCHEMA_VERSION, excerpt_ref  # noqa: E402
+from crate.interp.scoring import score_task  # noqa: E402
+
+
+def feature(n_quantile: int = 20) -> FeatureRecords:
+    rng = np.random.default_rng(0)
+    make = lambda ref: Excerpt(ref, tuple(f"t{i}" for i in range(8)), rng.random(8).astype(np.float32))
+    return FeatureRecords(0, 3, top=[make(f"top/{i}") for i in range(50)], random=[make(f"random/{i}") for i in range(50)],
+                          quantiles=[[make(excerpt_ref("quantile", r, b)) for r in range(n_quantile if b else 1)]
+                                     for b in range(11)], top_focus=[4] * 50)
+
+
+def test_separate_random_only_is_a_pass_of_its_own_rescore_reuses_the_tar_simulation():
+    separate = metric_groups("crate-paper", ["tar", "random"], "separate")
+    assert [metrics for _, metrics in separate] == [("tar",), ("random",)]
+    tar, random = (group.task(feature()) for group, _ in separate)
+    assert [e.ref for e in random.explain] == [e.ref for e in tar.explain] == [f"top/{i}" for i in range(0, 10, 2)]
+    assert [e.ref for e in random.score] == [f"random/{i}" for i in range(0, 10, 2)]  # simulated alone
+    assert random.seed_offset == 1 and tar.seed_offset == 0 and set(tar.metrics) == {"tar"}
+    (rescore, metrics), = metric_groups("crate-paper", ["tar", "random"], "rescore")
+    both = rescore.task(feature())
+    assert metrics == ("tar", "random") and [both.score[i].ref for i in both.metrics["random"]] == \
+        [f"random/{i}" for i in range(0, 10, 2)]
+    assert PROTOCOL_RULES["crate-paper"].random_only == "separate" and PROTOCOL_RULES["openai"].random_only == "rescore"
+
+
+def test_an_unfillable_quantile_bin_is_counted_in_the_rows():
+    (group, metrics), = metric_groups("crate-paper", ["anthropic"])
+    assert group.task(feature(), n_bins=11).record_shortfall == 3  # bin 0 holds 1 record of the 4 it uses
+    assert group.task(feature(), n_bins=12).record_shortfall == 3 + 4  # a bin with none
+    rows = score_task(group.task(feature(), n_bins=11), metrics, build_backend(BackendConfig()), 0)
+    assert rows[0]["record_shortfall"] == 3
+
+
+def test_every_row_carries_the_protocol_fields_the_schema_names():
+    (group, metrics), = metric_groups("openai", ["tar"])
+    backend = build_backend(InterpConfig(checkpoint="c.pt", protocol="openai").backend)
+    row = score_task(group.task(feature()), metrics, backend, 0)[0]
+    assert (row["reading"], row["prompt_format"], row["prompt_version"]) == ("top-15", "openai", "neuron_explainer-0.0.1")
+    assert {"reading", "windows"} <= set(RESULT_KEY) and SCHEMA_VERSION == 3
+    assert {"prompt_format", "random_only", "record_shortfall", "reading", "windows"} <= set(RESULTS_SCHEMA.names)
+    job_columns = {"model", "model_sha256", "features", "windows", "random_only", "records_id", "created_at",
+                   "feature_kind", "checkpoint", "checkpoint_run_id", "checkpoint_step", "preset", "arch", "n_layer",
+                   "corpus", "job_run_id", "code_version"}  # added by the job (crate.interp.job.InterpretabilityJob)
+    assert set(RESULTS_SCHEMA.names) == set(row) | job_columns
