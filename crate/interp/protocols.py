@@ -9,7 +9,7 @@ resolved from it (`InterpConfig`). The source each rule follows:
 | reading | top-5: `api_client.py` `mimic_api_simulation`, `torch.topk(token_logits, 5)` | top-15: `simulator.py` `ExplanationNeuronSimulator.simulate`, `"logprobs": 15` |
 | windows | stream: `activations_crate_overcomplete.py` `start = max(0, activation_id - interval)` | fragments: OpenAI's collated 64-token fragments |
 | prompt_format | fork: `explainer.py` (HARMONY_V4 for mistral-7b), `simulator.py` (INSTRUCTION_FOLLOWING, ORIGINAL) | openai: neuron_explainer 0.0.1, the same two classes' defaults |
-| random_only | separate: `index_method = "random"` (a run of its own) | rescore: random-only re-aggregates the valid split's random records |
+| random_only | separate: activations.py `index_method = "random"` (a run of its own) | rescore: random-only re-aggregates the valid split's random records |
 
 Records per metric:
 `crate-paper` — what the paper's scripts did (`neurons/eval.py`, `activations.py`, paper §5):
