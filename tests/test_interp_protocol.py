@@ -231,3 +231,21 @@ def test_every_row_carries_the_protocol_fields_the_schema_names():
                    "feature_kind", "checkpoint", "checkpoint_run_id", "checkpoint_step", "preset", "arch", "n_layer",
                    "corpus", "job_run_id", "code_version"}  # added by the job (crate.interp.job.InterpretabilityJob)
     assert set(RESULTS_SCHEMA.names) == set(row) | job_columns
+
+
+def test_an_earlier_schemas_table_is_read_by_reports_and_refused_as_a_jobs_output(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from crate.interp.store import ResultStore
+    from crate.results.tables import read_results
+
+    old = [name for name in RESULT_KEY if name not in ("reading", "windows")]
+    row = {"model": "m", "model_sha256": "s", "features": "neurons", "layer": 0, "neuron": 1, "protocol": "crate-paper",
+           "metric": "tar", "backend": "tokenset", "prompt_version": "crate-v1", "seed": 0}
+    pq.write_table(pa.Table.from_pylist([{**{k: row[k] for k in old}, "score": 0.5, "status": "scored"}]),
+                   tmp_path / "results.parquet")
+    table = read_results([tmp_path])
+    assert table["reading"].to_list() == [None] and table["score"].to_list() == [0.5]
+    with pytest.raises(ConfigError, match="earlier schema"):
+        ResultStore(tmp_path)
