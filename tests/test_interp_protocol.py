@@ -249,3 +249,28 @@ def test_an_earlier_schemas_table_is_read_by_reports_and_refused_as_a_jobs_outpu
     assert table["reading"].to_list() == [None] and table["score"].to_list() == [0.5]
     with pytest.raises(ConfigError, match="earlier schema"):
         ResultStore(tmp_path)
+
+
+def test_collect_runs_each_batch_with_its_neighbours_and_cuts_windows_from_the_stream():
+    from crate.interp.collect import batched, collect
+    from crate.interp.features import ModelNeurons
+    from crate.model import build_model
+
+    torch.manual_seed(5)
+    model = build_model("crate-tiny").eval()
+    blocks = np.random.default_rng(5).integers(0, 50257, (5, 32))
+    spec = CollectionConfig(blocks=5, block_length=32, window=16, windows="stream", top=6, random=4, per_quantile=0,
+                            quantile_pool=0, batch_blocks=2)
+    columns = collect(model, with_neighbours(list(batched(blocks, 2))), spec, ModelNeurons(), {1: np.arange(4)}).records(1)
+    with torch.no_grad():  # every block is its own forward context; the stream is their concatenation
+        acts = ModelNeurons().activations(model, torch.as_tensor(blocks), [1])[1][..., :4].reshape(-1, 4).numpy()
+    stream, n = blocks.reshape(-1), len(blocks.reshape(-1))
+    crossing = 0
+    for i in range(len(columns["neuron"])):
+        t = columns["block"][i] * 32 + columns["start"][i] + columns["focus"][i]
+        lo, hi = max(0, t - 8), min(n, t + 8)
+        inside = columns["tokens"][i] >= 0
+        assert list(columns["tokens"][i][inside]) == list(stream[lo:hi])
+        assert np.allclose(columns["activations"][i][inside], acts[lo:hi, columns["neuron"][i]], atol=1e-5)
+        crossing += lo // 32 != (hi - 1) // 32
+    assert crossing  # some windows run into the neighbouring block
