@@ -229,3 +229,16 @@ def test_the_api_key_is_never_logged_or_stored(server, caplog):
     assert SECRET not in caplog.text and SECRET not in json.dumps(rows, default=str)
     assert SECRET not in repr(backend.explainer.client) and SECRET not in repr(backend)
     backend.close()
+
+
+def test_fork_format_sends_the_forks_explainer_turns_and_keeps_the_raw_completion(server):
+    backend = build_backend(backend_config(server, prompt_format="fork"), seed=0)
+    try:
+        explanation = backend.explainer.explain(token_neuron().top[:5], seed=0)
+    finally:
+        backend.close()
+    messages = server.requests[0][2]["messages"]
+    assert messages[0]["role"] == "user" and messages[0]["content"].startswith("We're studying neurons")
+    assert "the stronger the match. \n\nNeuron 1\nActivations:" in messages[0]["content"]  # system + " " + user
+    assert messages[-1]["content"].endswith("Explanation of neuron 4 behavior: the main thing this neuron does is find")
+    assert explanation == "the token <cat>."  # handed on raw (stripped), final period kept as the fork does
