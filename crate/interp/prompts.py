@@ -260,7 +260,6 @@ def top_k_values(top: Sequence[tuple[str, float]]) -> np.ndarray:
 
 
 # -- neuron_explainer's format ("fork", "openai") --------------------------------------------------------------------
-NE_EXPLANATION_SYSTEM = EXPLANATION_SYSTEM
 NE_SIMULATION_SYSTEM = (
     "We're studying neurons in a neural network.\nEach neuron looks for some particular thing in a short document.\n"
     "Look at summary of what the neuron does, and try to predict how it will fire on each token.\n\n"
@@ -303,7 +302,7 @@ def _ne_explanation_question(index: int, records: Sequence[tuple[Sequence[str], 
 
 
 def _ne_explanation_prompt(excerpts: Sequence) -> list[Message]:
-    messages = [Message("system", NE_EXPLANATION_SYSTEM)]
+    messages = [Message("system", EXPLANATION_SYSTEM)]  # crate-v1 took neuron_explainer's explainer system text
     for i, example in enumerate(neuron_explainer_examples(), start=1):
         messages.append(Message("user", _ne_explanation_question(i, example.records)))
         messages.append(Message("assistant", f" {example.explanation}."))
