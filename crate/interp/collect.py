@@ -30,8 +30,8 @@ Selection, per feature (one total order each, so every selection is exact and sh
   batch needs one sort of its unit hashes and a slice per feature, never a key per (unit, feature).
 - quantile bins: the sampling pool is the next `quantile_pool` units of the same order. At the end the pool's
   activations estimate the feature's quantiles; bin b holds the pool units whose activation rank (ties broken by
-  sampling key) among the pool's units that are not random records falls in [e_b, e_b+1); the first `per_quantile` of them in sampling order are the
-  bin's records — a uniform sample of the bin. A bin narrower than per_quantile/quantile_pool of the distribution
+  sampling key) among the pool's units that are not random records falls in [e_b, e_b+1); the first
+  `per_quantile` of them in sampling order are the bin's records — a uniform sample of the bin. A bin narrower than per_quantile/quantile_pool of the distribution
   gets fewer records (the table says how many; raise quantile_pool for rare bins).
 Windows are gathered only for units that enter a selection, while their batch is on the device.
 
@@ -306,7 +306,7 @@ class LayerCollector:
         w, (before, after) = self.geometry.window, neighbours
         left, right = w // 2, w - w // 2
         nan = lambda n: torch.full((n, flat.shape[1]), float("nan"), device=flat.device, dtype=flat.dtype)
-        return torch.cat([nan(left) if before is None else before[-left:].to(flat.dtype) if left else nan(0), flat,
+        return torch.cat([nan(left) if before is None else before[before.shape[0] - left:].to(flat.dtype), flat,
                           nan(right) if after is None else after[:right].to(flat.dtype)])
 
     def _batch_windows(self, flat: torch.Tensor, local: torch.Tensor, T: int, shift: int = 0) -> torch.Tensor:
