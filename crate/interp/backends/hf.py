@@ -140,10 +140,24 @@ class HFSimulator(Simulator):
         self.lm, self.model_name, self.config = lm, lm.name, config
         self.top_k = reading_top_k(config.reading)
         self.value_ids = self._value_token_ids() if self.top_k is None else None
+        self.value_text = self._value_texts() if self.top_k is not None else None
         probe = "x\tunknown\n"
         if not any(start == 2 for start, _ in lm.tokenizer(probe, return_offsets_mapping=True)["offset_mapping"]):
             raise BackendError(f"{lm.name}: its tokenizer merges a tab with the following text, so the "
                                "all-at-once simulator has no position to read values from")
+
+    def _value_texts(self) -> dict[int, str]:
+        """Top-K reading: the ids whose text, decoded alone, is a value string (what the fork's dict keys by)."""
+        tokenizer = self.lm.tokenizer
+        texts = {i: tokenizer.decode([i]) for i in range(len(tokenizer))}
+        values = {i: t for i, t in texts.items() if t in VALUE_STRINGS}
+        counted = sorted(set(values.values()), key=int)
+        log.info("%s: top-%d reading counts %d tokens as the values %s", self.lm.name, self.top_k, len(values),
+                 ",".join(counted))
+        if "10" not in counted:
+            log.warning("%s: no token decodes to \"10\": simulated values use the scale 0..9 (as the paper's Llama-2)",
+                        self.lm.name)
+        return values
 
     def _value_token_ids(self) -> list[int | None]:
         """The token id of each value string right after a tab (None where the tokenizer splits it)."""
@@ -192,7 +206,7 @@ class HFSimulator(Simulator):
         if self.top_k is not None:  # the fork: topk of the logits, each token decoded alone
             best = torch.topk(logits, self.top_k, dim=-1)
             for (b, q), ids, scores in zip(slots, best.indices.tolist(), best.values.tolist()):
-                out[b][q] = top_k_values([(lm.tokenizer.decode([i]), s) for i, s in zip(ids, scores)])
+                out[b][q] = top_k_values([(self.value_text.get(i, ""), s) for i, s in zip(ids, scores)])
             return out
         probs = torch.softmax(logits, dim=-1).cpu().numpy()
         for (b, q), p in zip(slots, probs):
