@@ -274,3 +274,11 @@ def test_collect_runs_each_batch_with_its_neighbours_and_cuts_windows_from_the_s
         assert np.allclose(columns["activations"][i][inside], acts[lo:hi, columns["neuron"][i]], atol=1e-5)
         crossing += lo // 32 != (hi - 1) // 32
     assert crossing  # some windows run into the neighbouring block
+
+
+def test_the_mlflow_params_carry_every_protocol_field():
+    from crate.config import flatten
+
+    params = flatten(InterpConfig(checkpoint="c.pt"))  # InterpretabilityJob._params logs these (less tracking.*)
+    assert {params[k] for k in ("backend.reading", "records.windows", "anthropic_records.windows",
+                                "backend.prompt_format", "random_only")} == {"top-5", "stream", "fork", "separate"}
