@@ -282,3 +282,14 @@ def test_the_mlflow_params_carry_every_protocol_field():
     params = flatten(InterpConfig(checkpoint="c.pt"))  # InterpretabilityJob._params logs these (less tracking.*)
     assert {params[k] for k in ("backend.reading", "records.windows", "anthropic_records.windows",
                                 "backend.prompt_format", "random_only")} == {"top-5", "stream", "fork", "separate"}
+
+
+@pytest.mark.parametrize("protocol", ["crate-paper", "openai"])
+def test_readings_equal_the_released_codes_on_fixed_logprob_tables(protocol):
+    readings = golden(protocol)["readings"]
+    k = reading_top_k(PROTOCOL_RULES[protocol].reading)
+    assert k == readings["k"]
+    for table, expected in zip(readings["tables"], readings["expected_values"]):
+        ordered = [(text, value) for text, value in table]  # best first, duplicates kept (as torch.topk gives them)
+        got = float(expected_values(top_k_values(ordered[:k])[None])[0])
+        assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)
