@@ -4,7 +4,8 @@ Explanations: /chat/completions (or /completions with the rendered prompt). Simu
 - echo: legacy /completions with `echo: true, logprobs: k, max_tokens: 0` — the prompt's tokens come back with
   `text_offset` and `top_logprobs` (Bills et al.'s all-at-once simulator; vLLM supports it too);
 - prompt_logprobs: vLLM's `prompt_logprobs: k` with `return_token_ids` (entries keyed by token id);
-- sampled: chat-only endpoints, no logprobs: the model writes the values (rows say simulator_kind="sampled").
+- sampled: chat-only endpoints, no logprobs: the model writes the values (rows say simulator_kind="sampled"); its
+  prompt is crate-v1's in every prompt_format (neither release's scores used a logprob-free simulator).
 k is the K of `BackendConfig.reading` ("top-K"; crate-paper top-5, openai top-15): a value is read from the digits
 among a position's k most likely tokens (prompts.top_k_values), 0 when there are none. The "full" reading needs
 every token's probability, which a server does not return (the config refuses it for http).
