@@ -138,7 +138,8 @@ def test_a_garbage_line_in_the_middle_of_the_log_is_quarantined_and_the_job_resu
 
 def http_overrides(server, **extra) -> dict:
     return {"backend.kind": "http", "backend.explainer_model": "fake", "backend.base_url": server.url,
-            "backend.backoff_s": 0.01, "backend.backoff_max_s": 0.02, "workers.concurrency": 1, **extra}
+            "backend.backoff_s": 0.01, "backend.backoff_max_s": 0.02, "workers.concurrency": 1,
+            "backend.prompt_format": "crate-v1", "random_only": "rescore", **extra}  # the fake server's format
 
 
 def test_a_backend_that_dies_fails_the_job_and_a_rerun_retries_only_the_failed_rows(subject, tmp_path, capsys):

@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 from crate.config import flatten
 from crate.errors import ConfigError
-from crate.interp.collect import batched, collect, records_precision
+from crate.interp.collect import batched, collect, records_precision, with_neighbours
 from crate.interp.config import InterpConfig
 from crate.interp.features import feature_source
-from crate.interp.prompts import PROMPT_VERSION
+from crate.interp.prompts import PROMPT_VERSIONS
 from crate.interp.protocols import InsufficientRecords, ScoringTask, metric_groups
 from crate.interp.records import is_complete, read_feature_records, write_records
 from crate.interp.report import layer_summary, model_summary, plot_layers
@@ -88,7 +88,8 @@ class InterpretabilityJob:
             raise ConfigError("layers", str(error)) from None
         self.n_features = n_features
         self.features = selected_features(cfg, n_features)
-        self.groups = metric_groups(cfg.protocol, cfg.metrics)
+        self.groups = metric_groups(cfg.protocol, cfg.metrics, cfg.random_only)
+        self.windows = {m: getattr(cfg, group.collection).windows for group, metrics in self.groups for m in metrics}
         for group, _ in self.groups:
             collection = getattr(cfg, group.collection)
             if collection.block_length > model.context:
@@ -175,6 +176,8 @@ class InterpretabilityJob:
             log.warning("%s holds only %d blocks of %d tokens (asked for %d)", cfg.corpus, len(blocks), spec.block_length,
                         spec.blocks)
         batches = list(batched(blocks, spec.batch_blocks))
+        if spec.windows == "stream":  # windows run across batch edges: each batch brings its neighbours
+            batches = with_neighbours(batches)
         if cfg.workers.collect_actors:
             from crate.interp.distributed import collect_sharded
 
@@ -200,32 +203,44 @@ class InterpretabilityJob:
         return self.cfg.device if self.cfg.device != "auto" else ("cuda" if _cuda() else "cpu")
 
     # -- stage 2: explain, simulate, score ---------------------------------------------------------------------
-    def key(self, backend: str, layer: int, neuron: int, metric: str) -> tuple:
+    def key(self, backend: dict[str, str], layer: int, neuron: int, metric: str) -> tuple:
+        """The result key; `backend` is the pool's identity (scoring.identity: name, reading, prompt version)."""
         return result_key({"model": self.subject.model_id, "model_sha256": self.subject.sha256,
                            "features": self.cfg.features, "layer": layer,
-                           "neuron": neuron, "protocol": self.cfg.protocol, "metric": metric, "backend": backend,
-                           "prompt_version": PROMPT_VERSION, "seed": self.cfg.seed})
+                           "neuron": neuron, "protocol": self.cfg.protocol, "metric": metric, "backend": backend["backend"],
+                           "prompt_version": backend["prompt_version"], "reading": backend["reading"],
+                           "windows": self.windows[metric], "seed": self.cfg.seed})
 
     def tasks(self, backend: dict[str, str], collections: dict[str, Path], store):
         """(task, metrics) for every feature with a requested metric not yet in the results. A feature without
-        enough records is stored as failed right here (it needs no backend)."""
+        enough records is stored as failed right here (it needs no backend); quantile bins a feature's records
+        could not fill are logged per layer (and counted in its rows' record_shortfall)."""
         for group, metrics in self.groups:
+            n_bins = getattr(self.cfg, group.collection).n_bins
             for layer in self.layers:
                 todo = {}
                 for n in self.features[layer]:
-                    missing = tuple(m for m in metrics if self.key(backend["backend"], layer, int(n), m) not in self.store.done)
+                    missing = tuple(m for m in metrics if self.key(backend, layer, int(n), m) not in self.store.done)
                     if missing:
                         todo[int(n)] = missing
                 if not todo:
                     continue
+                short = []
                 for neuron, records in read_feature_records(collections[group.collection], layer, list(todo)).items():
                     try:
-                        yield group.task(records), todo[neuron]
+                        task = group.task(records, n_bins)
                     except InsufficientRecords as error:
                         empty = ScoringTask(layer, neuron, self.cfg.protocol, (), (), {m: () for m in todo[neuron]})
                         store(failed_rows(empty, todo[neuron], backend, self.cfg.seed, str(error)))
+                        continue
+                    if task.record_shortfall:
+                        short.append(task.record_shortfall)
+                    yield task, todo[neuron]
+                if short:
+                    log.warning("layer %d: %d features lack %d quantile records in all (bins too rare for "
+                                "quantile_pool; see record_shortfall)", layer, len(short), sum(short))
 
-    def count_todo(self, backend: str) -> int:
+    def count_todo(self, backend: dict[str, str]) -> int:
         return sum(any(self.key(backend, layer, int(n), m) not in self.store.done for m in metrics)
                    for _, metrics in self.groups for layer in self.layers for n in self.features[layer])
 
@@ -259,17 +274,19 @@ class InterpretabilityJob:
         if tracker.run_id:
             self._write_json("mlflow_runs.json", {**runs, scope: tracker.run_id})
         common = {**self.subject.provenance, "features": cfg.features, "feature_kind": self.source.kind,
+                  "random_only": cfg.random_only,
                   "corpus": cfg.corpus, "job_run_id": tracker.run_id, "code_version": _code_version()}
 
         def store(rows: list[dict]) -> None:
             now = int(time.time() * 1000)
-            self.store.append({**common, **row, "records_id": records_id[row["metric"]], "created_at": now}
+            self.store.append({**common, **row, "records_id": records_id[row["metric"]],
+                               "windows": self.windows[row["metric"]], "created_at": now}
                               for row in rows)
             if self.store.unfolded >= cfg.workers.compact_every:
                 self.store.compact()
 
         try:
-            total = self.count_todo(pool.identity["backend"])
+            total = self.count_todo(pool.identity)
             log.info("scoring %d features with %s (%s × %d in flight)", total, pool.identity["backend"],
                      f"{cfg.workers.actors} actors" if cfg.workers.actors else "the driver", cfg.workers.concurrency)
             pool.score_tasks(self.tasks(pool.identity, collections, store), total, cfg.seed, store)
@@ -290,7 +307,8 @@ class InterpretabilityJob:
         table = self.store.table()
         equal = {"model": self.subject.model_id, "model_sha256": self.subject.sha256, "features": cfg.features,
                  "protocol": cfg.protocol, "backend": backend["backend"], "seed": cfg.seed,
-                 "prompt_version": PROMPT_VERSION}
+                 "prompt_version": backend["prompt_version"], "reading": backend["reading"],
+                 "random_only": cfg.random_only}
         mask = pc.and_(pc.is_in(table["metric"], pa.array(cfg.metrics)),
                        pc.is_in(table["layer"], pa.array(self.layers, pa.int32())))
         for column, value in equal.items():
@@ -326,7 +344,8 @@ class InterpretabilityJob:
     # -- bookkeeping ------------------------------------------------------------------------------------------
     def _scope(self, backend: dict[str, str]) -> str:
         return json.dumps([self.subject.model_id, self.subject.sha256, self.cfg.features, self.cfg.protocol, sorted(self.cfg.metrics),
-                           backend["backend"], PROMPT_VERSION, self.cfg.seed, self.layers, self.cfg.sample])
+                           backend["backend"], backend["prompt_version"], backend["reading"], self.cfg.random_only,
+                           self.windows, self.cfg.seed, self.layers, self.cfg.sample])
 
     def _run_ids(self) -> dict[str, str]:
         path = self.out / "mlflow_runs.json"
@@ -342,7 +361,8 @@ class InterpretabilityJob:
         model = self.subject.model
         params.update({"model.id": self.subject.model_id, "model.sha256": self.subject.sha256, "model.arch": model.arch,
                        "model.n_layer": model.n_layer, "features.kind": self.source.kind,
-                       "features.per_layer": max(self.n_features.values()), "prompt_version": PROMPT_VERSION})
+                       "features.per_layer": max(self.n_features.values()),
+                       "prompt_version": PROMPT_VERSIONS[self.cfg.backend.prompt_format]})
         return params
 
     def _tags(self, backend: dict[str, str]) -> dict[str, str]:

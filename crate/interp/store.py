@@ -25,6 +25,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from crate.errors import ConfigError
 from crate.interp.schema import RESULT_KEY, RESULTS_SCHEMA, result_key, write_parquet
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,11 @@ class ResultStore:
 
     def _rows(self) -> Iterable[dict]:
         if self.results_path.is_file():
+            missing = sorted(set(RESULT_KEY) - set(pq.read_schema(self.results_path).names))
+            if missing:
+                raise ConfigError("output_dir", f"{self.results_path} is a results table of an earlier schema (no "
+                                                f"{', '.join(missing)}); give another --output (jobs/compare.py still "
+                                                f"reads it)")
             yield from pq.read_table(self.results_path, columns=[*RESULT_KEY, "status"]).to_pylist()
         yield from self._log_rows()
 

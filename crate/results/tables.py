@@ -26,10 +26,16 @@ def results_path(path: str | Path) -> Path:
 
 
 def read_results(paths: Sequence[str | Path]) -> pl.DataFrame:
-    """The result rows of several tables; a key present in more than one is kept once (the first)."""
+    """The result rows of several tables; a key present in more than one is kept once (the first). Tables of an
+    earlier schema lack some key columns (schema 3 added reading and windows): those read as null."""
     from crate.interp.schema import RESULT_KEY
 
-    table = distinct_labels(pl.concat([pl.read_parquet(results_path(p)) for p in paths], how="diagonal_relaxed"))
+    tables = []
+    for path in paths:
+        table = pl.read_parquet(results_path(path))
+        missing = [name for name in RESULT_KEY if name not in table.columns]
+        tables.append(table.with_columns([pl.lit(None, dtype=pl.String).alias(name) for name in missing]))
+    table = distinct_labels(pl.concat(tables, how="diagonal_relaxed"))
     unique = table.unique(subset=list(RESULT_KEY), keep="first", maintain_order=True)
     if len(unique) < len(table):
         log.warning("%d result rows appear in more than one table; each is counted once", len(table) - len(unique))
