@@ -1,6 +1,8 @@
 """Neuron-level interpretability of a checkpoint: activation records, explanation, simulation, scoring.
 
     python jobs/interpret.py --checkpoint ckpt.pt --corpus pile://val --metric tar,random --backend tokenset
+    python jobs/interpret.py --checkpoint /models/gpt2 --protocol openai --metric tar,top,random   # a local HF model
+    python jobs/interpret.py --checkpoint ckpt.pt --features 'hook:blocks.{l}.ista.hook_dtx'     # any hook point
     python jobs/interpret.py --checkpoint ckpt.pt --metric anthropic --backend hf --sample 200 \\
         backend.explainer_model=/models/mistral-7b-instruct backend.simulator_model=/models/llama-2-7b
     ray job submit --working-dir . -- python jobs/interpret.py --checkpoint s3://bucket/run/checkpoint_00001000/model.pt \\

@@ -3,6 +3,7 @@ CRATE or GPT checkpoint; report reconstruction, L0, dead features and the loss r
 
     python jobs/train_sae.py --checkpoint gpt-2l.pt --layer 0
     python jobs/train_sae.py --checkpoint crate-tiny.pt --layer 1 data.context=64 sae.steps=2000 sae.buffer_size=65536
+    python jobs/train_sae.py --checkpoint crate-tiny.pt --layer 1 --site 'blocks.{l}.hook_resid_post'   # any hook point
     python jobs/interpret.py ... --features sae:sae-gpt-2l-layer0/sae.pt        # score its features
 
 Rerunning the same command resumes from the last checkpoint in the output directory.
@@ -16,6 +17,7 @@ from crate.sae.job import TrainSAEConfig, describe_sae, run_sae_training
 FLAGS = [
     Flag("--checkpoint", "checkpoint", "model checkpoint (CRATE or GPT)", "text", "PATH"),
     Flag("--layer", "layer", "layer whose neurons the SAE encodes"),
+    Flag("--site", "site", "hook point it encodes instead, {l} = the layer (blocks.{l}.hook_resid_post)", "text"),
     Flag("--corpus", "data.train", "corpus URI of the activation stream", "text", "URI"),
     Flag("--steps", "sae.steps", "SAE training steps"),
     Flag("--output-dir", "output_dir", "where sae.pt and the resumable state go", "text", "DIR"),

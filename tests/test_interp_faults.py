@@ -49,7 +49,7 @@ def test_every_checkpoint_job_accepts_a_storage_uri(subject, tmp_path):
 
     uri = f"file://{subject / 'tiny.pt'}"
     loaded = Subject.load(uri)
-    assert loaded.checkpoint == uri and loaded.model.config.n_layer == 2
+    assert loaded.checkpoint == uri and loaded.model.n_layer == 2
     with pytest.raises(ConfigError) as error:
         Subject.load(f"file://{tmp_path / 'missing.pt'}")
     assert error.value.field == "checkpoint" and "missing.pt" in str(error.value)
@@ -138,7 +138,8 @@ def test_a_garbage_line_in_the_middle_of_the_log_is_quarantined_and_the_job_resu
 
 def http_overrides(server, **extra) -> dict:
     return {"backend.kind": "http", "backend.explainer_model": "fake", "backend.base_url": server.url,
-            "backend.backoff_s": 0.01, "backend.backoff_max_s": 0.02, "workers.concurrency": 1, **extra}
+            "backend.backoff_s": 0.01, "backend.backoff_max_s": 0.02, "workers.concurrency": 1,
+            "backend.prompt_format": "crate-v1", "random_only": "rescore", **extra}  # the fake server's format
 
 
 def test_a_backend_that_dies_fails_the_job_and_a_rerun_retries_only_the_failed_rows(subject, tmp_path, capsys):

@@ -51,8 +51,9 @@ def model_dir(tmp_path_factory):
 
 
 def config(model_dir, **overrides) -> BackendConfig:
+    """The full reading and crate-v1 prompts unless a test asks for the protocols' (see test_top_k_reading...)."""
     return BackendConfig(**{"kind": "hf", "explainer_model": str(model_dir), "device": "cpu", "temperature": 0.0,
-                            "max_explanation_tokens": 8, **overrides})
+                            "max_explanation_tokens": 8, "reading": "full", "prompt_format": "crate-v1", **overrides})
 
 
 def test_simulated_values_are_expected_values_read_right_after_each_tab(model_dir):
@@ -74,9 +75,34 @@ def test_simulated_values_are_expected_values_read_right_after_each_tab(model_di
         assert simulated == pytest.approx(float(p @ np.arange(11) / p.sum()), rel=1e-4)
 
 
+@pytest.mark.parametrize("k", [5, 15])
+def test_top_k_reading_is_the_forks_digits_among_the_k_best_logits(model_dir, k):
+    """mimic_api_simulation: torch.topk(logits, k), each id decoded alone, digits renormalised, none -> 0."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    backend = build_backend(config(model_dir, reading=f"top-{k}", prompt_format="fork"))
+    excerpts = records().top[:2]
+    simulation = backend.simulator.simulate("cat", excerpts)
+    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
+    text, offsets = simulation_prompt("cat", excerpts[1].tokens, "fork")
+    encoded = tokenizer(text, return_offsets_mapping=True, return_tensors="pt")
+    starts = [s for s, _ in encoded.pop("offset_mapping")[0].tolist()]
+    with torch.no_grad():
+        logits = model(**encoded).logits[0]
+    none_in_top = 0
+    for offset, simulated in zip(offsets, simulation.values[1]):
+        best = torch.topk(logits[starts.index(offset) - 1], k)
+        top = {tokenizer.decode([int(i)]): float(v) for i, v in zip(best.indices, best.values)}
+        digits = {int(t): np.exp(v) for t, v in top.items() if t in VALUE_STRINGS}
+        none_in_top += not digits
+        expected = sum(d * p for d, p in digits.items()) / sum(digits.values()) if digits else 0.0
+        assert simulated == pytest.approx(expected, rel=1e-4, abs=1e-9)
+    assert simulation.n_defaulted >= none_in_top
+
+
 def test_hf_backend_explains_and_scores_a_feature(model_dir):
     backend = build_backend(config(model_dir))
-    (group, metrics), = metric_groups("crate-paper", ["tar", "random"])
+    (group, metrics), = metric_groups("crate-paper", ["tar", "random"], "rescore")
     rows = score_task(group.task(records()), metrics, backend, seed=0)
     assert rows[0]["explanation"].startswith("cat") and rows[0]["status"] in ("scored", "undefined")
     assert rows[0]["backend"] == f"hf:{model_dir.name}" and rows[0]["simulator_kind"] == "logprob-ev"

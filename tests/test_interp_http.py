@@ -156,12 +156,12 @@ def token_neuron(token: str = " cat") -> FeatureRecords:
 
 def backend_config(server, **overrides) -> BackendConfig:
     fields = dict(kind="http", explainer_model="fake-model", base_url=server.url, api_key_env="FAKE_OPENAI_KEY",
-                  request_timeout_s=0.4, max_attempts=6, backoff_s=0.01, backoff_max_s=0.02)
+                  prompt_format="crate-v1", request_timeout_s=0.4, max_attempts=6, backoff_s=0.01, backoff_max_s=0.02)
     return BackendConfig(**{**fields, **overrides})
 
 
 def score(server, protocol="crate-paper", metrics=("tar", "random"), **overrides) -> list[dict]:
-    (group, wanted), = metric_groups(protocol, list(metrics))
+    (group, wanted), = metric_groups(protocol, list(metrics), "rescore")
     backend = build_backend(backend_config(server, **overrides), seed=0)
     try:
         return score_task(group.task(token_neuron()), wanted, backend, seed=0)
@@ -180,9 +180,10 @@ def test_all_at_once_simulation_from_prompt_logprobs(server, simulation):
     payload = server.requests[1][2]
     assert len(payload["prompt"]) == 10
     if simulation == "echo":
-        assert payload["echo"] is True and payload["max_tokens"] == 0 and payload["logprobs"] == 15
+        # crate-paper reads the top 5 (the fork's mimic_api_simulation)
+        assert payload["echo"] is True and payload["max_tokens"] == 0 and payload["logprobs"] == 5
     else:
-        assert payload["prompt_logprobs"] == 15 and payload["return_token_ids"] is True
+        assert payload["prompt_logprobs"] == 5 and payload["return_token_ids"] is True
     assert all(auth == f"Bearer {SECRET}" for _, auth, _ in server.requests)
 
 
@@ -228,3 +229,16 @@ def test_the_api_key_is_never_logged_or_stored(server, caplog):
     assert SECRET not in caplog.text and SECRET not in json.dumps(rows, default=str)
     assert SECRET not in repr(backend.explainer.client) and SECRET not in repr(backend)
     backend.close()
+
+
+def test_fork_format_sends_the_forks_explainer_turns_and_keeps_the_raw_completion(server):
+    backend = build_backend(backend_config(server, prompt_format="fork"), seed=0)
+    try:
+        explanation = backend.explainer.explain(token_neuron().top[:5], seed=0)
+    finally:
+        backend.close()
+    messages = server.requests[0][2]["messages"]
+    assert messages[0]["role"] == "user" and messages[0]["content"].startswith("We're studying neurons")
+    assert "the stronger the match. \n\nNeuron 1\nActivations:" in messages[0]["content"]  # system + " " + user
+    assert messages[-1]["content"].endswith("Explanation of neuron 4 behavior: the main thing this neuron does is find")
+    assert explanation == "the token <cat>."  # handed on raw (stripped), final period kept as the fork does

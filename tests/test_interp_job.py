@@ -97,6 +97,7 @@ def test_a_killed_job_resumes_without_lost_or_duplicated_rows(cluster, subject, 
     server = FakeOpenAI(latency_s=0.25)
     command = [sys.executable, str(REPO / "jobs" / "interpret.py"), "--backend", "http", "--sample", "8",
                "backend.explainer_model=fake", f"backend.base_url={server.url}", "workers.actors=1",
+               "backend.prompt_format=crate-v1", "random_only=rescore",  # the fake server's format; one explanation per neuron
                "workers.concurrency=2", "workers.compact_every=3", "tracking.enabled=false",
                *overrides(subject, tmp_path, sample=8)]
     env = {**os.environ, "RAY_ADDRESS": cluster, "PYTHONPATH": str(REPO)}

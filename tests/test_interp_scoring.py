@@ -43,7 +43,7 @@ def refs(excerpts) -> list[str]:
 
 
 def test_crate_paper_tar_and_random_splits():
-    (group, metrics), = metric_groups("crate-paper", ["tar", "random"])
+    (group, metrics), = metric_groups("crate-paper", ["tar", "random"], "rescore")
     task = group.task(full_records())
     assert refs(task.explain) == ["top/0", "top/2", "top/4", "top/6", "top/8"]
     assert refs(task.score) == ["random/0", "random/2", "random/4", "random/6", "random/8",
@@ -163,7 +163,7 @@ def test_token_set_baseline_scores_100_on_token_neurons_and_0_with_shuffled_expl
 
 def test_a_dead_neuron_is_undefined_and_malformed_explanations_fail():
     backend = build_tokenset(BackendConfig())
-    (group, _), = metric_groups("crate-paper", ["tar", "random"])
+    (group, _), = metric_groups("crate-paper", ["tar", "random"], "rescore")
     dead = FeatureRecords(0, 1, top=[excerpt(f"top/{i}", focus_value=0.0) for i in range(10)],
                           random=[excerpt(f"random/{i}", focus_value=0.0) for i in range(10)], top_focus=[4] * 10)
     rows = score_task(group.task(dead), ("tar", "random"), backend, 0)
@@ -249,4 +249,4 @@ def test_flags_become_overrides_and_bad_configs_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="explainer_model"):
         BackendConfig(kind="http")
     assert InterpConfig(checkpoint="c.pt", protocol="openai").records.windows == "fragments"
-    assert InterpConfig(checkpoint="c.pt").records.windows == "centered"
+    assert InterpConfig(checkpoint="c.pt").records.windows == "stream"

@@ -34,7 +34,7 @@ LAYERS = {
                  "crate.interp.collect", "crate.interp.config", "crate.interp.distributed", "crate.interp.features",
                  "crate.interp.job", "crate.interp.prompts", "crate.interp.protocols", "crate.interp.proxy",
                  "crate.interp.records", "crate.interp.report", "crate.interp.sae_features", "crate.interp.schema",
-                 "crate.interp.scoring", "crate.interp.store",
+                 "crate.interp.scoring", "crate.interp.sites", "crate.interp.store", "crate.interp.subject",
                  "crate.interop", "crate.interop.export", "crate.interop.hf", "crate.interop.lens"],
     "studies": ["crate.sweep", "crate.sweep.config", "crate.sweep.report", "crate.sweep.run", "crate.sweep.runs",
                 "crate.sweep.state", "crate.sweep.trial",

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from crate.errors import ConfigError
-from crate.interp.collect import StageTimer, batched, collect, records_matmuls
+from crate.interp.collect import StageTimer, batched, collect, records_matmuls, with_neighbours
 from crate.interp.config import CollectionConfig
 from crate.interp.features import ModelNeurons
 from crate.interp.records import write_records
@@ -61,6 +61,12 @@ def _blocks(cfg: RecordsBenchmarkConfig, vocab: int) -> list[np.ndarray]:
     return blocks
 
 
+def _batches(blocks: list[np.ndarray], spec: CollectionConfig) -> list[tuple]:
+    """The job's batches: stream windows bring their neighbouring blocks (crate.interp.collect.with_neighbours)."""
+    batches = list(batched(blocks, spec.batch_blocks))
+    return with_neighbours(batches) if spec.windows == "stream" else batches
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -76,19 +82,19 @@ def benchmark_records(cfg: RecordsBenchmarkConfig) -> dict:
     blocks = _blocks(cfg, model.config.vocab_size)
     features = {layer: np.arange(model.config.n_neurons) for layer in range(n_layer)}
     source = ModelNeurons()
-    collect(model, batched(blocks[:spec.batch_blocks], spec.batch_blocks), spec, source, features, cfg.seed, device)  # warm-up
+    collect(model, _batches(blocks[:spec.batch_blocks], spec), spec, source, features, cfg.seed, device)  # warm-up
 
     with tempfile.TemporaryDirectory() as directory:
         _sync(device)
         started = time.perf_counter()
-        collector = collect(model, batched(blocks, spec.batch_blocks), spec, source, features, cfg.seed, device)
+        collector = collect(model, _batches(blocks, spec), spec, source, features, cfg.seed, device)
         write_records(collector, directory, {"benchmark": dataclasses.asdict(cfg)})
         _sync(device)
         total_s = time.perf_counter() - started
         n_records = sum(pq.read_metadata(path).num_rows for path in Path(directory).glob("layer_*.parquet"))
     timer = StageTimer(sync=True)
     with tempfile.TemporaryDirectory() as directory:
-        collector = collect(model, batched(blocks, spec.batch_blocks), spec, source, features, cfg.seed, device, timer)
+        collector = collect(model, _batches(blocks, spec), spec, source, features, cfg.seed, device, timer)
         write_records(collector, directory, {"benchmark": dataclasses.asdict(cfg)}, timer)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",

@@ -7,10 +7,15 @@ the stream, so Ray actors can shard the blocks and merge (crate.interp.distribut
 identical to one pass over the whole stream, whatever the sharding or batch size.
 
 Units and windows (`CollectionConfig.windows`):
-- "centered" (the paper's convention): a unit is a token. A record is the `window` tokens around it,
-  [t - window/2, t + window/2), shifted to stay inside the token's block (every record comes from one forward
-  context; `focus` says where the unit sits). Top windows of neighbouring tokens may overlap, as in the paper's
-  code, where the top 50 token positions are taken independently.
+- "stream" (the paper's `activations_crate_overcomplete.py`): a unit is a token; its record is the `window` tokens
+  [t - window/2, t + window/2) of the flattened token stream, so it runs into the neighbouring block at a block
+  edge and is truncated at the stream's start and end (the missing positions are stored as token -1, activation
+  NaN, and dropped when records are read). Each batch of consecutive blocks comes with the activations of the
+  blocks just before and after it (`with_neighbours`), which only fill windows.
+- "centered": a unit is a token. A record is the `window` tokens around it, [t - window/2, t + window/2), shifted
+  to stay inside the token's block (every record comes from one forward context; `focus` says where the unit
+  sits). Top windows of neighbouring tokens may overlap, as in the paper's code, where the top 50 token positions
+  are taken independently.
 - "fragments" (OpenAI's excerpts): a block is cut into aligned windows, a unit is a window and its activation is
   the window's max. Records never overlap.
 
@@ -25,8 +30,8 @@ Selection, per feature (one total order each, so every selection is exact and sh
   batch needs one sort of its unit hashes and a slice per feature, never a key per (unit, feature).
 - quantile bins: the sampling pool is the next `quantile_pool` units of the same order. At the end the pool's
   activations estimate the feature's quantiles; bin b holds the pool units whose activation rank (ties broken by
-  sampling key) falls in [e_b, e_b+1) of the pool; the first `per_quantile` of them in sampling order are the
-  bin's records — a uniform sample of the bin. A bin narrower than per_quantile/quantile_pool of the distribution
+  sampling key) among the pool's units that are not random records falls in [e_b, e_b+1); the first
+  `per_quantile` of them in sampling order are the bin's records — a uniform sample of the bin. A bin narrower than per_quantile/quantile_pool of the distribution
   gets fewer records (the table says how many; raise quantile_pool for rare bins).
 Windows are gathered only for units that enter a selection, while their batch is on the device.
 
@@ -41,7 +46,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -192,10 +197,13 @@ class Geometry:
 
     @property
     def units_per_block(self) -> int:
-        return self.block_length if self.mode == "centered" else self.block_length // self.window
+        return self.block_length // self.window if self.mode == "fragments" else self.block_length
 
     def window_start(self, unit_in_block):
-        """First token of a unit's window within its block (tensor or numpy)."""
+        """First token of a unit's window within its block (tensor or numpy); for stream windows it may lie in the
+        block before (negative) and the window may end in the block after."""
+        if self.mode == "stream":
+            return unit_in_block - self.window // 2
         if self.mode == "centered":
             return (unit_in_block - self.window // 2).clip(0, self.block_length - self.window)
         return unit_in_block * self.window
@@ -205,7 +213,7 @@ class LayerCollector:
     """Selections and activation statistics of one layer's features (a subset `features` of them, or all)."""
 
     def __init__(self, layer: int, features: np.ndarray, spec: CollectionConfig, seed: int, device: torch.device):
-        if spec.windows not in ("centered", "fragments"):
+        if spec.windows not in ("stream", "centered", "fragments"):
             raise ValueError(f"windows={spec.windows!r}: resolve it with CollectionConfig.resolved(protocol) first")
         self.layer, self.features, self.spec, self.seed = layer, np.asarray(features, dtype=np.int64), spec, seed
         self.geometry = Geometry(spec.block_length, spec.window, spec.windows)
@@ -222,8 +230,11 @@ class LayerCollector:
         self.max = torch.full((n,), float("-inf"), device=device)
 
     # -- one batch -------------------------------------------------------------------------------------------
-    def update(self, acts: torch.Tensor, block_ids: np.ndarray, timer: StageTimer = NO_TIMER) -> None:
-        """acts (B, T, N) of the blocks `block_ids` (B,), in any order; blocks must not repeat across updates."""
+    def update(self, acts: torch.Tensor, block_ids: np.ndarray, timer: StageTimer = NO_TIMER,
+               neighbours: tuple[torch.Tensor | None, torch.Tensor | None] | None = None) -> None:
+        """acts (B, T, N) of the blocks `block_ids` (B,), in any order; blocks must not repeat across updates.
+        Stream windows: the blocks are consecutive and `neighbours` holds the (T, N) activations of the block
+        before and the block after them (None where the stream ends)."""
         B, T, N = acts.shape
         if T != self.geometry.block_length or N != len(self.features):
             raise ValueError(f"layer {self.layer}: activations {tuple(acts.shape)} do not match block_length "
@@ -232,10 +243,14 @@ class LayerCollector:
         with timer("stats"):
             self._update_stats(flat)
         per_block = self.geometry.units_per_block
-        unit_acts = flat if self.spec.windows == "centered" else acts.reshape(B, per_block, -1, N).amax(2).reshape(-1, N)
+        unit_acts = acts.reshape(B, per_block, -1, N).amax(2).reshape(-1, N) if self.spec.windows == "fragments" else flat
         units_np = (np.asarray(block_ids, dtype=np.int64)[:, None] * per_block + np.arange(per_block)).reshape(-1)
         units = torch.from_numpy(units_np).to(acts.device)
-        windows_of = lambda local: self._batch_windows(flat, local, T)
+        if self.spec.windows == "stream":
+            source, shift = self._with_context(flat, block_ids, neighbours), self.geometry.window // 2
+        else:
+            source, shift = flat, 0
+        windows_of = lambda local: self._batch_windows(source, local, T, shift)
         with timer("top"):
             self._offer_top(unit_acts, units, windows_of, timer)
         with timer("sample"):
@@ -281,11 +296,25 @@ class LayerCollector:
             local, keys = local[:c], keys[:c]
             self.pool.offer(keys, units[local], unit_acts.gather(0, local), local, windows_of, timer)
 
-    def _batch_windows(self, flat: torch.Tensor, local: torch.Tensor, T: int) -> torch.Tensor:
-        """(E, N) batch-local unit indices -> (E, N, window) activations of their windows."""
+    def _with_context(self, flat: torch.Tensor, block_ids: np.ndarray, neighbours) -> torch.Tensor:
+        """The batch's activations with window/2 positions of the block before and window - window/2 of the block
+        after around them (NaN beyond the stream's ends)."""
+        ids = np.asarray(block_ids)
+        if neighbours is None or (len(ids) > 1 and np.any(np.diff(ids) != 1)):
+            raise ValueError("stream windows need batches of consecutive blocks with their neighbours' activations "
+                             "(crate.interp.collect.with_neighbours)")
+        w, (before, after) = self.geometry.window, neighbours
+        left, right = w // 2, w - w // 2
+        nan = lambda n: torch.full((n, flat.shape[1]), float("nan"), device=flat.device, dtype=flat.dtype)
+        return torch.cat([nan(left) if before is None else before[before.shape[0] - left:].to(flat.dtype), flat,
+                          nan(right) if after is None else after[:right].to(flat.dtype)])
+
+    def _batch_windows(self, flat: torch.Tensor, local: torch.Tensor, T: int, shift: int = 0) -> torch.Tensor:
+        """(E, N) batch-local unit indices -> (E, N, window) activations of their windows; `flat` starts `shift`
+        positions before the batch's first token."""
         E, N = local.shape
         per_block, w = self.geometry.units_per_block, self.geometry.window
-        start = (local // per_block) * T + self.geometry.window_start(local % per_block)
+        start = (local // per_block) * T + self.geometry.window_start(local % per_block) + shift
         index = start[:, None, :] + torch.arange(w, device=local.device)[None, :, None]  # (E, w, N)
         return flat.gather(0, index.reshape(E * w, N)).view(E, w, N).permute(0, 2, 1)
 
@@ -318,8 +347,10 @@ class LayerCollector:
         in_key_order = np.broadcast_to(np.arange(order.shape[0])[:, None], order.shape)
         parts.append(self._rows(self.pool, order, valid & (in_key_order < spec.random), "random", in_key_order, -1))
         if spec.n_bins:
-            bins, _ = self._pool_bins(order, valid)
+            # ranked among the quantile pool alone: with the random records in the ranking, tied zeros sort by
+            # sampling key and the random records (drawn first) take the bottom bin's ranks
             eligible = valid & (in_key_order >= spec.random)
+            bins, _ = self._pool_bins(order, eligible)
             for b in range(spec.n_bins):
                 member = eligible & (bins == b)
                 rank = np.cumsum(member, axis=0) - 1
@@ -378,6 +409,17 @@ def batched(blocks: Iterable[np.ndarray], batch_blocks: int, first_block: int = 
         yield np.array(ids), np.stack(batch)
 
 
+def with_neighbours(batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[tuple]:
+    """Stream windows: each batch of consecutive blocks with the tokens of the block just before and just after it
+    (None at the stream's start and end), so windows can run across its edges."""
+    out = []
+    for i, (block_ids, tokens) in enumerate(batches):
+        before = batches[i - 1][1][-1] if i > 0 else None
+        after = batches[i + 1][1][0] if i + 1 < len(batches) else None
+        out.append((block_ids, tokens, before, after))
+    return out
+
+
 class RecordCollector:
     """Selections of several layers plus the tokens of every block seen (for the records' windows)."""
 
@@ -388,14 +430,15 @@ class RecordCollector:
         self.tokens: dict[int, np.ndarray] = {}
 
     def update(self, block_ids: np.ndarray, tokens: np.ndarray, activations: dict[int, torch.Tensor],
-               timer: StageTimer = NO_TIMER) -> None:
+               timer: StageTimer = NO_TIMER, neighbours: dict[int, tuple] | None = None) -> None:
+        """`neighbours` (stream windows): per layer, the activations of the blocks before and after the batch."""
         repeated = [int(b) for b in block_ids if int(b) in self.tokens]
         if repeated:
             raise ValueError(f"blocks {repeated[:5]} were already collected: shards must be disjoint")
         for block, row in zip(block_ids, tokens):
             self.tokens[int(block)] = np.asarray(row, dtype=np.int32)
         for layer, collector in self.layers.items():
-            collector.update(activations[layer], block_ids, timer)
+            collector.update(activations[layer], block_ids, timer, None if neighbours is None else neighbours[layer])
 
     def merge(self, other: "RecordCollector") -> "RecordCollector":
         overlap = self.tokens.keys() & other.tokens.keys()
@@ -430,13 +473,17 @@ class RecordCollector:
         geometry, per_block = self.layers[layer].geometry, self.layers[layer].geometry.units_per_block
         block, in_block = np.divmod(s["unit"], per_block)
         start = geometry.window_start(in_block)
-        if self.spec.windows == "centered":
-            focus = in_block - start
-        else:
+        if self.spec.windows == "fragments":
             focus = np.argmax(s["windows"], axis=1)  # the fragment's (first) max token
+        else:
+            focus = in_block - start
         block_ids, stream = self._stream()
-        flat_start = np.searchsorted(block_ids, block) * geometry.block_length + start
-        windows = np.lib.stride_tricks.sliding_window_view(stream.reshape(-1), self.spec.window)  # a view, no copy
+        w = self.spec.window
+        if self.spec.windows == "stream" and len(block_ids) and block_ids[-1] - block_ids[0] != len(block_ids) - 1:
+            raise ValueError("stream windows need the whole stream's blocks (consecutive block ids)")
+        flat_start = np.searchsorted(block_ids, block) * geometry.block_length + start + w
+        padded = np.concatenate([np.full(w, -1, np.int32), stream.reshape(-1), np.full(w, -1, np.int32)])
+        windows = np.lib.stride_tricks.sliding_window_view(padded, w)  # a view, no copy
         tokens = windows[flat_start]
         return {"layer": np.full(len(block), layer), "neuron": s["feature"], "kind": s["kind"], "rank": s["rank"],
                 "bin": s["bin"], "activation": s["activation"], "block": block, "start": start, "focus": focus,
@@ -462,7 +509,8 @@ def records_matmuls(device: torch.device | str) -> Iterator[None]:
 def collect(model, batches: Iterable[tuple[np.ndarray, np.ndarray]], spec: CollectionConfig, source,
             features: dict[int, np.ndarray], seed: int = 0, device: torch.device | str | None = None,
             timer: StageTimer = NO_TIMER, progress: Callable[[int], None] | None = None) -> RecordCollector:
-    """Run `model` over `batches` of (block_ids, tokens) and collect records of `features` ({layer: feature ids})
+    """Run `model` over `batches` of (block_ids, tokens) — for stream windows (block_ids, tokens, before, after)
+    from `with_neighbours`, the neighbours run in the same forward pass — and collect records of `features` ({layer: feature ids})
     of the feature `source`: the forward in the model's own dtype (float32 for a loaded checkpoint) without
     autocast, the selections in float32 (see `records_precision`)."""
     device = torch.device(device or next(model.parameters()).device)
@@ -471,12 +519,21 @@ def collect(model, batches: Iterable[tuple[np.ndarray, np.ndarray]], spec: Colle
     layers = sorted(features)
     index = {layer: None if np.array_equal(ids, np.arange(len(ids))) else torch.tensor(ids, device=device)
              for layer, ids in features.items()}  # None: the first len(ids) features, no gather needed
-    for block_ids, tokens in batches:
+    for block_ids, tokens, *around in batches:
+        context = [row for row in around if row is not None]  # stream windows: the neighbouring blocks
         with timer("forward"), torch.no_grad(), torch.autocast(device.type, enabled=False), records_matmuls(device):
-            acts = source.activations(model, torch.tensor(tokens, dtype=torch.int64, device=device), layers)
+            rows = np.concatenate([np.asarray(tokens)] + [np.asarray(row)[None] for row in context])
+            acts = source.activations(model, torch.tensor(rows, dtype=torch.int64, device=device), layers)
             acts = {layer: (a[..., :len(features[layer])] if index[layer] is None else a.index_select(-1, index[layer]))
                     .float() for layer, a in acts.items()}
-        collector.update(block_ids, tokens, acts, timer)
+        neighbours = None
+        if around:
+            n = len(block_ids)
+            extra = iter(range(n, n + len(context)))
+            slots = [None if row is None else next(extra) for row in around]
+            neighbours = {layer: tuple(None if i is None else a[i] for i in slots) for layer, a in acts.items()}
+            acts = {layer: a[:n] for layer, a in acts.items()}
+        collector.update(block_ids, tokens, acts, timer, neighbours)
         if progress is not None:
             progress(len(block_ids))
     return collector

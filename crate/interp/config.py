@@ -9,7 +9,9 @@ from typing import Literal
 
 from crate.config import Flag
 from crate.errors import ConfigError
-from crate.interp.protocols import metric_groups
+from crate.interp.features import check_feature_spec
+from crate.interp.protocols import PROTOCOL_RULES, RANDOM_ONLY, metric_groups
+from crate.interp.prompts import PROMPT_FORMATS, reading_top_k
 from crate.interp.schema import METRICS, PROTOCOLS
 from crate.tracking import TrackingConfig
 
@@ -24,11 +26,12 @@ class CollectionConfig:
     blocks: int = 8000  # the first `blocks` blocks of the corpus (paper: 8000 × 1024 tokens of Pile validation)
     block_length: int | None = None  # tokens per block = one forward context; default: the model's (paper: 1024)
     window: int = 64  # tokens per record
-    # centered: the top/random/quantile units are tokens and a record is the window around one (paper; windows of
-    #   neighbouring top tokens overlap). fragments: the block is cut into aligned, non-overlapping windows and a
-    #   fragment's activation is its max (OpenAI's excerpts). auto: the protocol's (crate-paper centered, openai
-    #   fragments).
-    windows: Literal["auto", "centered", "fragments"] = "auto"
+    # the top/random/quantile units are tokens and a record is the `window` tokens around one, [t - w/2, t + w/2):
+    # stream: cut from the flattened token stream, so it may run into the neighbouring block and is truncated at
+    #   the stream's start and end (the paper's `activations_crate_overcomplete.py`); centered: shifted to stay
+    #   inside its block. fragments: the block is cut into aligned, non-overlapping windows and a fragment's
+    #   activation is its max (OpenAI's excerpts). auto: the protocol's (crate.interp.protocols.PROTOCOL_RULES).
+    windows: Literal["auto", "stream", "centered", "fragments"] = "auto"
     top: int = 50  # highest-activation units per feature
     random: int = 50  # uniformly sampled units per feature (seeded)
     quantile_edges: list[float] = field(default_factory=lambda: list(PAPER_QUANTILE_EDGES))  # bin b: [e_b, e_b+1)
@@ -51,7 +54,7 @@ class CollectionConfig:
             return
         if self.window > self.block_length:
             raise ConfigError("window", f"a {self.window}-token window does not fit a {self.block_length}-token block")
-        if self.windows != "centered" and self.block_length % self.window:
+        if self.windows == "fragments" and self.block_length % self.window:
             raise ConfigError("window", f"fragments need block_length ({self.block_length}) divisible by window")
 
     @property
@@ -62,7 +65,7 @@ class CollectionConfig:
         """These settings with `windows: auto` replaced by the protocol's convention."""
         if self.windows != "auto":
             return self
-        return replace(self, windows="fragments" if protocol == "openai" else "centered")
+        return replace(self, windows=PROTOCOL_RULES[protocol].windows)
 
     def for_context(self, context: int) -> "CollectionConfig":
         """These settings with an unset block_length filled in by a model's context (`block_size`)."""
@@ -92,7 +95,14 @@ class BackendConfig:
     # echo: legacy /completions with echo + logprobs; prompt_logprobs: vLLM's; sampled: chat-only, no logprobs
     simulation: Literal["echo", "prompt_logprobs", "sampled"] = "echo"
     explain_endpoint: Literal["chat", "completions"] = "chat"
-    top_logprobs: int = 15  # logprobs per prompt position (OpenAI's simulator asks for 15)
+    # how the simulator's expected value is read at each position: "full" (the softmax restricted to "0".."10";
+    # hf only) or "top-K" (the K most likely next tokens, a position whose top K holds no value token reads 0; http
+    # asks the server for K logprobs). auto: the protocol's — the paper's fork read the top 5 (crate-paper: top-5),
+    # OpenAI's API code asks for 15 (openai: top-15).
+    reading: str = "auto"
+    # prompt text: fork (the paper's fork of neuron_explainer, verbatim), openai (neuron_explainer 0.0.1), crate-v1
+    # (this project's earlier format); auto: the protocol's
+    prompt_format: str = "auto"
     request_timeout_s: float = 60.0  # per attempt
     request_deadline_s: float = 180.0  # per request, all its attempts and waits together
     max_attempts: int = 6  # per request: timeouts, connection errors, 429 and 5xx are retried
@@ -118,7 +128,14 @@ class BackendConfig:
     def __post_init__(self) -> None:
         if self.kind in ("http", "hf") and not self.explainer_model:
             raise ConfigError("explainer_model", f"the {self.kind} backend needs a model")
-        for name in ("top_logprobs", "max_attempts", "max_explanation_tokens", "tokenset_size", "breaker_failures"):
+        if self.reading != "auto":
+            reading_top_k(self.reading)  # raises ConfigError naming the field
+        if self.prompt_format not in ("auto", *PROMPT_FORMATS):
+            raise ConfigError("prompt_format", f"must be auto or one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format}")
+        if self.kind == "http" and self.reading == "full":
+            raise ConfigError("reading", "full needs every token's probability, which an HTTP server does not return; "
+                                         "use top-K (a server returns at most 20) or the hf backend")
+        for name in ("max_attempts", "max_explanation_tokens", "tokenset_size", "breaker_failures"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.request_timeout_s <= 0 or self.backoff_s < 0 or self.backoff_max_s < self.backoff_s:
@@ -133,6 +150,13 @@ class BackendConfig:
     @property
     def simulator(self) -> str | None:
         return self.simulator_model or self.explainer_model
+
+    def resolved(self, protocol: str = "crate-paper") -> "BackendConfig":
+        """These settings with `auto` reading and prompt_format replaced by the protocol's (InterpConfig does this
+        for its protocol; a backend built from unresolved settings gets the default protocol's)."""
+        rules = PROTOCOL_RULES[protocol]
+        return replace(self, reading=rules.reading if self.reading == "auto" else self.reading,
+                       prompt_format=rules.prompt_format if self.prompt_format == "auto" else self.prompt_format)
 
 
 @dataclass
@@ -166,11 +190,18 @@ METRICS_BY_PROTOCOL = {"crate-paper": ("tar", "random", "anthropic"), "openai": 
 
 @dataclass
 class InterpConfig:
-    checkpoint: str = ""  # model checkpoint file (ours, or the paper's released layout); required
+    # required: a model checkpoint file (ours, or the paper's released layout) or a local Hugging Face causal LM
+    # directory (config.json + weights; GPT-2's tokenizer), e.g. OpenAI's GPT-2 downloaded beforehand
+    checkpoint: str = ""
     corpus: str = "stdlib://val"  # evaluation stream, any crate.data corpus URI (paper: pile://val)
-    features: str = "neurons"  # feature source: neurons, or a registered kind such as sae:PATH
+    # feature source (crate.interp.features): neurons; hook:SITE, any hook point or module with {l} for the layer
+    # (hook:blocks.{l}.ista.hook_dtx, hook:transformer.h.{l}.mlp.act); sae:PATH, an SAE from jobs/train_sae.py
+    features: str = "neurons"
     layers: list[int] | None = None  # default: every layer
     protocol: Literal["crate-paper", "openai"] = "crate-paper"
+    # crate-paper's random metric: separate (its own explanation and a simulation of random[0,2,4,6,8] alone, the
+    # paper's Random-only run) or rescore (the random excerpts of the TaR simulation); auto: the protocol's
+    random_only: Literal["auto", "separate", "rescore"] = "auto"
     metrics: list[str] = field(default_factory=lambda: ["tar"])  # crate-paper: tar random anthropic; openai: tar top random
     sample: int | None = None  # score a seeded sample of this many features per layer (with a CI on the layer mean)
     seed: int = 0  # random records, neuron sample, explanation sampling
@@ -186,6 +217,7 @@ class InterpConfig:
     def __post_init__(self) -> None:
         if not self.checkpoint:
             raise ConfigError("checkpoint", "required: the model checkpoint to interpret (--checkpoint PATH)")
+        check_feature_spec(self.features)
         if self.protocol not in PROTOCOLS:
             raise ConfigError("protocol", f"must be one of {PROTOCOLS}")
         allowed = METRICS_BY_PROTOCOL[self.protocol]
@@ -201,20 +233,29 @@ class InterpConfig:
             raise ConfigError("layers", f"must be non-negative layer indices, got {self.layers}")
         if self.workers.concurrency is None:  # one HF model answers one call at a time; HTTP servers batch
             self.workers.concurrency = 1 if self.backend.kind == "hf" else 4
+        rules = PROTOCOL_RULES[self.protocol]
+        if self.random_only not in ("auto", *RANDOM_ONLY):
+            raise ConfigError("random_only", f"must be auto, separate or rescore, got {self.random_only}")
+        self.random_only = rules.random_only if self.random_only == "auto" else self.random_only
+        self.backend = self.backend.resolved(self.protocol)
         self.records = self.records.resolved(self.protocol)
         self.anthropic_records = self.anthropic_records.resolved(self.protocol)
-        for group, _ in metric_groups(self.protocol, self.metrics):
+        for group, _ in metric_groups(self.protocol, self.metrics, self.random_only):
             group.check_collection(getattr(self, group.collection), group.collection)
 
 
 # Shorthand flags of `jobs/interpret.py`, each the same as a `key=value` override.
 FLAGS = [
-    Flag("--checkpoint", "checkpoint", "model checkpoint file", "text", "PATH"),
+    Flag("--checkpoint", "checkpoint", "model checkpoint file, or a local Hugging Face causal LM directory", "text", "PATH"),
     Flag("--corpus", "corpus", "evaluation corpus URI (pile://val, a path, a pretokenized directory, ...)", "text", "URI"),
     Flag("--metric", "metrics", "tar, random, anthropic (crate-paper); tar, top, random (openai)", "texts"),
-    Flag("--protocol", "protocol", "crate-paper | openai", "text"),
+    Flag("--protocol", "protocol", "crate-paper (the paper's released code: top-5 reading, stream windows, the "
+                                   "fork's prompts, a separate random-only pass) | openai (top-15, fragments, "
+                                   "neuron_explainer's prompts)", "text"),
+    Flag("--reading", "backend.reading", "simulator reading: full | top-K (the paper's fork: top-5; OpenAI: top-15)",
+         "text"),
     Flag("--backend", "backend.kind", "tokenset | http | hf", "text"),
-    Flag("--features", "features", "neurons, or a registered source such as sae:PATH", "text"),
+    Flag("--features", "features", "neurons | hook:SITE ({l} = the layer) | sae:PATH", "text"),
     Flag("--sample", "sample", "score a seeded sample of N features per layer", metavar="N"),
     Flag("--layers", "layers", "layer indices (default: all)", "numbers"),
     Flag("--output", "output_dir", "output directory (default interp/<run>@<step>-<sha12>, one per model)", "text", "DIR"),

@@ -46,15 +46,16 @@ class CollectionWorker:
 
     def __init__(self, checkpoint: str, features: str, sha256: str, gpus: float = 0.0):
         from crate.interp.features import feature_source
-        from crate.interp.job import model_sha256
-        from crate.model import load_model, resolve_device
+        from crate.interp.subject import load_subject_model, model_sha256
+        from crate.model import resolve_device
 
         self.problem = _no_gpu("workers.collect_gpus", gpus)
         if self.problem:
             return
-        self.model = load_model(checkpoint)
-        if model_sha256(self.model) != sha256:  # records must come from the model the driver named
-            raise RuntimeError(f"{checkpoint} changed after the job started: model_sha256 {model_sha256(self.model)[:12]}"
+        self.model = load_subject_model(checkpoint)
+        loaded = model_sha256(self.model.inner)
+        if loaded != sha256:  # records must come from the model the driver named
+            raise RuntimeError(f"{checkpoint} changed after the job started: model_sha256 {loaded[:12]}"
                                f", the job's {sha256[:12]}")
         self.source = feature_source(features)
         self.device = resolve_device("auto")

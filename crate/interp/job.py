@@ -15,51 +15,36 @@ scope is reopened.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import re
 import tempfile
 import time
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from crate.errors import CheckpointError, ConfigError
+from crate.errors import ConfigError
 from crate.files import write_atomic
-from crate.interp.collect import batched, collect, records_precision
+from crate.interp.collect import batched, collect, records_precision, with_neighbours
 from crate.interp.config import InterpConfig
 from crate.interp.features import feature_source
-from crate.interp.prompts import PROMPT_VERSION
+from crate.interp.prompts import PROMPT_VERSIONS
 from crate.interp.protocols import InsufficientRecords, ScoringTask, metric_groups
 from crate.interp.records import is_complete, read_feature_records, write_records
 from crate.interp.report import layer_summary, model_summary, plot_layers
 from crate.interp.schema import RESULTS_SCHEMA, result_key, write_parquet
 from crate.interp.scoring import failed_rows
 from crate.interp.store import DATABASE_FILE, LOG_FILE, RESULTS_FILE, ResultStore
+from crate.interp.subject import Subject
 from crate.model import resolve_device
 from crate.plots import save
 from crate.tracking.job import TrackedJob
 
 log = logging.getLogger(__name__)
-
-
-def model_sha256(model) -> str:
-    """The model's identity by content: SHA-256 over its config and every tensor of its state dict (name, dtype,
-    shape, bytes), so the same weights hash alike wherever and in whatever file layout they are stored."""
-    import torch
-
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 class TooManyFailures(RuntimeError):
@@ -71,54 +56,6 @@ class TooManyFailures(RuntimeError):
         super().__init__(f"{failed} of {rows} result rows failed ({failed / max(rows, 1):.0%}), more than "
                          f"max_failed_share={max_share:g}; their reasons are in {summary['results']} "
                          f"(status failed); rerun the same command to retry only them")
-
-
-@dataclass
-class Subject:
-    """The model under study and where it came from. `model_id` is its name in tables and plots (`<run>@<step>`
-    for platform checkpoints); `sha256` (model_sha256) is what it is."""
-
-    model: object
-    checkpoint: str
-    model_id: str
-    sha256: str
-    run_id: str | None
-    step: int | None
-
-    @classmethod
-    def load(cls, checkpoint: str) -> "Subject":
-        from crate.model import load_checkpoint
-        from crate.model.checkpoint import is_storage_uri
-
-        if not is_storage_uri(checkpoint):
-            if not Path(checkpoint).is_file():
-                raise ConfigError("checkpoint", f"no checkpoint file at {checkpoint}")
-            checkpoint = str(Path(checkpoint).resolve())
-        try:
-            model, metadata = load_checkpoint(checkpoint)  # no metadata: the paper's released checkpoints
-        except CheckpointError as error:  # a storage URI that does not open, a damaged or crafted file
-            raise ConfigError("checkpoint", str(error)) from None
-        sha256 = model_sha256(model)
-        run_id, step = metadata.get("mlflow_run_id"), metadata.get("step")
-        trained_as = metadata.get("run_name") or run_id  # tables and plots label the model by its run name
-        if trained_as and step is not None:
-            model_id = f"{trained_as}@{step}"
-        else:
-            model_id = f"{PurePosixPath(checkpoint).stem}-{sha256[:12]}"
-        return cls(model, checkpoint, model_id, sha256, run_id, step)
-
-    @property
-    def folder(self) -> str:
-        """The default output folder's name: the label and the content hash, in characters safe in a path."""
-        label = re.sub(r"[^\w.@+-]", "_", self.model_id)
-        return label if label.endswith(self.sha256[:12]) else f"{label}-{self.sha256[:12]}"
-
-    @property
-    def provenance(self) -> dict:
-        c = self.model.config
-        return {"checkpoint": self.checkpoint, "checkpoint_run_id": self.run_id, "checkpoint_step": self.step,
-                "model": self.model_id, "model_sha256": self.sha256, "preset": c.preset, "arch": c.arch,
-                "n_layer": c.n_layer}
 
 
 def _code_version() -> str:
@@ -141,22 +78,25 @@ def selected_features(cfg: InterpConfig, n_features: dict[int, int]) -> dict[int
 class InterpretabilityJob:
     def __init__(self, cfg: InterpConfig):
         self.subject = Subject.load(cfg.checkpoint)
-        config = self.subject.model.config
-        self.cfg = cfg = _for_model(cfg, config.block_size)
-        self.layers = list(cfg.layers) if cfg.layers is not None else list(range(config.n_layer))
+        model = self.subject.model
+        self.cfg = cfg = _for_model(cfg, model.context)
+        self.layers = list(cfg.layers) if cfg.layers is not None else list(range(model.n_layer))
         self.source = feature_source(cfg.features)
         try:
-            n_features = {layer: self.source.n_features(self.subject.model, layer) for layer in self.layers}
+            n_features = {layer: self.source.n_features(model, layer) for layer in self.layers}
+        except ConfigError:  # the source does not fit the model (a site it lacks): already names `features`
+            raise
         except ValueError as error:
             raise ConfigError("layers", str(error)) from None
         self.n_features = n_features
         self.features = selected_features(cfg, n_features)
-        self.groups = metric_groups(cfg.protocol, cfg.metrics)
+        self.groups = metric_groups(cfg.protocol, cfg.metrics, cfg.random_only)
+        self.windows = {m: getattr(cfg, group.collection).windows for group, metrics in self.groups for m in metrics}
         for group, _ in self.groups:
             collection = getattr(cfg, group.collection)
-            if collection.block_length > config.block_size:
+            if collection.block_length > model.context:
                 raise ConfigError(f"{group.collection}.block_length", f"{collection.block_length} exceeds the model's "
-                                                                      f"context ({config.block_size})")
+                                                                      f"context ({model.context})")
         self._check_devices()
         self._check_corpus()
         self._check_backend()
@@ -238,6 +178,8 @@ class InterpretabilityJob:
             log.warning("%s holds only %d blocks of %d tokens (asked for %d)", cfg.corpus, len(blocks), spec.block_length,
                         spec.blocks)
         batches = list(batched(blocks, spec.batch_blocks))
+        if spec.windows == "stream":  # windows run across batch edges: each batch brings its neighbours
+            batches = with_neighbours(batches)
         if cfg.workers.collect_actors:
             from crate.interp.distributed import collect_sharded
 
@@ -263,32 +205,44 @@ class InterpretabilityJob:
         return str(resolve_device(self.cfg.device))
 
     # -- stage 2: explain, simulate, score ---------------------------------------------------------------------
-    def key(self, backend: str, layer: int, neuron: int, metric: str) -> tuple:
+    def key(self, backend: dict[str, str], layer: int, neuron: int, metric: str) -> tuple:
+        """The result key; `backend` is the pool's identity (scoring.identity: name, reading, prompt version)."""
         return result_key({"model": self.subject.model_id, "model_sha256": self.subject.sha256,
                            "features": self.cfg.features, "layer": layer,
-                           "neuron": neuron, "protocol": self.cfg.protocol, "metric": metric, "backend": backend,
-                           "prompt_version": PROMPT_VERSION, "seed": self.cfg.seed})
+                           "neuron": neuron, "protocol": self.cfg.protocol, "metric": metric, "backend": backend["backend"],
+                           "prompt_version": backend["prompt_version"], "reading": backend["reading"],
+                           "windows": self.windows[metric], "seed": self.cfg.seed})
 
     def tasks(self, backend: dict[str, str], collections: dict[str, Path], store):
         """(task, metrics) for every feature with a requested metric not yet in the results. A feature without
-        enough records is stored as failed right here (it needs no backend)."""
+        enough records is stored as failed right here (it needs no backend); quantile bins a feature's records
+        could not fill are logged per layer (and counted in its rows' record_shortfall)."""
         for group, metrics in self.groups:
+            n_bins = getattr(self.cfg, group.collection).n_bins
             for layer in self.layers:
                 todo = {}
                 for n in self.features[layer]:
-                    missing = tuple(m for m in metrics if self.key(backend["backend"], layer, int(n), m) not in self.store.done)
+                    missing = tuple(m for m in metrics if self.key(backend, layer, int(n), m) not in self.store.done)
                     if missing:
                         todo[int(n)] = missing
                 if not todo:
                     continue
+                short = []
                 for neuron, records in read_feature_records(collections[group.collection], layer, list(todo)).items():
                     try:
-                        yield group.task(records), todo[neuron]
+                        task = group.task(records, n_bins)
                     except InsufficientRecords as error:
                         empty = ScoringTask(layer, neuron, self.cfg.protocol, (), (), {m: () for m in todo[neuron]})
                         store(failed_rows(empty, todo[neuron], backend, self.cfg.seed, str(error)))
+                        continue
+                    if task.record_shortfall:
+                        short.append(task.record_shortfall)
+                    yield task, todo[neuron]
+                if short:
+                    log.warning("layer %d: %d features lack %d quantile records in all (bins too rare for "
+                                "quantile_pool; see record_shortfall)", layer, len(short), sum(short))
 
-    def count_todo(self, backend: str) -> int:
+    def count_todo(self, backend: dict[str, str]) -> int:
         return sum(any(self.key(backend, layer, int(n), m) not in self.store.done for m in metrics)
                    for _, metrics in self.groups for layer in self.layers for n in self.features[layer])
 
@@ -318,16 +272,18 @@ class InterpretabilityJob:
                          scope=self._scope(pool.identity), code_version=_code_version())
         with job:
             common = {**self.subject.provenance, "features": cfg.features, "feature_kind": self.source.kind,
+                      "random_only": cfg.random_only,
                       "corpus": cfg.corpus, "job_run_id": job.run_id, "code_version": _code_version()}
 
             def store(rows: list[dict]) -> None:
                 now = int(time.time() * 1000)
-                self.store.append({**common, **row, "records_id": records_id[row["metric"]], "created_at": now}
+                self.store.append({**common, **row, "records_id": records_id[row["metric"]],
+                                   "windows": self.windows[row["metric"]], "created_at": now}
                                   for row in rows)
                 if self.store.unfolded >= cfg.workers.compact_every:
                     self.store.compact()
 
-            total = self.count_todo(pool.identity["backend"])
+            total = self.count_todo(pool.identity)
             log.info("scoring %d features with %s (%s × %d in flight)", total, pool.identity["backend"],
                      f"{cfg.workers.actors} actors" if cfg.workers.actors else "the driver", cfg.workers.concurrency)
             pool.score_tasks(self.tasks(pool.identity, collections, store), total, cfg.seed, store)
@@ -344,7 +300,8 @@ class InterpretabilityJob:
         table = self.store.table()
         equal = {"model": self.subject.model_id, "model_sha256": self.subject.sha256, "features": cfg.features,
                  "protocol": cfg.protocol, "backend": backend["backend"], "seed": cfg.seed,
-                 "prompt_version": PROMPT_VERSION}
+                 "prompt_version": backend["prompt_version"], "reading": backend["reading"],
+                 "random_only": cfg.random_only}
         mask = pc.and_(pc.is_in(table["metric"], pa.array(cfg.metrics)),
                        pc.is_in(table["layer"], pa.array(self.layers, pa.int32())))
         for column, value in equal.items():
@@ -354,14 +311,14 @@ class InterpretabilityJob:
         mask = pc.and_(mask, pc.is_in(unit, pa.array(chosen, pa.int64())))  # this job's features only
         scoped = table.filter(mask)
         layers = layer_summary(scoped, self.n_features)
-        models = model_summary(layers, self.subject.model.config.n_layer)
+        models = model_summary(layers, self.subject.model.n_layer)
         summary = {"output_dir": str(self.out), "results": str(self.store.results_path), "model": self.subject.model_id,
                    "model_sha256": self.subject.sha256, "checkpoint": self.subject.checkpoint,
                    "quarantined": self.store.quarantined, "backend": backend["backend"], "protocol": cfg.protocol, "mlflow_run_id": tracker.run_id,
                    "rows": scoped.num_rows, "failed_rows": sum(r["failed"] for r in layers),
                    "layers": layers, "models": models}
         self._write_json("summary.json", summary)
-        figure = plot_layers(layers, self.subject.model.config.n_layer, f"{self.subject.model_id} ({cfg.features})")
+        figure = plot_layers(layers, self.subject.model.n_layer, f"{self.subject.model_id} ({cfg.features})")
         tracker.log_figure(figure, "layers.png")
         save(figure, self.out / "layers.png")
         for row in layers:
@@ -380,18 +337,21 @@ class InterpretabilityJob:
     # -- bookkeeping ------------------------------------------------------------------------------------------
     def _scope(self, backend: dict[str, str]) -> str:
         return json.dumps([self.subject.model_id, self.subject.sha256, self.cfg.features, self.cfg.protocol, sorted(self.cfg.metrics),
-                           backend["backend"], PROMPT_VERSION, self.cfg.seed, self.layers, self.cfg.sample])
+                           backend["backend"], backend["prompt_version"], backend["reading"], self.cfg.random_only,
+                           self.windows, self.cfg.seed, self.layers, self.cfg.sample])
 
     def _write_json(self, name: str, payload) -> None:
         write_atomic(self.out / name, json.dumps(payload, indent=1, default=str))
 
     def _params(self) -> dict:
-        config = self.subject.model.config
-        return {"model.id": self.subject.model_id, "model.sha256": self.subject.sha256, "model.arch": config.arch,
-                "model.n_layer": config.n_layer, "model.n_neurons": config.n_neurons, "prompt_version": PROMPT_VERSION}
+        model = self.subject.model
+        return {"model.id": self.subject.model_id, "model.sha256": self.subject.sha256, "model.arch": model.arch,
+                "model.n_layer": model.n_layer, "features.kind": self.source.kind,
+                "features.per_layer": max(self.n_features.values()),
+                "prompt_version": PROMPT_VERSIONS[self.cfg.backend.prompt_format]}
 
     def _tags(self, backend: dict[str, str]) -> dict[str, str]:
-        tags = {"crate.arch": self.subject.model.config.arch, "crate.model_id": self.subject.model_id,
+        tags = {"crate.arch": self.subject.model.arch, "crate.model_id": self.subject.model_id,
                 "crate.model_sha256": self.subject.sha256,
                 "crate.checkpoint": self.subject.checkpoint, "crate.backend": backend["backend"],
                 "crate.protocol": self.cfg.protocol}

@@ -37,7 +37,7 @@ class FeatureRecords:
     top: list[Excerpt] = field(default_factory=list)
     random: list[Excerpt] = field(default_factory=list)
     quantiles: list[list[Excerpt]] = field(default_factory=list)
-    top_focus: list[int] = field(default_factory=list)  # where each top record's unit sits in its window
+    top_focus: list[int] = field(default_factory=list)  # where each top record's unit sits in its (read) window
 
 
 def _list_array(values: np.ndarray, type_: pa.DataType) -> pa.Array:
@@ -128,15 +128,17 @@ def group_records(columns: Mapping[str, np.ndarray], layer: int, token_strings: 
         neuron, kind, rank, bin = (int(columns["neuron"][i]), str(columns["kind"][i]), int(columns["rank"][i]),
                                    int(columns["bin"][i]))
         record = out.setdefault(neuron, FeatureRecords(layer, neuron))
-        excerpt = Excerpt(excerpt_ref(kind, rank, bin), tuple(token_strings[t] for t in columns["tokens"][i]),
-                          np.asarray(columns["activations"][i], dtype=np.float32))
+        inside = columns["tokens"][i] >= 0  # a stream window truncated at the stream's start or end (token -1)
+        excerpt = Excerpt(excerpt_ref(kind, rank, bin), tuple(token_strings[t] for t in columns["tokens"][i][inside]),
+                          np.asarray(columns["activations"][i][inside], dtype=np.float32))
         if kind == "quantile":
             while len(record.quantiles) <= bin:
                 record.quantiles.append([])
             record.quantiles[bin].append(excerpt)
         elif kind == "top":
             record.top.append(excerpt)
-            record.top_focus.append(int(columns["focus"][i]))
+            focus = int(columns["focus"][i])
+            record.top_focus.append(focus - int(np.count_nonzero(~inside[:focus])))
         else:
             record.random.append(excerpt)
     return out

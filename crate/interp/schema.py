@@ -24,9 +24,9 @@ the evaluation stream with the feature's activation at every token.
 | bin | int16 | quantile bin (index into `quantile_edges`), -1 for top/random |
 | activation | float32 | the selected unit's activation: the focus token's (centered windows) or the fragment's max (fragments) |
 | block | int64 | index of the block in the evaluation stream (the stream's first block is 0) |
-| start | int32 | first token of the window within its block |
+| start | int32 | first token of the window within its block (stream windows: may be negative, in the block before) |
 | focus | int32 | offset of the selected token within the window (argmax token for fragments) |
-| tokens | list<int32> | GPT-2 token ids of the window |
+| tokens | list<int32> | GPT-2 token ids of the window (-1: beyond the stream's start or end, a truncated stream window) |
 | activations | list<float32> | the feature's activation at each token of the window |
 
 Parquet key-value metadata `crate.interp` holds the provenance (JSON): checkpoint path, its MLflow run id and
@@ -34,7 +34,7 @@ step, model id, model_sha256, features spec, corpus, the collection settings, co
 
 **Model identity**: `model` is a model's name in tables and plots (`<run name>@<step>` for platform checkpoints,
 `<file stem>-<sha12>` for others); `model_sha256` is what it is: SHA-256 over its config and weights
-(`crate.interp.job.model_sha256`). Both are in every result key and the collection id, and an output directory's
+(`crate.interp.subject.model_sha256`). Both are in every result key and the collection id, and an output directory's
 `model.json` names the one model whose records and results it holds (a job for another model refuses it).
 
 **Feature statistics** — one row per feature of a collection: `count` units seen, `mean`, `variance`,
@@ -52,11 +52,14 @@ NaN when it is undefined. `status` says why:
 | "failed" | NaN | the backend failed (after retries) or produced unusable output; `reason` says which |
 
 Columns, in order: the key (model, model_sha256, features, layer, neuron, protocol, metric, backend, prompt_version,
-seed), then
+reading, windows, seed), then
 score, status, reason, explanation, explain_excerpts, excerpts (record refs, see `excerpt_ref`), simulated
 (per-excerpt simulated activations, 0..10 scale), n_defaulted (simulated values that fell back to 0: no value token
 among the returned logprobs, or an unparseable sampled line), attempts (LLM calls incl. retries), duration_s,
-then provenance: feature_kind, simulator_kind, explainer_model, simulator_model, checkpoint, checkpoint_run_id,
+the protocol fields (crate.interp.protocols.PROTOCOL_RULES; `reading` and `windows` are in the key): prompt_format
+(fork | openai | crate-v1; prompt_version names its text), random_only (separate | rescore: how the random metric
+was simulated), record_shortfall (records the protocol asks for that the feature's collection lacked: quantile bins
+too rare for the sampling pool; 0 when complete), then provenance: feature_kind, simulator_kind, explainer_model, simulator_model, checkpoint, checkpoint_run_id,
 checkpoint_step, preset, arch, n_layer, corpus, records_id, job_run_id, code_version, created_at.
 """
 
@@ -72,7 +75,7 @@ import pyarrow.parquet as pq
 
 from crate.files import replacing
 
-SCHEMA_VERSION = 2  # 2: results keyed by model_sha256 too
+SCHEMA_VERSION = 3  # 2: results keyed by model_sha256 too; 3: by reading and windows, with the protocol fields
 METADATA_KEY = b"crate.interp"
 COMPLETE_MARKER = "_COMPLETE"
 
@@ -111,7 +114,8 @@ FEATURES_SCHEMA = pa.schema([
     ("quantile_boundaries", pa.list_(pa.float32())),
 ])
 
-RESULT_KEY = ("model", "model_sha256", "features", "layer", "neuron", "protocol", "metric", "backend", "prompt_version", "seed")
+RESULT_KEY = ("model", "model_sha256", "features", "layer", "neuron", "protocol", "metric", "backend", "prompt_version",
+              "reading", "windows", "seed")
 
 RESULTS_SCHEMA = pa.schema([
     ("model", pa.string()),
@@ -123,6 +127,8 @@ RESULTS_SCHEMA = pa.schema([
     ("metric", pa.string()),
     ("backend", pa.string()),
     ("prompt_version", pa.string()),
+    ("reading", pa.string()),
+    ("windows", pa.string()),
     ("seed", pa.int64()),
     ("score", pa.float64()),
     ("status", pa.string()),
@@ -134,6 +140,9 @@ RESULTS_SCHEMA = pa.schema([
     ("n_defaulted", pa.int32()),
     ("attempts", pa.int32()),
     ("duration_s", pa.float32()),
+    ("prompt_format", pa.string()),
+    ("random_only", pa.string()),
+    ("record_shortfall", pa.int32()),
     ("feature_kind", pa.string()),
     ("simulator_kind", pa.string()),
     ("explainer_model", pa.string()),

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from crate.interp.backends.base import Backend, BackendError
-from crate.interp.prompts import PROMPT_VERSION, MalformedOutput
+from crate.interp.prompts import PROMPT_VERSIONS, MalformedOutput
 from crate.interp.protocols import ScoringTask
 
 log = logging.getLogger(__name__)
@@ -32,14 +32,16 @@ def pearson(true: np.ndarray, simulated: np.ndarray) -> float:
 
 
 def identity(backend: Backend) -> dict[str, str]:
-    """The result columns that name a backend (its `backend` key and models)."""
+    """The result columns that name a backend: its `backend` key, models, reading and prompt format."""
     return {"backend": backend.name, "simulator_kind": backend.simulator.kind,
-            "explainer_model": backend.explainer.model_name, "simulator_model": backend.simulator.model_name}
+            "explainer_model": backend.explainer.model_name, "simulator_model": backend.simulator.model_name,
+            "reading": backend.reading, "prompt_format": backend.prompt_format,
+            "prompt_version": PROMPT_VERSIONS[backend.prompt_format]}
 
 
 def _row(task: ScoringTask, metric: str, backend: dict[str, str], seed: int, **fields) -> dict:
-    return {"layer": task.layer, "neuron": task.neuron, "protocol": task.protocol, "metric": metric,
-            "prompt_version": PROMPT_VERSION, "seed": seed, "explain_excerpts": [e.ref for e in task.explain],
+    return {"layer": task.layer, "neuron": task.neuron, "protocol": task.protocol, "metric": metric, "seed": seed,
+            "explain_excerpts": [e.ref for e in task.explain], "record_shortfall": task.record_shortfall,
             **backend, **fields}
 
 
@@ -56,7 +58,7 @@ def score_task(task: ScoringTask, metrics: Sequence[str], backend: Backend, seed
     started = time.perf_counter()
     backend.calls.reset()
     try:
-        explanation = backend.explainer.explain(task.explain, seed)
+        explanation = backend.explainer.explain(task.explain, seed + task.seed_offset)
         simulation = backend.simulator.simulate(explanation, task.score)
         if len(simulation.values) != len(task.score) or any(
                 len(v) != len(e.tokens) for v, e in zip(simulation.values, task.score)):

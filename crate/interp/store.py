@@ -35,8 +35,9 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from crate.errors import ConfigError
 from crate.files import replacing, write_atomic
-from crate.interp.schema import RESULTS_SCHEMA, result_key, write_parquet
+from crate.interp.schema import RESULT_KEY, RESULTS_SCHEMA, result_key, write_parquet
 
 log = logging.getLogger(__name__)
 DATABASE_FILE, RESULTS_FILE, LOCK_FILE = "results.sqlite", "results.parquet", "results.lock"
@@ -67,6 +68,14 @@ def _values(rows: list[dict]) -> list[tuple[str, str, bytes]]:
         return []
     batch = _as_table(rows).combine_chunks().to_batches()[0]
     return [(_key_text(row), row["status"], batch.slice(i, 1).serialize().to_pybytes()) for i, row in enumerate(rows)]
+
+
+def _check_key_columns(columns: list[str], path: Path) -> None:
+    """Rows of an earlier schema without every key column cannot be told apart: refuse the folder."""
+    missing = sorted(set(RESULT_KEY) - set(columns))
+    if missing:
+        raise ConfigError("output_dir", f"{path} is a results table of an earlier schema (no {', '.join(missing)}); "
+                                        f"give another --output (jobs/compare.py still reads it)")
 
 
 def _conform(table: pa.Table) -> pa.Table:
@@ -170,6 +179,7 @@ class ResultStore:
         rows = []
         if found is not None:
             old = pa.ipc.read_schema(pa.py_buffer(found[0]))
+            _check_key_columns(old.names, self.database_path)
             rows = _conform(self._read(old)).to_pylist()
             log.info("results: %d rows of %s brought to the current results schema", len(rows), self.database_path)
         with self._transaction():
@@ -228,6 +238,7 @@ class ResultStore:
         """Rows of the old store (results.parquet, then results.wal.jsonl) the database does not hold yet."""
         known = self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
         if not known and self.results_path.is_file():
+            _check_key_columns(pq.read_schema(self.results_path).names, self.results_path)
             self._write(_conform(pq.read_table(self.results_path)).to_pylist())
         rows = self._repaired_log()
         if rows:

@@ -20,6 +20,13 @@ import torch.nn as nn
 
 HookFn = Callable[[torch.Tensor, "HookPoint"], Union[torch.Tensor, None]]
 NamesFilter = Union[None, str, Iterable[str], Callable[[str], bool]]
+LAYER = "{l}"  # where a site template puts the layer index: "blocks.{l}.hook_resid_post" names one hook per layer
+NEURONS = "blocks.{l}.mlp.hook_post"  # the neurons of both architectures (CRATE: the ISTA code A_T)
+
+
+def at_layer(site: str, layer: int) -> str:
+    """The hook name a site template names at `layer` ("blocks.{l}.ista.hook_dtx", 3 -> "blocks.3.ista.hook_dtx")."""
+    return site.replace(LAYER, str(layer))
 
 
 class HookPoint(nn.Module):

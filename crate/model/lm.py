@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from crate.errors import ConfigError
 from crate.model.config import ModelConfig
-from crate.model.hooks import HookFn, HookPoint, LayerNorm, NamesFilter, hook_name, names_filter_fn
+from crate.model.hooks import NEURONS, HookFn, HookPoint, LayerNorm, NamesFilter, at_layer, hook_name, names_filter_fn
 
 
 class LanguageModel(nn.Module):
@@ -160,7 +160,7 @@ class LanguageModel(nn.Module):
 
             return hook
 
-        with self.hooks([(f"blocks.{layer}.mlp.hook_post", store(layer)) for layer in layers]):
+        with self.hooks([(at_layer(NEURONS, layer), store(layer)) for layer in layers]):
             yield captured
 
     def steer_hooks(self, layer: int | Literal["all"], neurons: int | Sequence[int], value: float,

@@ -8,9 +8,12 @@ the population variance across layers of the per-layer mean scores, and CRATE's 
     improvement      (mean_CRATE − mean_GPT) / |mean_GPT|, per metric and averaged over metrics, for models of
                      the same depth (the paper's "up to 103%")
 
-A series is one model's features under one protocol and backend: the model's neurons, or the features of its
-SAEs (one SAE per layer, from separate `--features sae:PATH` runs, pooled into one "+SAE" series as the paper's
-GPT-SAE rows). Scores are Pearson correlations; reports show them ×100 as the paper does.
+A series is one model's features under one protocol and backend: the model's neurons, the values at one of its
+sites (`--features hook:SITE`, a series per site), or the features of its SAEs (one SAE per layer, from separate
+`--features sae:PATH` runs, pooled into one "+SAE" series per site as the paper's GPT-SAE rows). Any subject is a
+model here: our CRATE and GPT checkpoints and Hugging Face models (arch = their model type, e.g. `gpt2`) appear
+side by side; the improvement pairs only our CRATE and GPT neurons. Scores are Pearson correlations; reports
+show them ×100 as the paper does.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import polars as pl
 from crate.errors import ConfigError
 from crate.interp.aggregate import EXCLUDE_LAST_FROM, across_layers, layer_stats, scored_layers
 from crate.plots import pyplot, save
-from crate.results.tables import metric_order, read_results
+from crate.results.tables import feature_label, metric_order, read_results
 from crate.tracking import TrackingConfig, resolve_locations
 from crate.tracking.job import TrackedJob
 from crate.train.checkpoint import last_validation_loss
@@ -122,7 +125,7 @@ def compare(results: pl.DataFrame, exclude_last_from: int = EXCLUDE_LAST_FROM) -
 
 
 def series_label(model: str, feature_kind: str, protocol: str, backend: str, several: dict[str, bool]) -> str:
-    label = model if feature_kind == "neurons" else f"{model}+{feature_kind.upper()}"
+    label = model + feature_label(feature_kind)
     extra = [v for k, v in (("protocol", protocol), ("backend", backend)) if several[k]]
     return f"{label} ({', '.join(extra)})" if extra else label
 

@@ -26,10 +26,16 @@ def results_path(path: str | Path) -> Path:
 
 
 def read_results(paths: Sequence[str | Path]) -> pl.DataFrame:
-    """The result rows of several tables; a key present in more than one is kept once (the first)."""
+    """The result rows of several tables; a key present in more than one is kept once (the first). Tables of an
+    earlier schema lack some key columns (schema 3 added reading and windows): those read as null."""
     from crate.interp.schema import RESULT_KEY
 
-    table = distinct_labels(pl.concat([pl.read_parquet(results_path(p)) for p in paths], how="diagonal_relaxed"))
+    tables = []
+    for path in paths:
+        table = pl.read_parquet(results_path(path))
+        missing = [name for name in RESULT_KEY if name not in table.columns]
+        tables.append(table.with_columns([pl.lit(None, dtype=pl.String).alias(name) for name in missing]))
+    table = distinct_labels(pl.concat(tables, how="diagonal_relaxed"))
     unique = table.unique(subset=list(RESULT_KEY), keep="first", maintain_order=True)
     if len(unique) < len(table):
         log.warning("%d result rows appear in more than one table; each is counted once", len(table) - len(unique))
@@ -50,6 +56,17 @@ def distinct_labels(table: pl.DataFrame) -> pl.DataFrame:
     suffixed = pl.concat_str([pl.col("model"), pl.lit("-"), pl.col("model_sha256").str.slice(0, 12)])
     return table.with_columns(pl.when(pl.col("model").is_in(shared.to_list())).then(suffixed)
                               .otherwise(pl.col("model")).alias("model"))
+
+
+def feature_label(feature_kind: str) -> str:
+    """What follows a model's label for its features: nothing for its neurons, "+SAE" for an SAE on them,
+    "+SAE@SITE" for an SAE on another site, "@SITE" for the values at a hook point or module (`hook:SITE`)."""
+    kind, _, site = feature_kind.partition(":")
+    if kind == "neurons":
+        return ""
+    if kind == "hook":
+        return f"@{site}"
+    return f"+{kind.upper()}" + (f"@{site}" if site else "")
 
 
 def metric_order(metrics: Iterable[str]) -> list[str]:

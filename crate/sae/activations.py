@@ -1,5 +1,6 @@
-"""A layer's neurons over a token stream, as rows for SAE training: forward passes in chunks of blocks, then a
-shuffle buffer so consecutive SAE batches mix tokens from many blocks (the paper's 2¹⁹-activation buffer)."""
+"""A layer's activations at one hook point (by default its neurons) over a token stream, as rows for SAE
+training: forward passes in chunks of blocks, then a shuffle buffer so consecutive SAE batches mix tokens from
+many blocks (the paper's 2¹⁹-activation buffer)."""
 
 from __future__ import annotations
 
@@ -8,27 +9,42 @@ from typing import Iterable, Iterator
 
 import torch
 
+from crate.model.hooks import NEURONS, at_layer
+
 
 class LayerActivations:
-    """Iterates (B·T, n_neurons) float32 tensors of one layer's neurons, one per (B, T) token batch."""
+    """Iterates (B·T, width) float32 tensors of one layer's activations at `site` (a hook point template,
+    `{l}` = the layer; default the neurons), one per (B, T) token batch; dimensions after T are flattened."""
 
-    def __init__(self, model, layer: int, token_batches: Iterable[torch.Tensor]):
+    def __init__(self, model, layer: int, token_batches: Iterable[torch.Tensor], site: str = NEURONS):
         if not 0 <= layer < model.config.n_layer:
             raise ValueError(f"layer {layer} does not exist: the model has {model.config.n_layer} layers")
+        self.name = at_layer(site, layer)
+        if self.name not in model.hook_dict:
+            raise ValueError(f"the {model.config.arch} model has no hook point {self.name!r} (docs/model.md)")
         self.model = model.eval()
         self.layer = layer
         self.token_batches = token_batches
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        device = next(self.model.parameters()).device
         for tokens in self.token_batches:
-            yield self.neurons(torch.as_tensor(tokens, dtype=torch.long).to(device))
+            yield self.rows(torch.as_tensor(tokens, dtype=torch.long).to(self.device))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def width(self) -> int:
+        """Values per token at the site (a one-token forward pass)."""
+        return self.rows(torch.zeros(1, 1, dtype=torch.long, device=self.device)).shape[1]
 
     @torch.no_grad()
-    def neurons(self, tokens: torch.Tensor) -> torch.Tensor:
-        with autocast(tokens.device), self.model.capture_neurons([self.layer]) as captured:
-            self.model.hidden_states(tokens, self.layer + 1)  # the layers above are not needed
-        return captured[self.layer].flatten(0, 1).float()
+    def rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        captured = []
+        with autocast(tokens.device), self.model.hooks([(self.name, lambda activation, hook: captured.append(activation))]):
+            self.model.hidden_states(tokens, self.layer + 1)  # a site of block l: the layers above are not needed
+        return captured[0].reshape(tokens.numel(), -1).float()
 
 
 def shuffled_batches(chunks: Iterable[torch.Tensor], buffer_size: int, batch_size: int,

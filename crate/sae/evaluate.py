@@ -1,9 +1,10 @@
 """How good an SAE is, measured inside the model: reconstruction, sparsity, and the loss with it spliced in.
 
-On held-out token batches (B, T+1) (inputs and shifted targets), three forward passes per batch:
+The SAE encodes one hook point of one layer (its `site`, by default the neurons); on held-out token batches
+(B, T+1) (inputs and shifted targets), three forward passes per batch, the site patched through the model's hooks:
   clean         the model as it is                                         → L_clean
-  spliced       the layer's neurons replaced by the SAE's reconstruction    → L_sae
-  zero-ablated  the layer's neurons replaced by zeros                       → L_zero
+  spliced       the site's activation replaced by the SAE's reconstruction  → L_sae
+  zero-ablated  the site's activation replaced by zeros                     → L_zero
   loss recovered = (L_zero − L_sae) / (L_zero − L_clean)   — 1: as good as the neurons, 0: no better than nothing.
 """
 
@@ -17,6 +18,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from crate.model.hooks import NEURONS, at_layer
 from crate.sae.activations import autocast
 from crate.sae.model import SparseAutoencoder
 
@@ -40,28 +42,29 @@ class SAEEvaluation:
 
 
 @contextmanager
-def replaced_neurons(model, layer: int, replace: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """Within the block, layer `layer`'s neurons are `replace(neurons)` in every forward pass."""
-    handle = model.neuron_module(layer).register_forward_hook(lambda module, inputs, output: replace(output))
-    try:
+def replaced_neurons(model, layer: int, replace: Callable[[torch.Tensor], torch.Tensor],
+                     site: str = NEURONS) -> Iterator[None]:
+    """Within the block, layer `layer`'s activation at `site` (default: its neurons) is `replace(activation)` in
+    every forward pass."""
+    with model.hooks([(at_layer(site, layer), lambda activation, hook: replace(activation))]):
         yield
-    finally:
-        handle.remove()
 
 
 @torch.no_grad()
-def evaluate_sae(model, layer: int, sae: SparseAutoencoder, token_batches: Iterable[torch.Tensor]) -> SAEEvaluation:
+def evaluate_sae(model, layer: int, sae: SparseAutoencoder, token_batches: Iterable[torch.Tensor],
+                 site: str = NEURONS) -> SAEEvaluation:
+    """The SAE's statistics on `token_batches`, spliced in at `site` of `layer` (the hook point it encodes)."""
     model.eval()
     device = next(model.parameters()).device
     sae = sae.to(device).eval()
     stats = _Stats(sae.config.n_features, sae.config.d_in, device)
 
-    def reconstruct(neurons: torch.Tensor) -> torch.Tensor:
-        x = neurons.float()
+    def reconstruct(activation: torch.Tensor) -> torch.Tensor:
+        x = activation.reshape(*activation.shape[:2], -1).float()  # (B, T, ...) -> (B, T, d_in)
         with torch.autocast(device.type, enabled=False):  # the SAE in fp32 even inside the bf16 forward
             x_hat, f = sae(x)
         stats.add(x.flatten(0, -2), x_hat.flatten(0, -2), f.flatten(0, -2))
-        return x_hat.to(neurons.dtype)
+        return x_hat.reshape(activation.shape).to(activation.dtype)
 
     losses = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
     n_tokens = 0
@@ -71,9 +74,9 @@ def evaluate_sae(model, layer: int, sae: SparseAutoencoder, token_batches: Itera
         n = targets.numel()
         with autocast(device):
             losses["clean"] += model(idx, targets)[1].item() * n
-            with replaced_neurons(model, layer, reconstruct):
+            with replaced_neurons(model, layer, reconstruct, site):
                 losses["spliced"] += model(idx, targets)[1].item() * n
-            with replaced_neurons(model, layer, torch.zeros_like):
+            with replaced_neurons(model, layer, torch.zeros_like, site):
                 losses["zero"] += model(idx, targets)[1].item() * n
         n_tokens += n
     if n_tokens == 0:

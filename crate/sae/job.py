@@ -1,5 +1,5 @@
-"""`jobs/train_sae.py`: train an SAE on one layer's neurons of a CRATE or GPT checkpoint, evaluate it inside
-the model, save it as one file and track it all in MLflow.
+"""`jobs/train_sae.py`: train an SAE on one layer's neurons (or any other hook point, `site`) of a CRATE or GPT
+checkpoint, evaluate it inside the model, save it as one file and track it all in MLflow.
 
 Output directory (`output_dir`, default `sae-<checkpoint>-layer<L>`):
     sae.pt                the SAE (crate.sae.load_sae; `--features sae:PATH` for the interpretability job)
@@ -26,6 +26,7 @@ from crate.data.config import DataConfig
 from crate.errors import ConfigError
 from crate.plots import pyplot, save
 from crate.model.checkpoint import load_data
+from crate.model.hooks import LAYER, NEURONS
 from crate.sae.activations import LayerActivations, shuffled_batches
 from crate.sae.evaluate import SAEEvaluation, evaluate_sae
 from crate.sae.model import SAESource, save_sae
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 class TrainSAEConfig:
     checkpoint: str = ""  # the model whose neurons the SAE encodes
     layer: int | None = None
+    site: str = NEURONS  # the hook point it encodes, {l} = layer (e.g. blocks.{l}.hook_resid_post; docs/model.md)
     sae: SAETrainConfig = field(default_factory=SAETrainConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(engine="local"))  # train: activation stream, val: evaluation
     blocks_per_forward: int = 4  # token blocks per model forward pass
@@ -60,6 +62,9 @@ class TrainSAEConfig:
             raise ConfigError("checkpoint", "a model checkpoint is required (--checkpoint PATH)")
         if self.layer is None or self.layer < 0:
             raise ConfigError("layer", "the layer whose neurons to encode is required (--layer L)")
+        if self.site.count(LAYER) != 1 or not self.site.startswith("blocks."):
+            raise ConfigError("site", f"{self.site!r}: a hook point of a block with {LAYER} for its index, e.g. "
+                                      f"blocks.{LAYER}.hook_resid_post (docs/model.md)")
         if self.blocks_per_forward < 1 or self.eval_blocks < 1:
             raise ConfigError("blocks_per_forward", "blocks_per_forward and eval_blocks must be >= 1")
 
@@ -85,12 +90,16 @@ def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
     if config.data.context > model.config.block_size:
         raise ConfigError("data.context", f"{config.data.context} exceeds the model's context "
                                           f"({model.config.block_size}); set data.context={model.config.block_size}")
+    try:
+        width = LayerActivations(model, config.layer, (), config.site).width
+    except ValueError as error:
+        raise ConfigError("site", str(error)) from None
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     source = _source(config, model, metadata)
     device = next(model.parameters()).device
 
-    trainer = SAETrainer(config.sae, model.config.n_neurons, device)
+    trainer = SAETrainer(config.sae, width, device)
     state_path = out / "train_state.pt"
     position = {"data": None}  # the stream position after the last batch read into the shuffle buffer
     if config.resume and state_path.is_file():
@@ -98,8 +107,9 @@ def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
         trainer.load_state_dict(state["trainer"])
         position["data"] = state["data"]
         log.info("resuming %s at step %d", out, trainer.step)
-    job = TrackedJob(config.tracking, "train_sae", f"sae-{out.name}", config=config, params=_params(config, model),
-                     tags=_tags(source), location=out, resume=bool(trainer.step), legacy_run_id=_legacy_run_id(out))
+    job = TrackedJob(config.tracking, "train_sae", f"sae-{out.name}", config=config,
+                     params=_params(config, model, width), tags=_tags(source), location=out, resume=bool(trainer.step),
+                     legacy_run_id=_legacy_run_id(out))
     with job:
         stream = train_batches(config.data, config.blocks_per_forward, rank=0, world_size=1, state=position["data"])
 
@@ -109,7 +119,7 @@ def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
                 yield batch.tokens[:, :-1]
 
         shuffle = torch.Generator().manual_seed(config.sae.seed + trainer.step)  # a resumed run reshuffles anew
-        batches = shuffled_batches(LayerActivations(model, config.layer, inputs()), config.sae.buffer_size,
+        batches = shuffled_batches(LayerActivations(model, config.layer, inputs(), config.site), config.sae.buffer_size,
                                    config.sae.batch_size, shuffle)
 
         def save_state(t: SAETrainer) -> None:
@@ -120,7 +130,7 @@ def run_sae_training(config: TrainSAEConfig) -> tuple[Path, SAEEvaluation]:
         stream.close()
         held_out = (batch.tokens for batch in val_batches(config.data, config.blocks_per_forward, 0, 1,
                                                           config.eval_blocks))
-        evaluation = evaluate_sae(model, config.layer, trainer.sae, held_out)
+        evaluation = evaluate_sae(model, config.layer, trainer.sae, held_out, config.site)
         metrics = evaluation.metrics()
         job.tracker.log_metrics(metrics, step=trainer.step)
         sae_path = save_sae(trainer.sae, out / "sae.pt", source, metrics=metrics,
@@ -146,19 +156,19 @@ def _source(config: TrainSAEConfig, model, metadata: dict) -> SAESource:
     from crate.model.checkpoint import is_storage_uri
 
     checkpoint = config.checkpoint if is_storage_uri(config.checkpoint) else str(Path(config.checkpoint).resolve())
-    return SAESource(checkpoint=checkpoint, arch=model.config.arch, layer=config.layer,
+    return SAESource(checkpoint=checkpoint, arch=model.config.arch, layer=config.layer, site=config.site,
                      model_run_id=metadata.get("mlflow_run_id"), corpus=config.data.train,
                      extra={"preset": model.config.preset, "n_layer": model.config.n_layer,
                             "step": metadata.get("step")})
 
 
-def _params(config: TrainSAEConfig, model) -> dict:
+def _params(config: TrainSAEConfig, model, width: int) -> dict:
     return {"model.arch": model.config.arch, "model.n_layer": model.config.n_layer,
-            "model.n_neurons": model.config.n_neurons, "sae.n_features": config.sae.expansion * model.config.n_neurons}
+            "model.n_neurons": model.config.n_neurons, "sae.d_in": width, "sae.n_features": config.sae.expansion * width}
 
 
 def _tags(source: SAESource) -> dict[str, str]:
-    tags = {"crate.job": "train_sae", "crate.arch": source.arch, "crate.layer": str(source.layer)}
+    tags = {"crate.arch": source.arch, "crate.layer": str(source.layer), "crate.site": source.site}
     if source.model_run_id:
         tags["crate.model_run_id"] = str(source.model_run_id)
     return tags

@@ -6,7 +6,7 @@
     L  = ‖x − x̂‖² + α·‖f‖₁                        per activation vector, averaged over the batch
 
 A checkpoint is one file: the SAE config, its weights, and where its inputs came from (model checkpoint,
-architecture, layer), so `--features sae:PATH` can rebuild the feature source from it alone.
+architecture, layer, hook point), so `--features sae:PATH` can rebuild the feature source from it alone.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from crate.errors import ConfigError
 from crate.files import replacing
 from crate.model.checkpoint import load_data
+from crate.model.hooks import NEURONS
 
 FORMAT = "crate-sae-checkpoint"
 VERSION = 1
@@ -31,7 +32,7 @@ VERSION = 1
 
 @dataclass
 class SAEConfig:
-    d_in: int  # width of the activations it encodes (the layer's neurons)
+    d_in: int  # width of the activations it encodes (the layer's neurons, or another site's values)
     expansion: int = 16  # n_features = expansion · d_in
     l1_coefficient: float = 8e-5  # α
 
@@ -51,11 +52,14 @@ class SAESource:
     """Which activations an SAE was trained on."""
 
     checkpoint: str  # the model checkpoint the activations came from
-    arch: str  # "crate" (ISTA codes) or "gpt" (MLP hidden activations)
+    arch: str  # "crate" or "gpt"
     layer: int
     model_run_id: str | None = None  # the MLflow run that trained that model, when recorded
     corpus: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # the hook point it encodes, {l} = `layer` (crate.model.hooks; checkpoints from before sites: the neurons —
+    # CRATE's ISTA code A_T, GPT's MLP hidden activations)
+    site: str = NEURONS
 
 
 class SparseAutoencoder(nn.Module):

@@ -63,6 +63,8 @@ class Backend:
     explainer: Explainer
     simulator: Simulator
     calls: CallCounter = field(default_factory=CallCounter)
+    reading: str = "full"  # BackendConfig.reading (the token-set baseline reads no logprobs; rows record the field)
+    prompt_format: str = "crate-v1"
 
     def close(self) -> None:
         for part in (self.explainer, self.simulator):
@@ -81,8 +83,13 @@ BACKENDS = {
 
 
 def build_backend(config, seed: int = 0) -> Backend:
+    """The backend `config` (BackendConfig) names; `auto` fields resolved by the default protocol where the
+    config did not come through an InterpConfig (which resolves them by its own)."""
+    config = config.resolved()
     module, _, function = BACKENDS[config.kind].partition(":")
-    return getattr(importlib.import_module(module), function)(config, seed)
+    backend = getattr(importlib.import_module(module), function)(config, seed)
+    backend.reading, backend.prompt_format = config.reading, config.prompt_format
+    return backend
 
 
 def backend_label(kind: str, explainer: str, simulator: str, sampled: bool = False) -> str:

@@ -2,12 +2,16 @@
 both 4-bit): local files only (`local_files_only=True`, nothing is downloaded), optionally a GGUF file
 (transformers' `gguf_file=`, dequantised; needs the `gguf` package) or bitsandbytes 4-bit on CUDA.
 
-The simulator reads the full next-token distribution at each position right after a tab and renormalises it over
-the tokens "0".."10" — the exact restricted softmax, not the paper's top-5 logits. At start it checks that each of
-"0".."9" is one token after a tab in the simulator's tokenizer and that a token boundary follows the tab. When
-"10" is not one token (Llama-2 splits it, as in the paper), the scale is 0..9: "10" gets probability 0, a warning
-says so, and — as the normalisation is affine and the score is a Pearson correlation — scores are unaffected
-except where the simulator would have preferred 10.
+The simulator reads the next-token distribution at each position right after a tab (`BackendConfig.reading`):
+- "top-K" (crate-paper: top-5, the fork's `mimic_api_simulation`): the K highest logits there, each token decoded
+  on its own (`tokenizer.decode([id])`); those whose text is one of "0".."10" are renormalised among themselves,
+  and a position with none of them in its top K reads 0 (counted in `n_defaulted`). Which tokens count is the
+  decoded text: for Llama-2 "10" is never one token and "▁5" decodes to "5", exactly as in the fork.
+- "full": the whole softmax renormalised over the tokens "0".."10" as they are tokenized after a tab. At start it
+  checks that each of "0".."9" is one token after a tab and that a token boundary follows the tab. When "10" is
+  not one token (Llama-2 splits it), the scale is 0..9: "10" gets probability 0 and a warning says so.
+Prompts follow `BackendConfig.prompt_format`; the fork's explainer turns merge the system text into the first user
+turn with " " (its api_client.mimic_api_explanation), and the completion is handed on raw.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import numpy as np
 import torch
 
 from crate.interp.backends.base import Backend, BackendError, CallCounter, Explainer, Simulation, Simulator, backend_label
-from crate.interp.prompts import (VALUE_STRINGS, chat_turns, explanation_prompt, expected_values, parse_explanation,
-                                  render_text, simulation_prompt)
+from crate.interp.prompts import (VALUE_STRINGS, chat_turns, completion_text, expected_values, explanation_prompt,
+                                  merged_system_turn, parse_explanation, reading_top_k, simulation_prompt, top_k_values)
 from crate.interp.records import Excerpt
 from crate.model import resolve_device
 
@@ -94,10 +98,13 @@ class HFExplainer(Explainer):
         self.lm, self.config, self.model_name = lm, config, lm.name
 
     def _prompt_text(self, messages) -> str:
-        tokenizer = self.lm.tokenizer
+        tokenizer, fmt = self.lm.tokenizer, self.config.prompt_format
         if not getattr(tokenizer, "chat_template", None):
-            return render_text(messages)
-        turns, prefill = chat_turns(messages)
+            return completion_text(messages, fmt)
+        if fmt == "fork":  # mimic_api_explanation: system text + " " + first user turn, no prefill
+            return tokenizer.apply_chat_template(merged_system_turn(messages), tokenize=False, add_generation_prompt=True)
+        turns, prefill = chat_turns(messages) if fmt == "crate-v1" else ([{"role": m.role, "content": m.content}
+                                                                          for m in messages], "")
         try:
             text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         except Exception:  # noqa: BLE001 - templates without a system role (Mistral): prepend it, as the paper did
@@ -109,7 +116,7 @@ class HFExplainer(Explainer):
     @torch.no_grad()
     def explain(self, excerpts: Sequence[Excerpt], seed: int) -> str:
         c, lm = self.config, self.lm
-        inputs = lm.tokenizer(self._prompt_text(explanation_prompt(excerpts)), return_tensors="pt",
+        inputs = lm.tokenizer(self._prompt_text(explanation_prompt(excerpts, c.prompt_format)), return_tensors="pt",
                               add_special_tokens=not getattr(lm.tokenizer, "chat_template", None)).to(lm.device)
         lm.calls.add()
         with lm.lock:
@@ -117,19 +124,35 @@ class HFExplainer(Explainer):
             output = lm.model.generate(**inputs, max_new_tokens=c.max_explanation_tokens, do_sample=c.temperature > 0,
                                        temperature=c.temperature if c.temperature > 0 else None, top_p=c.top_p,
                                        pad_token_id=lm.tokenizer.pad_token_id)
-        return parse_explanation(lm.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        completion = lm.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return parse_explanation(completion, c.prompt_format)
 
 
 class HFSimulator(Simulator):
     kind = "logprob-ev"
 
-    def __init__(self, lm: HFModel):
-        self.lm, self.model_name = lm, lm.name
-        self.value_ids = self._value_token_ids()
+    def __init__(self, lm: HFModel, config):
+        self.lm, self.model_name, self.config = lm, lm.name, config
+        self.top_k = reading_top_k(config.reading)
+        self.value_ids = self._value_token_ids() if self.top_k is None else None
+        self.value_text = self._value_texts() if self.top_k is not None else None
         probe = "x\tunknown\n"
         if not any(start == 2 for start, _ in lm.tokenizer(probe, return_offsets_mapping=True)["offset_mapping"]):
             raise BackendError(f"{lm.name}: its tokenizer merges a tab with the following text, so the "
                                "all-at-once simulator has no position to read values from")
+
+    def _value_texts(self) -> dict[int, str]:
+        """Top-K reading: the ids whose text, decoded alone, is a value string (what the fork's dict keys by)."""
+        tokenizer = self.lm.tokenizer
+        texts = {i: tokenizer.decode([i]) for i in range(len(tokenizer))}
+        values = {i: t for i, t in texts.items() if t in VALUE_STRINGS}
+        counted = sorted(set(values.values()), key=int)
+        log.info("%s: top-%d reading counts %d tokens as the values %s", self.lm.name, self.top_k, len(values),
+                 ",".join(counted))
+        if "10" not in counted:
+            log.warning("%s: no token decodes to \"10\": simulated values use the scale 0..9 (as the paper's Llama-2)",
+                        self.lm.name)
+        return values
 
     def _value_token_ids(self) -> list[int | None]:
         """The token id of each value string right after a tab (None where the tokenizer splits it)."""
@@ -146,7 +169,7 @@ class HFSimulator(Simulator):
 
     @torch.no_grad()
     def simulate(self, explanation: str, excerpts: Sequence[Excerpt]) -> Simulation:
-        prompts = [simulation_prompt(explanation, e.tokens) for e in excerpts]
+        prompts = [simulation_prompt(explanation, e.tokens, self.config.prompt_format) for e in excerpts]
         values, defaulted = [], 0
         for start in range(0, len(prompts), SIMULATION_BATCH):
             batch = prompts[start:start + SIMULATION_BATCH]
@@ -175,6 +198,11 @@ class HFSimulator(Simulator):
         if not rows:
             return out
         logits = lm.model.get_output_embeddings()(hidden[rows, positions]).float()
+        if self.top_k is not None:  # the fork: topk of the logits, each token decoded alone
+            best = torch.topk(logits, self.top_k, dim=-1)
+            for (b, q), ids, scores in zip(slots, best.indices.tolist(), best.values.tolist()):
+                out[b][q] = top_k_values([(self.value_text.get(i, ""), s) for i, s in zip(ids, scores)])
+            return out
         probs = torch.softmax(logits, dim=-1).cpu().numpy()
         for (b, q), p in zip(slots, probs):
             out[b][q] = [p[i] if i is not None else 0.0 for i in self.value_ids]
@@ -188,4 +216,4 @@ def build(config, seed: int = 0) -> Backend:
     same = config.simulator == config.explainer_model and simulator_gguf == config.explainer_gguf
     simulator_lm = explainer_lm if same else HFModel(config.simulator, simulator_gguf, config, calls)
     return Backend(backend_label("hf", explainer_lm.name, simulator_lm.name), HFExplainer(explainer_lm, config),
-                   HFSimulator(simulator_lm), calls)
+                   HFSimulator(simulator_lm, config), calls)

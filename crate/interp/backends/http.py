@@ -4,7 +4,11 @@ Explanations: /chat/completions (or /completions with the rendered prompt). Simu
 - echo: legacy /completions with `echo: true, logprobs: k, max_tokens: 0` — the prompt's tokens come back with
   `text_offset` and `top_logprobs` (Bills et al.'s all-at-once simulator; vLLM supports it too);
 - prompt_logprobs: vLLM's `prompt_logprobs: k` with `return_token_ids` (entries keyed by token id);
-- sampled: chat-only endpoints, no logprobs: the model writes the values (rows say simulator_kind="sampled").
+- sampled: chat-only endpoints, no logprobs: the model writes the values (rows say simulator_kind="sampled"); its
+  prompt is crate-v1's in every prompt_format (neither release's scores used a logprob-free simulator).
+k is the K of `BackendConfig.reading` ("top-K"; crate-paper top-5, openai top-15): a value is read from the digits
+among a position's k most likely tokens (prompts.top_k_values), 0 when there are none. The "full" reading needs
+every token's probability, which a server does not return (the config refuses it for http).
 All excerpts of a feature go in one /completions request (`prompt` is a list).
 
 Requests are retried on timeouts, connection errors, 429 and 5xx under the platform's one retry policy
@@ -28,9 +32,9 @@ import numpy as np
 import requests
 
 from crate.interp.backends.base import Backend, BackendError, CallCounter, Explainer, Simulation, Simulator, backend_label
-from crate.interp.prompts import (VALUE_STRINGS, MalformedOutput, Message, explanation_prompt, expected_values,
-                                  parse_explanation, parse_sampled_values, render_text, sampled_simulation_prompt,
-                                  simulation_prompt)
+from crate.interp.prompts import (MalformedOutput, Message, completion_text, expected_values, explanation_prompt,
+                                  merged_system_turn, parse_explanation, parse_sampled_values, reading_top_k,
+                                  sampled_simulation_prompt, simulation_prompt, top_k_values)
 from crate.interp.records import Excerpt
 from crate.retry import GaveUp, RetryPolicy, TryAgain
 
@@ -163,18 +167,20 @@ class HTTPExplainer(Explainer):
         self.client, self.config, self.model_name = client, config, config.explainer_model
 
     def explain(self, excerpts: Sequence[Excerpt], seed: int) -> str:
-        c, messages = self.config, explanation_prompt(excerpts)
+        c = self.config
+        messages = explanation_prompt(excerpts, c.prompt_format)
         payload = {"model": self.model_name, "max_tokens": c.max_explanation_tokens, "temperature": c.temperature,
                    "top_p": c.top_p, "seed": seed}
         if c.explain_endpoint == "chat":
-            response = self.client.post("chat/completions", {**payload, "messages": _chat(messages)})
+            turns = merged_system_turn(messages) if c.prompt_format == "fork" else _chat(messages)
+            response = self.client.post("chat/completions", {**payload, "messages": turns})
             text = _field(response, "choices", 0, "message", "content")
         else:
-            response = self.client.post("completions", {**payload, "prompt": render_text(messages)})
+            response = self.client.post("completions", {**payload, "prompt": completion_text(messages, c.prompt_format)})
             text = _field(response, "choices", 0, "text")
         if not isinstance(text, str):
             raise MalformedOutput(f"explanation is not text: {text!r}")
-        return parse_explanation(text)
+        return parse_explanation(text, c.prompt_format)
 
     def close(self) -> None:
         self.client.close()
@@ -193,27 +199,29 @@ class LogprobSimulator(Simulator):
         self.client, self.config, self.model_name = client, config, config.simulator
 
     def simulate(self, explanation: str, excerpts: Sequence[Excerpt]) -> Simulation:
-        prompts = [simulation_prompt(explanation, e.tokens) for e in excerpts]
+        prompts = [simulation_prompt(explanation, e.tokens, self.config.prompt_format) for e in excerpts]
         payload = {"model": self.model_name, "prompt": [text for text, _ in prompts], "temperature": 0.0}
+        k = reading_top_k(self.config.reading)  # never None: BackendConfig refuses the full reading over HTTP
         if self.config.simulation == "echo":
-            payload.update(max_tokens=0, echo=True, logprobs=self.config.top_logprobs)
+            payload.update(max_tokens=0, echo=True, logprobs=k)
             parse = _echo_positions
         else:
-            payload.update(max_tokens=1, prompt_logprobs=self.config.top_logprobs, return_token_ids=True)
+            payload.update(max_tokens=1, prompt_logprobs=k, return_token_ids=True)
             parse = _prompt_logprob_positions
         choices = _choices_in_order(self.client.post("completions", payload), len(prompts))
         values, defaulted = [], 0
         for (text, offsets), choice in zip(prompts, choices):
             distributions = parse(choice, text)  # char offset -> {token text: logprob}
-            probabilities = np.zeros((len(offsets), len(VALUE_STRINGS)))
-            for i, offset in enumerate(offsets):
-                top = distributions.get(offset) or {}
-                for v, value in enumerate(VALUE_STRINGS):
-                    if value in top and top[value] is not None:
-                        probabilities[i, v] = np.exp(float(top[value]))
+            probabilities = np.array([top_k_values(_best(distributions.get(offset) or {}, k)) for offset in offsets])
             defaulted += int((probabilities.sum(axis=1) == 0).sum())
             values.append(expected_values(probabilities))
         return Simulation(values, defaulted)
+
+
+def _best(top: dict[str, float], k: int) -> list[tuple[str, float]]:
+    """A position's k most likely tokens, best first (a server may return the sampled token beside its top k)."""
+    entries = [(text, float(logprob)) for text, logprob in top.items() if logprob is not None]
+    return sorted(entries, key=lambda e: -e[1])[:k]
 
 
 def _echo_positions(choice: dict, text: str) -> dict[int, dict[str, float]]:

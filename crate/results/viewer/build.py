@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from crate.errors import ConfigError
-from crate.results.tables import distinct_labels, metric_order
 from crate.files import write_atomic
+from crate.results.tables import distinct_labels, feature_label, metric_order
 from crate.tracking import TrackingConfig, resolve_locations
 from crate.tracking.job import TrackedJob
 
@@ -81,7 +81,7 @@ class ModelEntry:
 
     @property
     def label(self) -> str:
-        kind = "" if self.feature_kind == "neurons" else f"+{self.feature_kind.upper()}"
+        kind = feature_label(self.feature_kind)
         arch = f"{self.arch.upper()} " if self.arch else ""
         depth = f"{self.n_layer}L " if self.n_layer else ""
         return f"{arch}{depth}{self.model}{kind}"
