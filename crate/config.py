@@ -277,7 +277,8 @@ class Flag:
     name: str  # "--layer"
     field: str  # the dotted config field it sets
     help: str
-    kind: Literal["text", "number", "texts", "numbers"] = "number"  # plurals: comma-separated and/or repeated
+    # plurals: comma-separated and/or repeated; switch: a flag without a value that sets the field to true
+    kind: Literal["text", "number", "texts", "numbers", "switch"] = "number"
     metavar: str | None = None
 
     @property
