@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from crate.config import Flag, dump_yaml, list_recipes, load_config
+from crate.config import Flag, dump_yaml, field_bounds, field_help, list_recipes, load_config
 from crate.errors import ConfigError
 
 T = TypeVar("T")
@@ -36,8 +36,8 @@ def config_parser(cls: type, description: str, default_source: str | None = None
         prog=prog,
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="overrides are dotted.key=value (e.g. train.max_steps=100). Fields and the values a bare run uses"
-               + (f" (from {default_source})" if bare is not None else "") + ":\n"
+        epilog="overrides are dotted.key=value (e.g. train.max_steps=100). Fields, the values a bare run uses"
+               + (f" (from {default_source})" if bare is not None else "") + ", what they mean and their bounds:\n"
                + "\n".join(f"  {line}" for line in describe_fields(cls, defaults=bare))
                + f"\nrecipes: {', '.join(list_recipes())}",
     )
@@ -121,20 +121,25 @@ def error_line(prog: str, error: ConfigError) -> str:
 
 
 def describe_fields(cls: type, prefix: str = "", defaults: Any = None) -> list[str]:
-    """`dotted.name = default` for every leaf field, read from default instances where they can be built, so that
-    a nested config's own default (a factory with other settings than its class's) is what is shown."""
+    """`dotted.name = default` for every leaf field, then its meaning and bounds (indented; a section's meaning
+    heads its fields). Defaults are read from default instances where they can be built, so that a nested
+    config's own default (a factory with other settings than its class's) is what is shown."""
     defaults = defaults if defaults is not None else _built(cls)
     lines = []
-    hints = typing.get_type_hints(cls)
+    hints, meanings, bounds = typing.get_type_hints(cls), field_help(cls), field_bounds(cls)
     for f in dataclasses.fields(cls):
         name = f"{prefix}{f.name}"
         value = getattr(defaults, f.name) if defaults is not None else _built(lambda: _default(f))
+        meaning = meanings[f.name] + (f" ({bounds[f.name].describe()})" if f.name in bounds else "")
         if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"{name}: {meaning}")
             lines.extend(describe_fields(hints[f.name], f"{name}.", value))
-        elif isinstance(value, dict) and value and all(hasattr(v, "describe") for v in value.values()):
+            continue
+        if isinstance(value, dict) and value and all(hasattr(v, "describe") for v in value.values()):
             lines.extend(f"{name}.{key} = {item.describe()}" for key, item in value.items())  # a sweep's space
         else:
             lines.append(f"{name} = {value!r}")
+        lines.append(f"    {meaning}")
     return lines
 
 

@@ -9,22 +9,30 @@ validated at load time.
 - Unknown keys (with the closest field suggested), wrong types, non-finite floats (NaN, inf) and invalid values
   raise `ConfigError` naming the dotted field, before any work; so do a `base:` cycle, a `base:` that is not one
   source, a file that is not UTF-8 or not YAML, and a key given twice in one mapping.
+- A field's meaning is the comment beside it (`field_help`; `--help` prints it with the default), its bounds an
+  annotation read here at load time: `context: Annotated[int, Range(1)] = 1024  # tokens per example`.
 - A dataclass may define `defaults_for(raw) -> dict` (e.g. ModelConfig's `preset`) and `__post_init__`
-  validation raising `ConfigError(field, message)`.
+  validation of what depends on several fields, raising `ConfigError(field, message)`.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
 import json
 import math
 import re
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -166,7 +174,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
         close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1)
         hint = f"did you mean {_join(path, close[0])}? " if close else ""
         raise ConfigError(_join(path, unknown[0]), f"unknown field; {hint}{cls.__name__} has: {', '.join(fields)}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # with their Range bounds
     kwargs = {name: coerce(value, hints[name], _join(path, name)) for name, value in data.items()}
     try:
         return cls(**kwargs)
@@ -198,6 +206,12 @@ def coerce(value: Any, type_: Any, path: str) -> Any:
     """Check/convert one YAML value against a type annotation."""
     origin, args = get_origin(type_), get_args(type_)
     if type_ is Any:
+        return value
+    if origin is Annotated:
+        value = coerce(value, args[0], path)
+        for rule in type_.__metadata__:
+            if isinstance(rule, Range):
+                rule.check(path, value)
         return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -264,6 +278,89 @@ def check_name(field: str, name: str) -> None:
     if not NAME.match(name):
         raise ConfigError(field, f"{name!r}: use up to 128 letters, digits, '.', '_' and '-', starting with a letter "
                                  "or digit (it names a folder under the storage path)")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The bounds of a number field, declared beside it and checked by the loader (None passes: an optional
+    field left unset; a list's items are checked one by one). `Range(1)`: >= 1; `Range(0, exclusive_low=True)`:
+    > 0; `Range(0, 1, exclusive_high=True)`: in [0, 1). `symbol` names the quantity in the message (λ, η)."""
+
+    low: float | None = None
+    high: float | None = None
+    exclusive_low: bool = False
+    exclusive_high: bool = False
+    symbol: str | None = None
+
+    def check(self, field: str, value: Any) -> None:
+        if isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                self.check(f"{field}[{index}]", item)
+            return
+        if value is None or self.contains(value):
+            return
+        raise ConfigError(field, f"{self.symbol + ' ' if self.symbol else ''}must be {self.describe()}, got {value!r}")
+
+    def contains(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.exclusive_low else value >= self.low)
+        below = self.high is None or (value < self.high if self.exclusive_high else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        """`>= 1`, `> 0`, `<= 8`, `in [0, 1)`."""
+        if self.high is None:
+            return f"{'>' if self.exclusive_low else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.exclusive_high else '<='} {self.high:g}"
+        return f"in {'(' if self.exclusive_low else '['}{self.low:g}, {self.high:g}{')' if self.exclusive_high else ']'}"
+
+
+def field_bounds(cls: type) -> dict[str, Range]:
+    """The declared bound of every field of `cls` that has one."""
+    bounds = {}
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        rules = [rule for rule in getattr(hint, "__metadata__", ()) if isinstance(rule, Range)]
+        if rules:
+            bounds[name] = rules[0]
+    return bounds
+
+
+@functools.cache
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's meaning as its class declares it: the comment on the field's lines, else the comment lines
+    right above it ("" where there is none). Inherited fields keep the help of the class that declares them."""
+    declared: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            declared.update(_field_comments(klass))
+    return {f.name: declared.get(f.name, "") for f in dataclasses.fields(cls)}
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (a class made at run time)
+        return {}
+    comments: dict[int, str] = {}
+    alone: set[int] = set()  # lines holding nothing but a comment
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            line = token.start[0]
+            comments[line] = token.string.lstrip("#").strip()
+            if not token.line[:token.start[1]].strip():
+                alone.add(line)
+    found = {}
+    body = ast.parse(source).body[0].body
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        beside = [comments[line] for line in range(node.lineno, node.end_lineno + 1) if line in comments]
+        above, line = [], node.lineno - 1
+        while line in alone:
+            above.insert(0, comments[line])
+            line -= 1
+        found[node.target.id] = " ".join(beside or above)
+    return found
 
 
 def _join(prefix: str, key: str) -> str:

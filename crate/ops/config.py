@@ -6,9 +6,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 from crate.cluster import LOOPBACK, LOOPBACK_RAY_ENV
-from crate.config import Flag
+from crate.config import Flag, Range
 from crate.errors import ConfigError
 
 TOKEN_FILE = "ray_token"
@@ -17,31 +18,23 @@ RUNS_DIR = "runs"
 
 @dataclass
 class RayHeadConfig:
-    port: int = 6379  # GCS
-    dashboard_port: int = 8265  # dashboard + job submission server
-    client_port: int = 10001  # Ray Client (ray://)
-    dashboard_agent_port: int = 52365
-    num_cpus: int | None = None  # default: every core
-    num_gpus: int | None = None  # default: every visible GPU
-    object_store_memory_mb: int | None = None  # default: Ray's (30% of RAM)
-
-    def __post_init__(self) -> None:
-        for name in ("num_cpus", "num_gpus", "object_store_memory_mb"):
-            value = getattr(self, name)
-            if value is not None and value < (1 if name == "object_store_memory_mb" else 0):
-                raise ConfigError(name, f"must be positive, got {value}")
+    port: Annotated[int, Range(1, 65535)] = 6379  # GCS
+    dashboard_port: Annotated[int, Range(1, 65535)] = 8265  # dashboard + job submission server
+    client_port: Annotated[int, Range(1, 65535)] = 10001  # Ray Client (ray://)
+    dashboard_agent_port: Annotated[int, Range(1, 65535)] = 52365  # the dashboard's agent on the head node
+    num_cpus: Annotated[int | None, Range(0)] = None  # default: every core
+    num_gpus: Annotated[int | None, Range(0)] = None  # default: every visible GPU
+    object_store_memory_mb: Annotated[int | None, Range(1)] = None  # default: Ray's (30% of RAM)
 
 
 @dataclass
 class MlflowServerConfig:
-    port: int = 5000
+    port: Annotated[int, Range(1, 65535)] = 5000  # the tracking server (always on loopback)
     backend_store_uri: str | None = None  # default: sqlite:///<dir>/mlflow.db; or postgresql://user:pw@host/db
     artifacts_destination: str | None = None  # default: <dir>/artifacts; or s3://bucket/prefix
-    workers: int = 1
+    workers: Annotated[int, Range(1)] = 1  # server worker processes (each holds a copy of MLflow)
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ConfigError("workers", f"must be >= 1, got {self.workers}")
         scheme = (self.backend_store_uri or "sqlite:").split(":", 1)[0].split("+", 1)[0]
         if scheme not in ("sqlite", "postgresql", "mysql"):
             raise ConfigError("backend_store_uri", f"must be a sqlite://, postgresql:// or mysql:// URI, got "
@@ -51,10 +44,11 @@ class MlflowServerConfig:
 @dataclass
 class StackConfig:
     dir: str = ".stack"  # state, logs, env file, SQLite store and artifacts
-    host: str = "127.0.0.1"
-    startup_timeout_s: float = 180.0
-    ray: RayHeadConfig = field(default_factory=RayHeadConfig)
-    mlflow: MlflowServerConfig = field(default_factory=MlflowServerConfig)
+    host: str = "127.0.0.1"  # the address Ray binds to: loopback, or one of this machine's (then with token auth)
+    # both services must be healthy within this
+    startup_timeout_s: Annotated[float, Range(0, exclusive_low=True)] = 180.0
+    ray: RayHeadConfig = field(default_factory=RayHeadConfig)  # the Ray head
+    mlflow: MlflowServerConfig = field(default_factory=MlflowServerConfig)  # the MLflow tracking server
 
     def __post_init__(self) -> None:
         try:
@@ -64,15 +58,11 @@ class StackConfig:
         if unspecified:
             raise ConfigError("host", f"must be one IP address of this machine (127.0.0.1: loopback only; another "
                                       f"one: Ray with token auth), got {self.host!r}")
-        if self.startup_timeout_s <= 0:
-            raise ConfigError("startup_timeout_s", f"must be > 0, got {self.startup_timeout_s}")
         ports = {"ray.port": self.ray.port, "ray.dashboard_port": self.ray.dashboard_port,
                  "ray.client_port": self.ray.client_port, "ray.dashboard_agent_port": self.ray.dashboard_agent_port,
                  "mlflow.port": self.mlflow.port}
         seen: dict[int, str] = {}
         for name, port in ports.items():
-            if not 1 <= port <= 65535:
-                raise ConfigError(name, f"must be a TCP port (1-65535), got {port}")
             if port in seen:
                 raise ConfigError(name, f"port {port} is already used by {seen[port]}")
             seen[port] = name

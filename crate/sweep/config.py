@@ -16,9 +16,9 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
-from crate.config import check_name, from_dict, merge, read_source, to_dict
+from crate.config import Range, check_name, from_dict, merge, read_source, to_dict
 from crate.errors import ConfigError
 from crate.train.config import PretrainConfig
 
@@ -76,41 +76,27 @@ class Dimension:
 @dataclass
 class SchedulerConfig:
     kind: Literal["asha", "fifo"] = "asha"  # asha: stop the worst trials early on `metric`; fifo: run all to the end
-    grace_period: int = 1000  # training steps before ASHA may stop a trial (its first rung)
-    reduction_factor: float = 3.0  # ASHA keeps the best 1/reduction_factor of the trials at every rung
-
-    def __post_init__(self) -> None:
-        if self.grace_period < 1:
-            raise ConfigError("grace_period", f"must be >= 1, got {self.grace_period}")
-        if self.reduction_factor <= 1:
-            raise ConfigError("reduction_factor", f"must be > 1, got {self.reduction_factor}")
+    grace_period: Annotated[int, Range(1)] = 1000  # training steps before ASHA may stop a trial (its first rung)
+    # ASHA keeps the best 1/reduction_factor of the trials at every rung
+    reduction_factor: Annotated[float, Range(1, exclusive_low=True)] = 3.0
 
 
 @dataclass
 class SearchConfig:
     algorithm: Literal["random", "optuna"] = "random"  # random: Tune's generator (grids expanded); optuna: TPE
-    num_samples: int = 1  # random/optuna: trials drawn; grids: repeats of the whole grid
-    seed: int = 0
+    num_samples: Annotated[int, Range(1)] = 1  # random/optuna: trials drawn; grids: repeats of the whole grid
+    seed: int = 0  # the search algorithm's
     points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)  # trials run first, e.g. the paper's default
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 1:
-            raise ConfigError("num_samples", f"must be >= 1, got {self.num_samples}")
 
 
 @dataclass
 class ProxyConfig:
     """The interpretability proxy scored on a completed trial's final model (`crate.interp.proxy_score`)."""
 
-    enabled: bool = True
-    blocks: int = 64  # validation blocks of `data.context` tokens the neurons are recorded on
-    neurons_per_layer: int = 64  # seeded sample of neurons per layer
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("blocks", "neurons_per_layer"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+    enabled: bool = True  # score the proxy on every completed trial
+    blocks: Annotated[int, Range(1)] = 64  # validation blocks of `data.context` tokens the neurons are recorded on
+    neurons_per_layer: Annotated[int, Range(1)] = 64  # seeded sample of neurons per layer
+    seed: int = 0  # the neuron sample
 
 
 @dataclass
@@ -121,14 +107,17 @@ class SweepConfig:
     # dotted `trial` field -> Dimension. YAML writes `model.ista_sparsity: {grid: [...]}`; an override
     # `space.model.ista_sparsity={loguniform: [0.01, 1]}` replaces that dimension, `...=null` drops it.
     space: dict[str, Any] = field(default_factory=dict)
-    metric: str = "val/loss"
-    mode: Literal["min", "max"] = "min"
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    proxy: ProxyConfig = field(default_factory=ProxyConfig)
-    max_concurrent_trials: int = 1  # checked against what the cluster can place before any trial starts
-    trial_cpus: float = 0.25  # the trial's own driver (a Tune actor): it launches Ray Train, then scores the proxy
-    max_failures: int = 1  # retries of a failing trial; then it is marked failed and the sweep goes on
+    metric: str = "val/loss"  # what the scheduler and the search compare trials on (reported at every evaluation)
+    mode: Literal["min", "max"] = "min"  # whether lower or higher `metric` is better
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # how trials are stopped early
+    search: SearchConfig = field(default_factory=SearchConfig)  # how trial points are drawn
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)  # the interpretability proxy of each final model
+    # checked against what the cluster can place before any trial starts
+    max_concurrent_trials: Annotated[int, Range(1)] = 1
+    # the trial's own driver (a Tune actor): it launches Ray Train, then scores the proxy
+    trial_cpus: Annotated[float, Range(0, exclusive_low=True)] = 0.25
+    # retries of a failing trial; then it is marked failed and the sweep goes on
+    max_failures: Annotated[int, Range(0)] = 1
     cluster_cpus: float | None = None  # most CPUs the cluster will ever have (autoscaling); default: what it has now
     cluster_gpus: float | None = None  # the same for GPUs
 
@@ -165,12 +154,6 @@ class SweepConfig:
                               f"ASHA's first rung ({self.scheduler.grace_period} steps) must come at or before the last "
                               f"evaluation before a trial ends (step {self.last_eval_before_end} of "
                               f"{self.trial.train.max_steps}, every {self.trial.train.eval_interval}), or it never stops one")
-        if self.max_concurrent_trials < 1:
-            raise ConfigError("max_concurrent_trials", f"must be >= 1, got {self.max_concurrent_trials}")
-        if self.trial_cpus <= 0:
-            raise ConfigError("trial_cpus", f"must be > 0, got {self.trial_cpus}")
-        if self.max_failures < 0:
-            raise ConfigError("max_failures", f"must be >= 0, got {self.max_failures}")
 
     @property
     def last_eval_before_end(self) -> int:
