@@ -32,7 +32,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Callable, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -138,13 +138,14 @@ def parse_override(text: str) -> dict[str, Any]:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
-    nested: dict[str, Any] = {}
-    node = nested
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = parsed
-    return nested
+    return nest(key.strip(), parsed)
+
+
+def nest(key: str, value: Any) -> dict[str, Any]:
+    """`"a.b.c", v` -> {"a": {"b": {"c": v}}}: the nested mapping a dotted key stands for."""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
 
 
 def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -186,16 +187,35 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    """{"train.lr": 6e-4, ...}: the resolved config as flat dotted keys (for tracking params)."""
+def flatten(config: Any, prefix: str = "",
+            keep: Callable[[Mapping], bool] = lambda mapping: False) -> dict[str, Any]:
+    """{"train.lr": 6e-4, ...}: a config (or mapping) as flat dotted keys (tracking params). A mapping that `keep`
+    accepts stays one value (a sweep's dimension). Dotted keys and nested mappings may name the same field (YAML's
+    `model.x:` and an override's `model: {x: ...}`): the later one wins and takes the later place."""
     data = to_dict(config) if dataclasses.is_dataclass(config) else config
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, _join(prefix, key)))
-        else:
-            flat[_join(prefix, key)] = value
+        dotted = _join(prefix, str(key))
+        nested = isinstance(value, Mapping) and not keep(value)
+        for leaf, item in (flatten(value, dotted, keep).items() if nested else [(dotted, value)]):
+            flat.pop(leaf, None)
+            flat[leaf] = item
     return flat
+
+
+def field_type(cls: type, key: str, what: str = "config") -> Any:
+    """The type of the leaf field of dataclass `cls` at the dotted `key`; ConfigError on `key` if there is none."""
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(cls)}
+        if part not in names:
+            raise ConfigError(key, f"not a {what} field; {'.'.join(parts[:depth]) or 'the config'} has: "
+                                   f"{', '.join(sorted(names))}")
+        cls = typing.get_type_hints(cls)[part]
+        if dataclasses.is_dataclass(cls) != (depth < len(parts) - 1):
+            raise ConfigError(key, "must name a single field, not a section" if depth == len(parts) - 1
+                              else f"{part} is a value, not a section")
+    return cls
 
 
 def dump_yaml(config: Any) -> str:

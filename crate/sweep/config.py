@@ -12,13 +12,11 @@ are scheduled, scored and placed. Everything is validated at load time, before R
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Mapping
 
-from crate.config import Range, check_name, from_dict, merge, read_source, to_dict
+from crate.config import Range, check_name, field_type, flatten, from_dict, merge, nest, read_source, to_dict
 from crate.errors import ConfigError
 from crate.train.config import PretrainConfig
 
@@ -176,17 +174,10 @@ class SweepConfig:
         return points + max(self.search.num_samples - points, 0) * grid
 
 
-def flat_space(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_space(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Dotted keys and nested mappings (what a dotted override makes) to dotted keys. Later entries win, so an
     override replaces the YAML's dimension whole; a None value (an entry to drop) is kept for the caller."""
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        nested = isinstance(value, Mapping) and not DIMENSION_KINDS & set(value)
-        for inner, dimension in (flat_space(value, dotted).items() if nested else [(dotted, value)]):
-            flat.pop(inner, None)
-            flat[inner] = dimension
-    return flat
+    return flatten(raw, keep=lambda mapping: bool(DIMENSION_KINDS & set(mapping)))
 
 
 def check_trial(trial: PretrainConfig) -> None:
@@ -206,7 +197,10 @@ def check_space(space: Mapping[str, Dimension], trial: PretrainConfig) -> None:
     if not space:
         raise ConfigError("space", "is empty: name at least one trial field to search, e.g. model.ista_sparsity")
     for key, dim in space.items():
-        field_type(key)
+        try:
+            field_type(PretrainConfig, key, "trial config")
+        except ConfigError as error:
+            raise error.under("space") from None
         if key == "model.preset":
             raise ConfigError("space.model.preset", "a preset sets many fields at once; search the fields themselves")
         if key in ISTA_FIELDS and trial.model.arch != "crate":
@@ -225,36 +219,13 @@ def check_point(point: Mapping[str, Any], space: Mapping[str, Dimension], trial:
     trial_config(trial, point, path)
 
 
-def field_type(key: str) -> Any:
-    """The type of the PretrainConfig field at a dotted key; ConfigError if no leaf field has that name."""
-    cls: Any = PretrainConfig
-    parts = key.split(".")
-    for depth, part in enumerate(parts):
-        names = {f.name for f in dataclasses.fields(cls)}
-        if part not in names:
-            raise ConfigError(f"space.{key}", f"not a trial config field; {'.'.join(parts[:depth]) or 'the config'} "
-                                              f"has: {', '.join(sorted(names))}")
-        cls = typing.get_type_hints(cls)[part]
-        if dataclasses.is_dataclass(cls) != (depth < len(parts) - 1):
-            raise ConfigError(f"space.{key}", "must name a single field, not a section" if depth == len(parts) - 1
-                              else f"{part} is a value, not a section")
-    return cls
-
-
 def trial_config(base: PretrainConfig, params: Mapping[str, Any], path: str = "trial") -> PretrainConfig:
     """`base` with dotted `params` set, validated; errors name `path` and the offending value."""
     changes: dict[str, Any] = {}
     for key, value in params.items():
-        changes = merge(changes, nested(key, value))
+        changes = merge(changes, nest(key, value))
     try:
         return from_dict(PretrainConfig, merge(to_dict(base), changes))
     except ConfigError as error:
         assignments = ", ".join(f"{key}={value!r}" for key, value in params.items())
         raise ConfigError(path, f"{assignments}: {error}") from None
-
-
-def nested(key: str, value: Any) -> dict[str, Any]:
-    """"a.b.c", v -> {"a": {"b": {"c": v}}}."""
-    for part in reversed(key.split(".")):
-        value = {part: value}
-    return value
