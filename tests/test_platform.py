@@ -51,9 +51,10 @@ def named(docs, kind: str, name: str) -> dict:
 
 
 def pinned(requirement: str) -> str:
-    """'ray[default]==2.60.0' in pyproject's dependencies -> '2.60.0'."""
+    """'ray[default]==2.60.0' in pyproject's cluster extra (the orchestration stack) -> '2.60.0'."""
     name = requirement.split("[")[0]
-    (spec,) = [d for d in PYPROJECT["project"]["dependencies"] if re.match(rf"{re.escape(name)}[\[=<>~ ]", d)]
+    cluster = PYPROJECT["project"]["optional-dependencies"]["cluster"]
+    (spec,) = [d for d in cluster if re.match(rf"{re.escape(name)}[\[=<>~ ]", d)]
     return spec.split("==")[1].split(";")[0].strip()
 
 
@@ -265,6 +266,7 @@ def test_image_installs_the_pinned_package_as_the_manifests_user():
     assert SpecifierSet(torch.removeprefix("torch")).contains(dockerfile_arg("TORCH_VERSION"))
     assert dockerfile_arg("DEEPSPEED_VERSION") == pinned("deepspeed")
     assert re.search(r'pip install "\.\[platform[,\]]', DOCKERFILE)  # ray, mlflow and the rest as pyproject pins them
+    assert "crate-lm-platform[cluster]" in PYPROJECT["project"]["optional-dependencies"]["platform"]
     assert re.search(r"^FROM \$\{CUDA_IMAGE\}$", DOCKERFILE, re.M) and ":latest" not in DOCKERFILE
     user = re.findall(r"^USER (\d+):(\d+)$", DOCKERFILE, re.M)[-1]
     for where, pod in pod_specs(render("overlays/gpu-prod")):

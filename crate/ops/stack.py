@@ -32,9 +32,7 @@ The same two services the cluster runs (k8s/), as local processes:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import ipaddress
 import json
 import logging
 import os
@@ -50,142 +48,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from crate.cluster import LOOPBACK, LOOPBACK_RAY_ENV
-from crate.config import dump_yaml, load_config
+from crate.cli import config_parser, parse_config, setup_logging
+from crate.config import load_config
 from crate.errors import ConfigError
+from crate.ops.config import STACK_FLAGS, StackConfig
 
 log = logging.getLogger(__name__)
 
 STACK_ID_VAR = "CRATE_STACK_ID"
 STATE_FILE = "stack.json"
 ENV_FILE = "env"
-TOKEN_FILE = "ray_token"
-RUNS_DIR = "runs"
-
-
-@dataclass
-class RayHeadConfig:
-    port: int = 6379  # GCS
-    dashboard_port: int = 8265  # dashboard + job submission server
-    client_port: int = 10001  # Ray Client (ray://)
-    dashboard_agent_port: int = 52365
-    num_cpus: int | None = None  # default: every core
-    num_gpus: int | None = None  # default: every visible GPU
-    object_store_memory_mb: int | None = None  # default: Ray's (30% of RAM)
-
-    def __post_init__(self) -> None:
-        for name in ("num_cpus", "num_gpus", "object_store_memory_mb"):
-            value = getattr(self, name)
-            if value is not None and value < (1 if name == "object_store_memory_mb" else 0):
-                raise ConfigError(name, f"must be positive, got {value}")
-
-
-@dataclass
-class MlflowServerConfig:
-    port: int = 5000
-    backend_store_uri: str | None = None  # default: sqlite:///<dir>/mlflow.db; or postgresql://user:pw@host/db
-    artifacts_destination: str | None = None  # default: <dir>/artifacts; or s3://bucket/prefix
-    workers: int = 1
-
-    def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ConfigError("workers", f"must be >= 1, got {self.workers}")
-        scheme = (self.backend_store_uri or "sqlite:").split(":", 1)[0].split("+", 1)[0]
-        if scheme not in ("sqlite", "postgresql", "mysql"):
-            raise ConfigError("backend_store_uri", f"must be a sqlite://, postgresql:// or mysql:// URI, got "
-                                                   f"{self.backend_store_uri!r}")
-
-
-@dataclass
-class StackConfig:
-    dir: str = ".stack"  # state, logs, env file, SQLite store and artifacts
-    host: str = "127.0.0.1"
-    startup_timeout_s: float = 180.0
-    ray: RayHeadConfig = field(default_factory=RayHeadConfig)
-    mlflow: MlflowServerConfig = field(default_factory=MlflowServerConfig)
-
-    def __post_init__(self) -> None:
-        try:
-            unspecified = ipaddress.ip_address(self.host).is_unspecified
-        except ValueError:
-            unspecified = True
-        if unspecified:
-            raise ConfigError("host", f"must be one IP address of this machine (127.0.0.1: loopback only; another "
-                                      f"one: Ray with token auth), got {self.host!r}")
-        if self.startup_timeout_s <= 0:
-            raise ConfigError("startup_timeout_s", f"must be > 0, got {self.startup_timeout_s}")
-        ports = {"ray.port": self.ray.port, "ray.dashboard_port": self.ray.dashboard_port,
-                 "ray.client_port": self.ray.client_port, "ray.dashboard_agent_port": self.ray.dashboard_agent_port,
-                 "mlflow.port": self.mlflow.port}
-        seen: dict[int, str] = {}
-        for name, port in ports.items():
-            if not 1 <= port <= 65535:
-                raise ConfigError(name, f"must be a TCP port (1-65535), got {port}")
-            if port in seen:
-                raise ConfigError(name, f"port {port} is already used by {seen[port]}")
-            seen[port] = name
-
-    @property
-    def root(self) -> Path:
-        return Path(self.dir).resolve()
-
-    @property
-    def loopback(self) -> bool:
-        return ipaddress.ip_address(self.host).is_loopback
-
-    @property
-    def mlflow_host(self) -> str:
-        """MLflow has no auth: it listens on loopback, whatever Ray binds to."""
-        return self.host if self.loopback else LOOPBACK
-
-    @property
-    def token_path(self) -> Path | None:
-        """Ray's auth token, when Ray listens beyond loopback."""
-        return None if self.loopback else self.root / TOKEN_FILE
-
-    @property
-    def storage_path(self) -> Path:
-        """Where jobs keep checkpoints, sweep state and interpretability outputs (CRATE_STORAGE_PATH)."""
-        return self.root / RUNS_DIR
-
-    @property
-    def ray_address(self) -> str:
-        return f"{self.host}:{self.ray.port}"
-
-    @property
-    def dashboard_url(self) -> str:
-        return f"http://{self.host}:{self.ray.dashboard_port}"
-
-    @property
-    def tracking_uri(self) -> str:
-        return f"http://{self.mlflow_host}:{self.mlflow.port}"
-
-    def ray_env(self) -> dict[str, str]:
-        """What every Ray process and client needs: on loopback no token (nothing beyond 127.0.0.1 can connect)
-        and no multi-node support, which is what keeps Ray from swapping 127.0.0.1 for the host's network
-        address; beyond loopback, token auth with the stack's token."""
-        env = {"RAY_USAGE_STATS_ENABLED": "0", "CRATE_STORAGE_PATH": str(self.storage_path)}
-        if self.token_path is None:
-            return env | {"RAY_AUTH_MODE": "disabled"} | LOOPBACK_RAY_ENV
-        # nodes may join: a loopback setting inherited from the shell must not leak in
-        return env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path),
-                      "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
-
-    @property
-    def backend_store_uri(self) -> str:
-        return self.mlflow.backend_store_uri or f"sqlite:///{self.root / 'mlflow.db'}"
-
-    @property
-    def artifacts_destination(self) -> str:
-        return self.mlflow.artifacts_destination or str(self.root / "artifacts")
-
-    def exports(self) -> dict[str, str]:
-        """What a shell (or a test) exports to use the stack."""
-        return {
-            "RAY_ADDRESS": self.ray_address,  # drivers (ray.init) and the jobs CLI
-            "RAY_API_SERVER_ADDRESS": self.dashboard_url,  # the jobs CLI/SDK prefer it over RAY_ADDRESS
-            "MLFLOW_TRACKING_URI": self.tracking_uri,
-        } | self.ray_env()
 
 
 class StackError(RuntimeError):
@@ -571,33 +443,15 @@ def describe(root: Path) -> tuple[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="platform/stack",
-        description="A real Ray head and MLflow server on loopback (see README: Platform).",
-        epilog="overrides are dotted.key=value, e.g. mlflow.port=5001 ray.num_cpus=2 "
-               "mlflow.backend_store_uri=postgresql://user:pw@127.0.0.1/mlflow")
-    parser.add_argument("action", choices=["up", "down", "status"])
-    parser.add_argument("--config", help="YAML file with StackConfig fields")
-    parser.add_argument("--dir", help="stack directory (default .stack; same as dir=...)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    overrides = list(args.overrides) + ([f"dir={args.dir}"] if args.dir else [])
-    try:
-        config = load_config(StackConfig, args.config, overrides)
-    except ConfigError as error:
-        from crate.cli import error_line
-
-        parser.exit(2, error_line(parser.prog, error))
-    if args.print_config:
-        sys.stdout.write(dump_yaml(config))
-        return 0
-    if args.action == "status":
+    setup_logging()
+    parser = config_parser(StackConfig, "A real Ray head and MLflow server on loopback (docs/platform.md).",
+                           flags=STACK_FLAGS, commands=("up", "down", "status"), prog="platform/stack")
+    config, args = parse_config(StackConfig, parser.description, argv, flags=STACK_FLAGS, parser=parser)
+    if args.command == "status":
         report, code = describe(config.root)
         print(report)
         return code
-    if args.action == "down":
+    if args.command == "down":
         try:
             print("stopped" if down(config.root) else f"no stack was running in {config.root}")
         except StackError as error:
