@@ -17,7 +17,7 @@ ORCHESTRATION = ("ray", "deepspeed", "mlflow")
 # foundation modules among themselves). A new module is added here, in the layer its imports allow.
 LAYERS = {
     "foundation": ["crate", "crate.errors", "crate.config", "crate.logs", "crate.tokenizer", "crate.plots",
-                   "crate.cluster"],
+                   "crate.cluster", "crate.objectstore"],
     "model": ["crate.model", "crate.model.__main__", "crate.model.build", "crate.model.checkpoint", "crate.model.config",
               "crate.model.crate", "crate.model.gpt", "crate.model.hooks", "crate.model.lm"],
     "services": ["crate.data", "crate.data.config", "crate.data.documents", "crate.data.packing", "crate.data.ray_engine",

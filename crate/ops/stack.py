@@ -53,6 +53,7 @@ from typing import Callable, Sequence
 from crate.cluster import LOOPBACK, LOOPBACK_RAY_ENV
 from crate.config import dump_yaml, load_config
 from crate.errors import ConfigError
+from crate.objectstore import STORAGE_VAR
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class StackConfig:
         """What every Ray process and client needs: on loopback no token (nothing beyond 127.0.0.1 can connect)
         and no multi-node support, which is what keeps Ray from swapping 127.0.0.1 for the host's network
         address; beyond loopback, token auth with the stack's token."""
-        env = {"RAY_USAGE_STATS_ENABLED": "0", "CRATE_STORAGE_PATH": str(self.storage_path)}
+        env = {"RAY_USAGE_STATS_ENABLED": "0", STORAGE_VAR: str(self.storage_path)}
         if self.token_path is None:
             return env | {"RAY_AUTH_MODE": "disabled"} | LOOPBACK_RAY_ENV
         # nodes may join: a loopback setting inherited from the shell must not leak in

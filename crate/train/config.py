@@ -11,6 +11,7 @@ from crate.config import check_name
 from crate.data import DataConfig
 from crate.errors import ConfigError
 from crate.model.config import ModelConfig, preset_fields
+from crate.objectstore import STORAGE_VAR
 from crate.tracking import TrackingConfig
 
 
@@ -43,7 +44,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     run_name: str | None = None  # a re-submitted job with the same name resumes from its last checkpoint
-    storage_path: str = field(default_factory=lambda: os.environ.get("CRATE_STORAGE_PATH", "./runs"))
+    storage_path: str = field(default_factory=lambda: os.environ.get(STORAGE_VAR, "./runs"))
     launcher: Literal["ray", "local"] = "ray"  # local: one process, no Ray (torch-only hosts)
     num_workers: int = 1
     use_gpu: bool = False
