@@ -49,6 +49,10 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    # How Ray places the workers on nodes: PACK fills a node first; SPREAD (best effort) and STRICT_SPREAD (one
+    # worker per node, or the job waits) put them on different nodes.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"] = "PACK"
+    worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources each worker requests
     engine: Literal["deepspeed", "torch"] = "deepspeed"  # torch: plain AdamW (DDP across workers), no sharding
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs, fp32 on CPUs
@@ -89,6 +93,10 @@ class TrainConfig:
         for name in ("max_failures", "controller_failure_limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        for name, amount in self.worker_resources.items():
+            if name in ("CPU", "GPU") or amount <= 0:
+                raise ConfigError(f"worker_resources.{name}", f"must be a custom resource (not CPU or GPU: those "
+                                                              f"are cpus_per_worker and use_gpu) > 0, got {amount}")
         if self.cpus_per_worker <= 0:
             raise ConfigError("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -106,7 +114,7 @@ RESUMABLE_CHANGES = frozenset({
     "train.max_steps", "train.max_tokens", "data.token_budget",
     "train.log_interval", "train.eval_interval", "train.checkpoint_interval", "train.keep_checkpoints",
     "train.max_skipped_steps",
-    "train.num_workers", "train.cpus_per_worker", "train.use_gpu", "train.launcher", "train.engine",
+    "train.num_workers", "train.cpus_per_worker", "train.placement_strategy", "train.worker_resources*", "train.use_gpu", "train.launcher", "train.engine",
     "train.zero_stage", "train.compile", "train.max_failures", "train.controller_failure_limit",
     "train.peak_flops", "train.storage_path",
     "data.engine", "data.read_tasks", "data.read_cpus", "data.task_bytes", "data.prefetch_batches",
