@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-WORKER_NODE = "crate_worker_node"  # every worker node has 1; the head has none
+from crate.ops.raynode import WORKER_NODE  # every worker node has 1; the head has none
 RAY_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "CRATE_RAY_STARTED_HERE", "RAY_AUTH_MODE", "RAY_TMPDIR")
 HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_timeout_ms": 1000,
                  "health_check_failure_threshold": 4}
