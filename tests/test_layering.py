@@ -42,7 +42,7 @@ LAYERS = {
                 "crate.results.viewer", "crate.results.viewer.build"],
     "bench": ["crate.bench", "crate.bench.data", "crate.bench.interp", "crate.bench.train"],
     "cli": ["crate.cli"],
-    "ops": ["crate.ops", "crate.ops.stack"],
+    "ops": ["crate.ops", "crate.ops.raynode", "crate.ops.stack"],
 }
 LAYER_OF = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
 # "module:attribute" strings that a registry resolves lazily (interp's features and backends): imports too.
