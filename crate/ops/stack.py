@@ -53,7 +53,8 @@ from typing import Callable, Sequence
 from crate.cluster import LOOPBACK, LOOPBACK_RAY_ENV
 from crate.config import dump_yaml, load_config
 from crate.errors import ConfigError
-from crate.objectstore import STORAGE_VAR
+from crate.objectstore import ARTIFACTS_URI, STORAGE_URI, STORAGE_VAR, client_env
+from crate.ops.raynode import WORKER_NODE
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +99,38 @@ class MlflowServerConfig:
 
 
 @dataclass
+class ObjectStoreConfig:
+    """The local S3 store (crate.objectstore, moto) that a stack of several nodes keeps everything in."""
+
+    enabled: bool | None = None  # default: on when the stack has more than one node
+    port: int = 9000
+    snapshot_interval_s: float = 5.0  # how often a change is written to <dir>/s3 (and always at `down`)
+
+    def __post_init__(self) -> None:
+        if self.snapshot_interval_s <= 0:
+            raise ConfigError("snapshot_interval_s", f"must be > 0, got {self.snapshot_interval_s}")
+
+
+@dataclass
 class StackConfig:
     dir: str = ".stack"  # state, logs, env file, SQLite store and artifacts
     host: str = "127.0.0.1"
     startup_timeout_s: float = 180.0
+    nodes: int = 1  # Ray nodes: the head and nodes - 1 worker nodes, each a raylet of its own on this machine
+    node_cpus: int = 1  # CPUs of each worker node
     ray: RayHeadConfig = field(default_factory=RayHeadConfig)
     mlflow: MlflowServerConfig = field(default_factory=MlflowServerConfig)
+    s3: ObjectStoreConfig = field(default_factory=ObjectStoreConfig)
 
     def __post_init__(self) -> None:
+        if self.nodes < 1 or self.node_cpus < 1:
+            raise ConfigError("nodes" if self.nodes < 1 else "node_cpus", "must be >= 1")
+        if self.nodes > 1 and not self.loopback:
+            raise ConfigError("nodes", "worker nodes of the local stack run on loopback only: use host=127.0.0.1 "
+                                       "(other machines join a cluster with `ray start --address`)")
+        if self.nodes > 1 and self.s3.enabled is False:
+            raise ConfigError("s3.enabled", "a stack of several nodes keeps its runs in the S3 store: no node can "
+                                            "read another's disk")
         try:
             unspecified = ipaddress.ip_address(self.host).is_unspecified
         except ValueError:
@@ -117,7 +142,7 @@ class StackConfig:
             raise ConfigError("startup_timeout_s", f"must be > 0, got {self.startup_timeout_s}")
         ports = {"ray.port": self.ray.port, "ray.dashboard_port": self.ray.dashboard_port,
                  "ray.client_port": self.ray.client_port, "ray.dashboard_agent_port": self.ray.dashboard_agent_port,
-                 "mlflow.port": self.mlflow.port}
+                 "mlflow.port": self.mlflow.port, **({"s3.port": self.s3.port} if self.object_store else {})}
         seen: dict[int, str] = {}
         for name, port in ports.items():
             if not 1 <= port <= 65535:
@@ -145,9 +170,22 @@ class StackConfig:
         return None if self.loopback else self.root / TOKEN_FILE
 
     @property
-    def storage_path(self) -> Path:
-        """Where jobs keep checkpoints, sweep state and interpretability outputs (CRATE_STORAGE_PATH)."""
-        return self.root / RUNS_DIR
+    def object_store(self) -> bool:
+        return self.s3.enabled if self.s3.enabled is not None else self.nodes > 1
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.s3.port}"
+
+    @property
+    def storage_path(self) -> str:
+        """Where jobs keep checkpoints, sweep state and interpretability outputs (CRATE_STORAGE_PATH): the bucket
+        when the stack has its S3 store, else a folder of the stack."""
+        return STORAGE_URI if self.object_store else str(self.root / RUNS_DIR)
+
+    def s3_env(self) -> dict[str, str]:
+        """What reaches the S3 store (pyarrow, Ray Train, boto3, MLflow); nothing without one."""
+        return client_env(self.s3_endpoint) if self.object_store else {}
 
     @property
     def ray_address(self) -> str:
@@ -165,7 +203,7 @@ class StackConfig:
         """What every Ray process and client needs: on loopback no token (nothing beyond 127.0.0.1 can connect)
         and no multi-node support, which is what keeps Ray from swapping 127.0.0.1 for the host's network
         address; beyond loopback, token auth with the stack's token."""
-        env = {"RAY_USAGE_STATS_ENABLED": "0", STORAGE_VAR: str(self.storage_path)}
+        env = {"RAY_USAGE_STATS_ENABLED": "0", STORAGE_VAR: self.storage_path} | self.s3_env()
         if self.token_path is None:
             return env | {"RAY_AUTH_MODE": "disabled"} | LOOPBACK_RAY_ENV
         # nodes may join: a loopback setting inherited from the shell must not leak in
@@ -178,7 +216,9 @@ class StackConfig:
 
     @property
     def artifacts_destination(self) -> str:
-        return self.mlflow.artifacts_destination or str(self.root / "artifacts")
+        if self.mlflow.artifacts_destination:
+            return self.mlflow.artifacts_destination
+        return ARTIFACTS_URI if self.object_store else str(self.root / "artifacts")
 
     def exports(self) -> dict[str, str]:
         """What a shell (or a test) exports to use the stack."""
@@ -244,9 +284,17 @@ def _auth_headers(config: StackConfig) -> dict[str, str]:
 
 
 HEALTH: dict[str, Callable[[StackConfig], str]] = {
+    "s3": lambda c: f"{c.s3_endpoint}/",  # lists the buckets
     "mlflow": lambda c: f"{c.tracking_uri}/health",
     "ray": lambda c: f"{c.dashboard_url}/api/version",  # served by the dashboard that also hosts the job server
 }
+
+
+def services(config: StackConfig) -> list[str]:
+    """The stack's services, in start order: the store first (MLflow writes its artifacts there), worker nodes
+    last (they join the head)."""
+    return ((["s3"] if config.object_store else []) + ["mlflow", "ray"]
+            + [f"node{i}" for i in range(1, config.nodes)])
 
 
 def _alive(pid: int, stack_id: str) -> bool:
@@ -264,12 +312,14 @@ def service_status(state: StackState) -> dict[str, str]:
     """service -> "running" | "unhealthy" | "stopped"."""
     config = state.stack_config()
     status = {}
-    for service, health_url in HEALTH.items():
+    for service in services(config):
         pid = state.pids.get(service)
         if pid is None or not _alive(pid, state.stack_id):
             status[service] = "stopped"
+        elif service not in HEALTH:  # a worker node: it stops itself when one of its processes dies
+            status[service] = "running"
         else:
-            status[service] = "running" if _http_ok(health_url(config), _auth_headers(config)) else "unhealthy"
+            status[service] = "running" if _http_ok(HEALTH[service](config), _auth_headers(config)) else "unhealthy"
     return status
 
 
@@ -341,7 +391,8 @@ def up(config: StackConfig) -> StackState:
     _check_startable(config)
 
     (root / "logs").mkdir(parents=True, exist_ok=True)
-    config.storage_path.mkdir(parents=True, exist_ok=True)
+    if not config.object_store:
+        Path(config.storage_path).mkdir(parents=True, exist_ok=True)
     if config.token_path is not None:
         _ensure_token(config.token_path)
     stack_id = uuid.uuid4().hex[:8]
@@ -349,14 +400,22 @@ def up(config: StackConfig) -> StackState:
     ray_temp_dir = tempfile.mkdtemp(prefix=f"crate-stack-{stack_id}-", dir="/tmp")
     state = StackState(stack_id, dataclasses.asdict(config), ray_temp_dir)
     env = _service_env(stack_id)
+    ray_env = env | config.ray_env() | {"MLFLOW_TRACKING_URI": config.tracking_uri}
     try:
-        state.pids["mlflow"] = _spawn(_mlflow_command(config), env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-                                      root / "logs" / "mlflow.log")
+        if config.object_store:  # first: MLflow's artifacts and the nodes' checkpoints go there
+            state.pids["s3"] = _spawn(_s3_command(config), env, root / "logs" / "s3.log")
+            state.save(root)
+            _wait_healthy(config, state, ["s3"])
+        state.pids["mlflow"] = _spawn(_mlflow_command(config), env | config.s3_env()
+                                      | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, root / "logs" / "mlflow.log")
         state.save(root)
-        state.pids["ray"] = _spawn(_ray_command(config, ray_temp_dir), env | config.ray_env()
-                                   | {"MLFLOW_TRACKING_URI": config.tracking_uri}, root / "logs" / "ray.log")
+        state.pids["ray"] = _spawn(_ray_command(config, ray_temp_dir), ray_env, root / "logs" / "ray.log")
         state.save(root)
-        _wait_healthy(config, state)
+        _wait_healthy(config, state, ["mlflow", "ray"])
+        for node in (service for service in services(config) if service not in HEALTH):
+            state.pids[node] = _spawn(_node_command(config, ray_temp_dir, node), ray_env, root / "logs" / f"{node}.log")
+        state.save(root)
+        _wait_for_nodes(config, state)
     except BaseException:
         down(root)
         raise
@@ -383,9 +442,12 @@ def down(root: Path, grace_s: float = 10.0) -> bool:
         known.update({p.pid: p for p in stack_processes(state) if p.pid not in known})
         return [p for p in known.values() if _running(p)]
 
-    # Ray first (its jobs may still be logging to MLflow). `ray start --block` stops its own processes in order on
-    # SIGTERM; the MLflow CLI does not pass SIGTERM on to its uvicorn child, so that one gets its whole group.
-    for service, stop in (("ray", _signal), ("mlflow", _signal_group)):
+    # Ray first, worker nodes before the head (its jobs may still be logging to MLflow). `ray start --block` and
+    # crate.ops.raynode stop their own processes in order on SIGTERM; the MLflow CLI does not pass SIGTERM on to its
+    # uvicorn child, so that one gets its whole group; the S3 store writes its buckets to disk on SIGTERM.
+    nodes = [service for service in state.pids if service.startswith("node")]
+    for service, stop in [*((node, _signal) for node in nodes), ("ray", _signal), ("mlflow", _signal_group),
+                          ("s3", _signal)]:
         pid = state.pids.get(service)
         if pid is not None and _alive(pid, state.stack_id):
             stop(pid, signal.SIGTERM)
@@ -457,7 +519,8 @@ def _check_startable(config: StackConfig) -> None:
              "ray.dashboard_port": (config.host, config.ray.dashboard_port),
              "ray.client_port": (config.host, config.ray.client_port),
              "ray.dashboard_agent_port": (config.host, config.ray.dashboard_agent_port),
-             "mlflow.port": (config.mlflow_host, config.mlflow.port)}
+             "mlflow.port": (config.mlflow_host, config.mlflow.port),
+             **({"s3.port": (LOOPBACK, config.s3.port)} if config.object_store else {})}
     for name, (host, port) in ports.items():
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -495,6 +558,21 @@ def _mlflow_command(config: StackConfig) -> list[str]:
             "--artifacts-destination", config.artifacts_destination]
 
 
+def _s3_command(config: StackConfig) -> list[str]:
+    return [sys.executable, "-m", "crate.objectstore", "--port", str(config.s3.port), "--state-dir",
+            str(config.root / "s3"), "--snapshot-interval-s", str(config.s3.snapshot_interval_s)]
+
+
+def _node_command(config: StackConfig, temp_dir: str, node: str) -> list[str]:
+    """A worker node (crate.ops.raynode) with its own Ray temp dir and scratch (TMPDIR) under the stack's temp dir,
+    and a custom resource named after it (`node1`, ...) that places a task on exactly this node."""
+    scratch = Path(temp_dir) / node
+    (scratch / "tmp").mkdir(parents=True, exist_ok=True)
+    return [sys.executable, "-m", "crate.ops.raynode", "--address", config.ray_address, "--num-cpus",
+            str(config.node_cpus), "--temp-dir", str(scratch), "--tmpdir", str(scratch / "tmp"),
+            "--resources", json.dumps({node: 1})]
+
+
 def _ray_command(config: StackConfig, temp_dir: str) -> list[str]:
     ray = config.ray
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
@@ -517,9 +595,9 @@ def _spawn(command: list[str], env: dict[str, str], log_path: Path) -> int:
     return process.pid
 
 
-def _wait_healthy(config: StackConfig, state: StackState) -> None:
+def _wait_healthy(config: StackConfig, state: StackState, names: list[str]) -> None:
     deadline = time.monotonic() + config.startup_timeout_s
-    pending = dict(HEALTH)
+    pending = {name: HEALTH[name] for name in names}
     while pending:
         for service, health_url in list(pending.items()):
             if not _alive(state.pids[service], state.stack_id):
@@ -532,6 +610,30 @@ def _wait_healthy(config: StackConfig, state: StackState) -> None:
             raise StackError(f"{', '.join(pending)} not healthy after {config.startup_timeout_s:.0f} s; logs in "
                              f"{config.root / 'logs'}")
         time.sleep(0.5)
+
+
+def alive_nodes(config: StackConfig) -> int:
+    """How many Ray nodes the head's dashboard counts alive (0 when it does not answer)."""
+    import requests
+
+    try:
+        reply = requests.get(f"{config.dashboard_url}/nodes?view=summary", headers=_auth_headers(config), timeout=5)
+        return sum(node["raylet"]["state"] == "ALIVE" for node in reply.json()["data"]["summary"])
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _wait_for_nodes(config: StackConfig, state: StackState) -> None:
+    deadline = time.monotonic() + config.startup_timeout_s
+    while alive_nodes(config) < config.nodes:
+        for node in (name for name in state.pids if name.startswith("node")):
+            if not _alive(state.pids[node], state.stack_id):
+                raise StackError(f"{node} exited during startup; its log:\n{_tail(config.root / 'logs' / f'{node}.log')}")
+        if time.monotonic() > deadline:
+            raise StackError(f"{alive_nodes(config)} of {config.nodes} Ray nodes alive after "
+                             f"{config.startup_timeout_s:.0f} s; logs in {config.root / 'logs'}")
+        time.sleep(0.5)
+    log.info("%d Ray nodes are up", config.nodes)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -562,6 +664,10 @@ def describe(root: Path) -> tuple[str, int]:
         f"dashboard + jobs {config.dashboard_url}",
         f"mlflow  {status['mlflow']:<9} pid {state.pids.get('mlflow')}  {config.tracking_uri}  "
         f"(store {config.backend_store_uri}, artifacts {config.artifacts_destination})",
+        *([f"s3      {status['s3']:<9} pid {state.pids.get('s3')}  {config.s3_endpoint}  (buckets kept in "
+            f"{config.root / 's3'})"] if config.object_store else []),
+        *(f"{node:<7} {status[node]:<9} pid {state.pids.get(node)}  Ray worker node ({config.node_cpus} CPUs, "
+          f"resources {WORKER_NODE}, {node})" for node in services(config) if node.startswith("node")),
         f"runs    {config.storage_path}  (CRATE_STORAGE_PATH: checkpoints, sweeps, interp outputs; kept by down)",
         "auth    Ray " + (f"token in {config.token_path}" if config.token_path else "off (loopback only)")
         + ", MLflow none (loopback only)",
@@ -580,11 +686,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument("--config", help="YAML file with StackConfig fields")
     parser.add_argument("--dir", help="stack directory (default .stack; same as dir=...)")
+    parser.add_argument("--nodes", type=int, help="Ray nodes (the head and N - 1 worker nodes), an S3 store and MLflow "
+                                                  "with its artifacts there (same as nodes=N)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    overrides = list(args.overrides) + ([f"dir={args.dir}"] if args.dir else [])
+    overrides = (list(args.overrides) + ([f"dir={args.dir}"] if args.dir else [])
+                 + ([f"nodes={args.nodes}"] if args.nodes is not None else []))
     try:
         config = load_config(StackConfig, args.config, overrides)
     except ConfigError as error:
