@@ -28,6 +28,12 @@ The same two services the cluster runs (k8s/), as local processes:
   carries `CRATE_STACK_ID` in its environment. Ray's agents rewrite their title and environment, and a job's
   driver runs in a session of its own, so no single marker finds them all; SIGKILL follows a grace period.
 - `up` is idempotent: a healthy stack is left alone; a half-dead one is cleaned up and started again.
+- `up --nodes N` (`nodes=N`): N - 1 worker nodes join the head (crate.ops.raynode: raylets of their own on
+  loopback, `node_cpus` CPUs each, their own temp dir and scratch under the stack's Ray temp dir, the resource
+  `crate_worker_node`), and the stack adds an S3 store (crate.objectstore, moto, on `s3.port`; its buckets written
+  to `<dir>/s3` at every change and at `down`, reloaded at `up`): jobs keep their runs in
+  `s3://crate-checkpoints/runs`, MLflow its artifacts in `s3://crate-mlflow/artifacts`, since no node reads
+  another's disk. `s3.enabled=true` adds the store to a single-node stack.
 """
 
 from __future__ import annotations
