@@ -18,7 +18,7 @@ ORCHESTRATION = ("ray", "deepspeed", "mlflow")
 # foundation modules among themselves). A new module is added here, in the layer its imports allow.
 LAYERS = {
     "foundation": ["crate", "crate.errors", "crate.config", "crate.logs", "crate.tokenizer", "crate.plots",
-                   "crate.cluster"],
+                   "crate.cluster", "crate.objectstore"],
     "model": ["crate.model", "crate.model.__main__", "crate.model.build", "crate.model.checkpoint", "crate.model.config",
               "crate.model.crate", "crate.model.gpt", "crate.model.hooks", "crate.model.lm"],
     "services": ["crate.data", "crate.data.config", "crate.data.documents", "crate.data.packing", "crate.data.ray_engine",
@@ -43,7 +43,7 @@ LAYERS = {
                 "crate.results.viewer", "crate.results.viewer.build"],
     "bench": ["crate.bench", "crate.bench.data", "crate.bench.interp", "crate.bench.train"],
     "cli": ["crate.cli"],
-    "ops": ["crate.ops", "crate.ops.config", "crate.ops.stack"],
+    "ops": ["crate.ops", "crate.ops.config", "crate.ops.raynode", "crate.ops.stack"],
 }
 LAYER_OF = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
 # "module:attribute" strings that a registry resolves lazily (interp's features and backends): imports too.

@@ -315,6 +315,36 @@ def test_every_ray_container_gets_the_tracking_uri_and_the_checkpoint_storage(ov
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_object_store_settings_are_the_ones_the_code_and_the_tests_use(overlay):
+    """One source for the S3 store's names (crate.objectstore: what the code, the local stack and the multi-node
+    tests use): the manifests' buckets, URIs, endpoint variables and credentials Secret are those."""
+    from crate import objectstore as store
+
+    docs = render(overlay)
+    platform = named(docs, "ConfigMap", "crate-platform")["data"]
+    server = named(docs, "ConfigMap", "mlflow-server")["data"]
+    assert platform[store.STORAGE_VAR] == store.STORAGE_URI
+    assert server[store.ARTIFACTS_VAR] == store.ARTIFACTS_URI
+    readers = [where for where, container, _ in containers(docs)
+               if {"secretRef": {"name": store.CREDENTIALS_SECRET}} in container.get("envFrom", [])]
+    assert any("RayCluster/" in w for w in readers) and any("Deployment/mlflow" in w for w in readers), readers
+    if overlay.endswith("gpu-prod"):  # AWS's own endpoint; the Secret is created outside the repository
+        assert store.ENDPOINT_VAR not in platform
+        (secret,) = [d for d in yaml.safe_load_all((K8S / overlay / "secrets.example.yaml").read_text())
+                     if d["metadata"]["name"] == store.CREDENTIALS_SECRET]
+        assert set(secret["stringData"]) == set(store.CREDENTIAL_VARS)
+        return
+    endpoint = platform[store.ENDPOINT_VAR]
+    assert server[store.MLFLOW_ENDPOINT_VAR] == endpoint
+    assert set(named(docs, "Secret", store.CREDENTIALS_SECRET)["data"]) == set(store.CREDENTIAL_VARS)
+    (job,) = [d for d in of_kind(docs, "Job") if "create_bucket" in json.dumps(d)]
+    script = job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    assert f'endpoint_url="{endpoint}"' in script
+    buckets = re.search(r"for bucket in \(([^)]*)\)", script).group(1)
+    assert {b.strip().strip('"') for b in buckets.split(",")} == set(store.BUCKETS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_tracking_uri_reaches_the_mlflow_service_and_is_an_allowed_host(overlay):
     docs = render(overlay)
     uri = named(docs, "ConfigMap", "crate-platform")["data"]["MLFLOW_TRACKING_URI"]

@@ -40,6 +40,7 @@ from crate.interp.schema import RESULTS_SCHEMA, result_key, write_parquet
 from crate.interp.scoring import failed_rows
 from crate.interp.store import ResultStore
 from crate.interp.subject import Subject
+from crate.objectstore import STORAGE_VAR
 from crate.plots import save
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class InterpretabilityJob:
         self._check_corpus()
         self._check_backend()
         # under a local CRATE_STORAGE_PATH (the stack's persistent folder) when it is set, else the working dir
-        storage = os.environ.get("CRATE_STORAGE_PATH", "")
+        storage = os.environ.get(STORAGE_VAR, "")
         default = Path("" if "://" in storage else storage) / "interp" / self.subject.folder
         self.out = Path(cfg.output_dir or default).resolve()  # on the driver
         self._check_output()

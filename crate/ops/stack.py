@@ -28,6 +28,12 @@ The same two services the cluster runs (k8s/), as local processes:
   carries `CRATE_STACK_ID` in its environment. Ray's agents rewrite their title and environment, and a job's
   driver runs in a session of its own, so no single marker finds them all; SIGKILL follows a grace period.
 - `up` is idempotent: a healthy stack is left alone; a half-dead one is cleaned up and started again.
+- `up --nodes N` (`nodes=N`): N - 1 worker nodes join the head (crate.ops.raynode: raylets of their own on
+  loopback, `node_cpus` CPUs each, their own temp dir and scratch under the stack's Ray temp dir, the resource
+  `crate_worker_node`), and the stack adds an S3 store (crate.objectstore, moto, on `s3.port`; its buckets written
+  to `<dir>/s3` at every change and at `down`, reloaded at `up`): jobs keep their runs in
+  `s3://crate-checkpoints/runs`, MLflow its artifacts in `s3://crate-mlflow/artifacts`, since no node reads
+  another's disk. `s3.enabled=true` adds the store to a single-node stack.
 """
 
 from __future__ import annotations
@@ -49,9 +55,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from crate.cli import config_parser, parse_config, setup_logging
+from crate.cluster import LOOPBACK
 from crate.config import load_config
 from crate.errors import ConfigError
 from crate.ops.config import STACK_FLAGS, StackConfig
+from crate.ops.raynode import WORKER_NODE
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +123,17 @@ def _auth_headers(config: StackConfig) -> dict[str, str]:
 
 
 HEALTH: dict[str, Callable[[StackConfig], str]] = {
+    "s3": lambda c: f"{c.s3_endpoint}/",  # lists the buckets
     "mlflow": lambda c: f"{c.tracking_uri}/health",
     "ray": lambda c: f"{c.dashboard_url}/api/version",  # served by the dashboard that also hosts the job server
 }
+
+
+def services(config: StackConfig) -> list[str]:
+    """The stack's services, in start order: the store first (MLflow writes its artifacts there), worker nodes
+    last (they join the head)."""
+    return ((["s3"] if config.object_store else []) + ["mlflow", "ray"]
+            + [f"node{i}" for i in range(1, config.nodes)])
 
 
 def _alive(pid: int, stack_id: str) -> bool:
@@ -135,12 +151,14 @@ def service_status(state: StackState) -> dict[str, str]:
     """service -> "running" | "unhealthy" | "stopped"."""
     config = state.stack_config()
     status = {}
-    for service, health_url in HEALTH.items():
+    for service in services(config):
         pid = state.pids.get(service)
         if pid is None or not _alive(pid, state.stack_id):
             status[service] = "stopped"
+        elif service not in HEALTH:  # a worker node: it stops itself when one of its processes dies
+            status[service] = "running"
         else:
-            status[service] = "running" if _http_ok(health_url(config), _auth_headers(config)) else "unhealthy"
+            status[service] = "running" if _http_ok(HEALTH[service](config), _auth_headers(config)) else "unhealthy"
     return status
 
 
@@ -212,7 +230,8 @@ def up(config: StackConfig) -> StackState:
     _check_startable(config)
 
     (root / "logs").mkdir(parents=True, exist_ok=True)
-    config.storage_path.mkdir(parents=True, exist_ok=True)
+    if not config.object_store:
+        Path(config.storage_path).mkdir(parents=True, exist_ok=True)
     if config.token_path is not None:
         _ensure_token(config.token_path)
     stack_id = uuid.uuid4().hex[:8]
@@ -220,14 +239,22 @@ def up(config: StackConfig) -> StackState:
     ray_temp_dir = tempfile.mkdtemp(prefix=f"crate-stack-{stack_id}-", dir="/tmp")
     state = StackState(stack_id, dataclasses.asdict(config), ray_temp_dir)
     env = _service_env(stack_id)
+    ray_env = env | config.ray_env() | {"MLFLOW_TRACKING_URI": config.tracking_uri}
     try:
-        state.pids["mlflow"] = _spawn(_mlflow_command(config), env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-                                      root / "logs" / "mlflow.log")
+        if config.object_store:  # first: MLflow's artifacts and the nodes' checkpoints go there
+            state.pids["s3"] = _spawn(_s3_command(config), env, root / "logs" / "s3.log")
+            state.save(root)
+            _wait_healthy(config, state, ["s3"])
+        state.pids["mlflow"] = _spawn(_mlflow_command(config), env | config.s3_env()
+                                      | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, root / "logs" / "mlflow.log")
         state.save(root)
-        state.pids["ray"] = _spawn(_ray_command(config, ray_temp_dir), env | config.ray_env()
-                                   | {"MLFLOW_TRACKING_URI": config.tracking_uri}, root / "logs" / "ray.log")
+        state.pids["ray"] = _spawn(_ray_command(config, ray_temp_dir), ray_env, root / "logs" / "ray.log")
         state.save(root)
-        _wait_healthy(config, state)
+        _wait_healthy(config, state, ["mlflow", "ray"])
+        for node in (service for service in services(config) if service not in HEALTH):
+            state.pids[node] = _spawn(_node_command(config, ray_temp_dir, node), ray_env, root / "logs" / f"{node}.log")
+        state.save(root)
+        _wait_for_nodes(config, state)
     except BaseException:
         down(root)
         raise
@@ -254,9 +281,12 @@ def down(root: Path, grace_s: float = 10.0) -> bool:
         known.update({p.pid: p for p in stack_processes(state) if p.pid not in known})
         return [p for p in known.values() if _running(p)]
 
-    # Ray first (its jobs may still be logging to MLflow). `ray start --block` stops its own processes in order on
-    # SIGTERM; the MLflow CLI does not pass SIGTERM on to its uvicorn child, so that one gets its whole group.
-    for service, stop in (("ray", _signal), ("mlflow", _signal_group)):
+    # Ray first, worker nodes before the head (its jobs may still be logging to MLflow). `ray start --block` and
+    # crate.ops.raynode stop their own processes in order on SIGTERM; the MLflow CLI does not pass SIGTERM on to its
+    # uvicorn child, so that one gets its whole group; the S3 store writes its buckets to disk on SIGTERM.
+    nodes = [service for service in state.pids if service.startswith("node")]
+    for service, stop in [*((node, _signal) for node in nodes), ("ray", _signal), ("mlflow", _signal_group),
+                          ("s3", _signal)]:
         pid = state.pids.get(service)
         if pid is not None and _alive(pid, state.stack_id):
             stop(pid, signal.SIGTERM)
@@ -328,7 +358,8 @@ def _check_startable(config: StackConfig) -> None:
              "ray.dashboard_port": (config.host, config.ray.dashboard_port),
              "ray.client_port": (config.host, config.ray.client_port),
              "ray.dashboard_agent_port": (config.host, config.ray.dashboard_agent_port),
-             "mlflow.port": (config.mlflow_host, config.mlflow.port)}
+             "mlflow.port": (config.mlflow_host, config.mlflow.port),
+             **({"s3.port": (LOOPBACK, config.s3.port)} if config.object_store else {})}
     for name, (host, port) in ports.items():
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -366,6 +397,21 @@ def _mlflow_command(config: StackConfig) -> list[str]:
             "--artifacts-destination", config.artifacts_destination]
 
 
+def _s3_command(config: StackConfig) -> list[str]:
+    return [sys.executable, "-m", "crate.objectstore", "--port", str(config.s3.port), "--state-dir",
+            str(config.root / "s3"), "--snapshot-interval-s", str(config.s3.snapshot_interval_s)]
+
+
+def _node_command(config: StackConfig, temp_dir: str, node: str) -> list[str]:
+    """A worker node (crate.ops.raynode) with its own Ray temp dir and scratch (TMPDIR) under the stack's temp dir,
+    and a custom resource named after it (`node1`, ...) that places a task on exactly this node."""
+    scratch = Path(temp_dir) / node
+    (scratch / "tmp").mkdir(parents=True, exist_ok=True)
+    return [sys.executable, "-m", "crate.ops.raynode", "--address", config.ray_address, "--num-cpus",
+            str(config.node_cpus), "--temp-dir", str(scratch), "--tmpdir", str(scratch / "tmp"),
+            "--resources", json.dumps({node: 1})]
+
+
 def _ray_command(config: StackConfig, temp_dir: str) -> list[str]:
     ray = config.ray
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
@@ -388,9 +434,9 @@ def _spawn(command: list[str], env: dict[str, str], log_path: Path) -> int:
     return process.pid
 
 
-def _wait_healthy(config: StackConfig, state: StackState) -> None:
+def _wait_healthy(config: StackConfig, state: StackState, names: list[str]) -> None:
     deadline = time.monotonic() + config.startup_timeout_s
-    pending = dict(HEALTH)
+    pending = {name: HEALTH[name] for name in names}
     while pending:
         for service, health_url in list(pending.items()):
             if not _alive(state.pids[service], state.stack_id):
@@ -403,6 +449,30 @@ def _wait_healthy(config: StackConfig, state: StackState) -> None:
             raise StackError(f"{', '.join(pending)} not healthy after {config.startup_timeout_s:.0f} s; logs in "
                              f"{config.root / 'logs'}")
         time.sleep(0.5)
+
+
+def alive_nodes(config: StackConfig) -> int:
+    """How many Ray nodes the head's dashboard counts alive (0 when it does not answer)."""
+    import requests
+
+    try:
+        reply = requests.get(f"{config.dashboard_url}/nodes?view=summary", headers=_auth_headers(config), timeout=5)
+        return sum(node["raylet"]["state"] == "ALIVE" for node in reply.json()["data"]["summary"])
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _wait_for_nodes(config: StackConfig, state: StackState) -> None:
+    deadline = time.monotonic() + config.startup_timeout_s
+    while alive_nodes(config) < config.nodes:
+        for node in (name for name in state.pids if name.startswith("node")):
+            if not _alive(state.pids[node], state.stack_id):
+                raise StackError(f"{node} exited during startup; its log:\n{_tail(config.root / 'logs' / f'{node}.log')}")
+        if time.monotonic() > deadline:
+            raise StackError(f"{alive_nodes(config)} of {config.nodes} Ray nodes alive after "
+                             f"{config.startup_timeout_s:.0f} s; logs in {config.root / 'logs'}")
+        time.sleep(0.5)
+    log.info("%d Ray nodes are up", config.nodes)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -433,6 +503,10 @@ def describe(root: Path) -> tuple[str, int]:
         f"dashboard + jobs {config.dashboard_url}",
         f"mlflow  {status['mlflow']:<9} pid {state.pids.get('mlflow')}  {config.tracking_uri}  "
         f"(store {config.backend_store_uri}, artifacts {config.artifacts_destination})",
+        *([f"s3      {status['s3']:<9} pid {state.pids.get('s3')}  {config.s3_endpoint}  (buckets kept in "
+            f"{config.root / 's3'})"] if config.object_store else []),
+        *(f"{node:<7} {status[node]:<9} pid {state.pids.get(node)}  Ray worker node ({config.node_cpus} CPUs, "
+          f"resources {WORKER_NODE}, {node})" for node in services(config) if node.startswith("node")),
         f"runs    {config.storage_path}  (CRATE_STORAGE_PATH: checkpoints, sweeps, interp outputs; kept by down)",
         "auth    Ray " + (f"token in {config.token_path}" if config.token_path else "off (loopback only)")
         + ", MLflow none (loopback only)",

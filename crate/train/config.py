@@ -11,6 +11,7 @@ from crate.config import Range, check_name
 from crate.data import DataConfig
 from crate.errors import ConfigError
 from crate.model.config import ModelConfig, preset_fields
+from crate.objectstore import STORAGE_VAR
 from crate.tracking import TrackingConfig
 
 
@@ -36,11 +37,15 @@ class TrainConfig:
     run_name: str | None = None  # a re-submitted job with the same name resumes from its last checkpoint
     # where checkpoints go, <storage_path>/<run name>/checkpoint_<step>/: a local path or s3://, gs://;
     # default $CRATE_STORAGE_PATH, else ./runs
-    storage_path: str = field(default_factory=lambda: os.environ.get("CRATE_STORAGE_PATH", "./runs"))
+    storage_path: str = field(default_factory=lambda: os.environ.get(STORAGE_VAR, "./runs"))
     launcher: Literal["ray", "local"] = "ray"  # local: one process, no Ray (torch-only hosts)
     num_workers: Annotated[int, Range(1)] = 1  # Ray Train workers, one process each
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: Annotated[float, Range(0, exclusive_low=True)] = 1.0  # CPUs Ray reserves for each worker
+    # How Ray places the workers on nodes: PACK fills a node first; SPREAD (best effort) and STRICT_SPREAD (one
+    # worker per node, or the job waits) put them on different nodes.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"] = "PACK"
+    worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources each worker requests
     engine: Literal["deepspeed", "torch"] = "deepspeed"  # torch: plain AdamW (DDP across workers), no sharding
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs, fp32 on CPUs
@@ -78,6 +83,10 @@ class TrainConfig:
                               f"{self.micro_batch_size * self.num_workers})")
         if self.launcher == "local" and self.num_workers != 1:
             raise ConfigError("num_workers", "the local launcher runs one process; use launcher=ray for more workers")
+        for name, amount in self.worker_resources.items():
+            if name in ("CPU", "GPU") or amount <= 0:
+                raise ConfigError(f"worker_resources.{name}", f"must be a custom resource (not CPU or GPU: those "
+                                                              f"are cpus_per_worker and use_gpu) > 0, got {amount}")
 
     @property
     def grad_accum_steps(self) -> int:
@@ -91,7 +100,7 @@ RESUMABLE_CHANGES = frozenset({
     "train.max_steps", "train.max_tokens", "data.token_budget",
     "train.log_interval", "train.eval_interval", "train.checkpoint_interval", "train.keep_checkpoints",
     "train.max_skipped_steps",
-    "train.num_workers", "train.cpus_per_worker", "train.use_gpu", "train.launcher", "train.engine",
+    "train.num_workers", "train.cpus_per_worker", "train.placement_strategy", "train.worker_resources*", "train.use_gpu", "train.launcher", "train.engine",
     "train.zero_stage", "train.compile", "train.max_failures", "train.controller_failure_limit",
     "train.peak_flops", "train.storage_path",
     "data.engine", "data.read_tasks", "data.read_cpus", "data.task_bytes", "data.prefetch_batches",
