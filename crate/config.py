@@ -9,22 +9,30 @@ validated at load time.
 - Unknown keys (with the closest field suggested), wrong types, non-finite floats (NaN, inf) and invalid values
   raise `ConfigError` naming the dotted field, before any work; so do a `base:` cycle, a `base:` that is not one
   source, a file that is not UTF-8 or not YAML, and a key given twice in one mapping.
+- A field's meaning is the comment beside it (`field_help`; `--help` prints it with the default), its bounds an
+  annotation read here at load time: `context: Annotated[int, Range(1)] = 1024  # tokens per example`.
 - A dataclass may define `defaults_for(raw) -> dict` (e.g. ModelConfig's `preset`) and `__post_init__`
-  validation raising `ConfigError(field, message)`.
+  validation of what depends on several fields, raising `ConfigError(field, message)`.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
 import json
 import math
 import re
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Callable, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -130,13 +138,14 @@ def parse_override(text: str) -> dict[str, Any]:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
-    nested: dict[str, Any] = {}
-    node = nested
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = parsed
-    return nested
+    return nest(key.strip(), parsed)
+
+
+def nest(key: str, value: Any) -> dict[str, Any]:
+    """`"a.b.c", v` -> {"a": {"b": {"c": v}}}: the nested mapping a dotted key stands for."""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
 
 
 def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,7 +175,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
         close = difflib.get_close_matches(str(unknown[0]), list(fields), n=1)
         hint = f"did you mean {_join(path, close[0])}? " if close else ""
         raise ConfigError(_join(path, unknown[0]), f"unknown field; {hint}{cls.__name__} has: {', '.join(fields)}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # with their Range bounds
     kwargs = {name: coerce(value, hints[name], _join(path, name)) for name, value in data.items()}
     try:
         return cls(**kwargs)
@@ -178,16 +187,35 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
-    """{"train.lr": 6e-4, ...}: the resolved config as flat dotted keys (for tracking params)."""
+def flatten(config: Any, prefix: str = "",
+            keep: Callable[[Mapping], bool] = lambda mapping: False) -> dict[str, Any]:
+    """{"train.lr": 6e-4, ...}: a config (or mapping) as flat dotted keys (tracking params). A mapping that `keep`
+    accepts stays one value (a sweep's dimension). Dotted keys and nested mappings may name the same field (YAML's
+    `model.x:` and an override's `model: {x: ...}`): the later one wins and takes the later place."""
     data = to_dict(config) if dataclasses.is_dataclass(config) else config
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, _join(prefix, key)))
-        else:
-            flat[_join(prefix, key)] = value
+        dotted = _join(prefix, str(key))
+        nested = isinstance(value, Mapping) and not keep(value)
+        for leaf, item in (flatten(value, dotted, keep).items() if nested else [(dotted, value)]):
+            flat.pop(leaf, None)
+            flat[leaf] = item
     return flat
+
+
+def field_type(cls: type, key: str, what: str = "config") -> Any:
+    """The type of the leaf field of dataclass `cls` at the dotted `key`; ConfigError on `key` if there is none."""
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(cls)}
+        if part not in names:
+            raise ConfigError(key, f"not a {what} field; {'.'.join(parts[:depth]) or 'the config'} has: "
+                                   f"{', '.join(sorted(names))}")
+        cls = typing.get_type_hints(cls)[part]
+        if dataclasses.is_dataclass(cls) != (depth < len(parts) - 1):
+            raise ConfigError(key, "must name a single field, not a section" if depth == len(parts) - 1
+                              else f"{part} is a value, not a section")
+    return cls
 
 
 def dump_yaml(config: Any) -> str:
@@ -198,6 +226,12 @@ def coerce(value: Any, type_: Any, path: str) -> Any:
     """Check/convert one YAML value against a type annotation."""
     origin, args = get_origin(type_), get_args(type_)
     if type_ is Any:
+        return value
+    if origin is Annotated:
+        value = coerce(value, args[0], path)
+        for rule in type_.__metadata__:
+            if isinstance(rule, Range):
+                rule.check(path, value)
         return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -266,6 +300,89 @@ def check_name(field: str, name: str) -> None:
                                  "or digit (it names a folder under the storage path)")
 
 
+@dataclass(frozen=True)
+class Range:
+    """The bounds of a number field, declared beside it and checked by the loader (None passes: an optional
+    field left unset; a list's items are checked one by one). `Range(1)`: >= 1; `Range(0, exclusive_low=True)`:
+    > 0; `Range(0, 1, exclusive_high=True)`: in [0, 1). `symbol` names the quantity in the message (λ, η)."""
+
+    low: float | None = None
+    high: float | None = None
+    exclusive_low: bool = False
+    exclusive_high: bool = False
+    symbol: str | None = None
+
+    def check(self, field: str, value: Any) -> None:
+        if isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                self.check(f"{field}[{index}]", item)
+            return
+        if value is None or self.contains(value):
+            return
+        raise ConfigError(field, f"{self.symbol + ' ' if self.symbol else ''}must be {self.describe()}, got {value!r}")
+
+    def contains(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.exclusive_low else value >= self.low)
+        below = self.high is None or (value < self.high if self.exclusive_high else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        """`>= 1`, `> 0`, `<= 8`, `in [0, 1)`."""
+        if self.high is None:
+            return f"{'>' if self.exclusive_low else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.exclusive_high else '<='} {self.high:g}"
+        return f"in {'(' if self.exclusive_low else '['}{self.low:g}, {self.high:g}{')' if self.exclusive_high else ']'}"
+
+
+def field_bounds(cls: type) -> dict[str, Range]:
+    """The declared bound of every field of `cls` that has one."""
+    bounds = {}
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        rules = [rule for rule in getattr(hint, "__metadata__", ()) if isinstance(rule, Range)]
+        if rules:
+            bounds[name] = rules[0]
+    return bounds
+
+
+@functools.cache
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's meaning as its class declares it: the comment on the field's lines, else the comment lines
+    right above it ("" where there is none). Inherited fields keep the help of the class that declares them."""
+    declared: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            declared.update(_field_comments(klass))
+    return {f.name: declared.get(f.name, "") for f in dataclasses.fields(cls)}
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (a class made at run time)
+        return {}
+    comments: dict[int, str] = {}
+    alone: set[int] = set()  # lines holding nothing but a comment
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            line = token.start[0]
+            comments[line] = token.string.lstrip("#").strip()
+            if not token.line[:token.start[1]].strip():
+                alone.add(line)
+    found = {}
+    body = ast.parse(source).body[0].body
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        beside = [comments[line] for line in range(node.lineno, node.end_lineno + 1) if line in comments]
+        above, line = [], node.lineno - 1
+        while line in alone:
+            above.insert(0, comments[line])
+            line -= 1
+        found[node.target.id] = " ".join(beside or above)
+    return found
+
+
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
@@ -277,7 +394,8 @@ class Flag:
     name: str  # "--layer"
     field: str  # the dotted config field it sets
     help: str
-    kind: Literal["text", "number", "texts", "numbers"] = "number"  # plurals: comma-separated and/or repeated
+    # plurals: comma-separated and/or repeated; switch: a flag without a value that sets the field to true
+    kind: Literal["text", "number", "texts", "numbers", "switch"] = "number"
     metavar: str | None = None
 
     @property

@@ -21,21 +21,23 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
 import crate
 from crate.cli import parse_config, run_job, setup_logging
+from crate.config import Range
 from crate.model import build_model
 
 
 @dataclass
 class HookBenchmarkConfig:
-    presets: list[str] = field(default_factory=lambda: ["crate-12l", "gpt-12l"])
-    batch: int = 1
-    seq_len: int = 256
-    repeats: int = 15  # timed forward passes per preset (after one warm-up)
-    threads: int = 1  # torch CPU threads: 1 keeps a shared machine's numbers comparable
+    presets: list[str] = field(default_factory=lambda: ["crate-12l", "gpt-12l"])  # models timed in turns
+    batch: Annotated[int, Range(1)] = 1  # sequences per forward pass
+    seq_len: Annotated[int, Range(1)] = 256  # tokens per sequence
+    repeats: Annotated[int, Range(1)] = 15  # timed forward passes per preset (after one warm-up)
+    threads: Annotated[int, Range(1)] = 1  # torch CPU threads: 1 keeps a shared machine's numbers comparable
 
 
 def _commit() -> str:

@@ -4,23 +4,16 @@
     python jobs/corpus_stats.py 'data/*.jsonl.zst' stdlib://val /data/pile-train text_field=content
 """
 
-import argparse
 import sys
 
-from crate.cli import run_job
-from crate.config import load_config
-from crate.data.config import DataConfig
+from crate.cli import parse_config, run_job
+from crate.data.config import CorpusStatsConfig
 from crate.data.stats import corpus_stats
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="file, directory, glob or corpus URI; "
-                                                                 "key=value sets a DataConfig field")
-    args = parser.parse_args(argv)
-    overrides = [p for p in args.paths if "=" in p and "://" not in p.split("=", 1)[0]]
-    cfg = load_config(DataConfig, None, overrides)
-    stats = corpus_stats([p for p in args.paths if p not in overrides], cfg)
+    config, _ = parse_config(CorpusStatsConfig, __doc__, argv, positional="paths")
+    stats = corpus_stats(config.paths, config)
     print(stats.report())
     return 0 if stats.readable else 1
 

@@ -11,11 +11,14 @@ process (Ray's, a job's, a server's, a browser's; git alone is allowed) fails, n
 
 import gc
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 TIERS = ("integration", "e2e")
 ALLOWED_IN_FAST_TIER = {"git", "uname"}  # read the checkout, the host (provenance); nothing that lasts
 _unmarked_test: list[str] = []  # the node id of the unmarked test running now (empty: none)
@@ -71,3 +74,21 @@ def ray_cluster(request):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def copy_repository(target: Path) -> Path:
+    """The repository as a clone of it holds it, uncommitted work included (tracked and untracked, not ignored)."""
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, check=True, timeout=60).stdout.decode().split("\0")
+    for name in filter(None, files):
+        source = REPO / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
+
+
+@pytest.fixture(scope="session")
+def repository_copy():
+    """`repository_copy(target)`: a fresh copy of the repository at `target`, as a user's clone would be."""
+    return copy_repository

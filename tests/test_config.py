@@ -1,12 +1,24 @@
-"""The typed config loader: YAML sources, recipes, overrides, strict validation."""
+"""The typed config loader: YAML sources, recipes, overrides, strict validation, field help and bounds."""
 
+import ast
+import dataclasses
+import importlib
+import importlib.util
+import sys
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
 
 import pytest
 
-from crate.config import flatten, load_config, parse_override
+from crate.cli import describe_fields
+from crate.config import Range, field_help, flatten, load_config, parse_override
 from crate.errors import ConfigError
 from crate.model.config import ModelConfig
+from crate.train.config import PretrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -148,3 +160,80 @@ def test_unknown_keys_suggest_the_closest_field(override, suggestion):
     with pytest.raises(ConfigError) as error:
         load_config(PretrainConfig, "quickstart", [override])
     assert f"did you mean {suggestion}?" in error.value.message
+
+
+# ---- field help and bounds, declared beside the field (issue 14, item 3) ------------------------------------
+
+
+def job_configs() -> dict[str, type]:
+    """{script: the config class its command line parses}, read from each job's parse_config/config_parser call."""
+    scripts = sorted([*REPO.glob("jobs/*.py"), REPO / "tune" / "sweep.py", REPO / "crate" / "ops" / "stack.py"])
+    found = {}
+    for script in scripts:
+        calls = [node for node in ast.walk(ast.parse(script.read_text())) if isinstance(node, ast.Call)
+                 and getattr(node.func, "id", None) in ("parse_config", "config_parser")]
+        spec = importlib.util.spec_from_file_location(f"job_{script.stem}", script)
+        module = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+        spec.loader.exec_module(module)
+        (name,) = {call.args[0].id for call in calls}
+        found[script.relative_to(REPO).as_posix()] = getattr(module, name)
+    return found
+
+
+def every_field(cls: type, prefix: str = ""):
+    """(dotted name, its class, the field) for every field, sections and their fields alike."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yield f"{prefix}{f.name}", cls, f
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from every_field(hints[f.name], f"{prefix}{f.name}.")
+
+
+def test_every_field_of_every_jobs_config_has_help_and_help_shows_it():
+    configs = job_configs()
+    assert len(configs) == 16 and {"jobs/pretokenize.py", "crate/ops/stack.py", "tune/sweep.py"} <= set(configs)
+    missing = [f"{script}: {name}" for script, cls in configs.items() for name, owner, f in every_field(cls)
+               if not field_help(owner)[f.name]]
+    assert not missing, "fields without help (a comment beside the field):\n" + "\n".join(missing)
+    lines = describe_fields(configs["jobs/pretrain.py"])
+    at = lines.index("data.context = 1024")
+    assert lines[at + 1] == "    tokens per training example; a block holds context+1 tokens (>= 1)"
+    assert "data: the corpora and how they become blocks" in lines
+
+
+@dataclass
+class Commented:
+    # what the field above a field says,
+    # over two lines
+    above: int = 1
+    beside: Annotated[float, Range(0, 1, exclusive_high=True)] = 0.5  # the comment beside it
+    plain: str = ""
+
+
+def test_field_help_is_the_comment_beside_the_field_or_the_lines_above_it():
+    assert field_help(Commented) == {"above": "what the field above a field says, over two lines",
+                                     "beside": "the comment beside it", "plain": ""}
+
+
+@pytest.mark.parametrize("cls, overrides, field_path, message", [
+    ("crate.data.config:DataConfig", ["context=0"], "context", "must be >= 1, got 0"),
+    ("crate.train.config:PretrainConfig", ["train.optim.lr=0"], "train.optim.lr", "must be > 0, got 0.0"),
+    ("crate.train.config:PretrainConfig", ["train.optim.beta2=1"], "train.optim.beta2", "must be in [0, 1), got 1.0"),
+    ("crate.ops.config:StackConfig", ["mlflow.port=70000"], "mlflow.port", "must be in [1, 65535], got 70000"),
+    ("crate.sae.job:TrainSAEConfig", ["checkpoint=x.pt", "layer=0", "sae.resample_at=[5, 0]"], "sae.resample_at[1]",
+     "must be >= 1, got 0"),
+    ("crate.interp.config:InterpConfig", ["checkpoint=x.pt", "sample=0"], "sample", "must be >= 1, got 0"),
+    ("crate.data.config:PretokenizeConfig", ["corpus=c", "out=o", "shard_bytes=-1"], "shard_bytes",
+     "must be >= 1, got -1"),
+])
+def test_a_bound_violation_names_the_field_and_the_bound(cls, overrides, field_path, message):
+    module, name = cls.split(":")
+    with pytest.raises(ConfigError) as error:
+        load_config(getattr(importlib.import_module(module), name), None, overrides)
+    assert (error.value.field, error.value.message) == (field_path, message)
+
+
+def test_a_bound_passes_an_optional_field_left_unset_and_names_its_symbol():
+    assert load_config(PretrainConfig, "smoke", ["train.max_tokens=null"]).train.max_tokens is None
+    with pytest.raises(ConfigError, match="^x: λ must be >= 0, got -1$"):
+        Range(0, symbol="λ").check("x", -1)

@@ -1,5 +1,6 @@
-"""The package's shape: layers that depend only downward, every module of `crate/` listed in one of them; the
-numerical core and the single-process trainer run on a host with torch alone; nothing imports the entry points."""
+"""The package's shape: layers that depend only downward, every module of `crate/` listed in one of them; the model
+imports torch alone (tests/test_torch_only.py installs and runs the torch-only core); nothing imports the entry
+points."""
 
 import ast
 import re
@@ -17,7 +18,7 @@ ORCHESTRATION = ("ray", "deepspeed", "mlflow")
 # foundation modules among themselves). A new module is added here, in the layer its imports allow.
 LAYERS = {
     "foundation": ["crate", "crate.errors", "crate.files", "crate.retry", "crate.config", "crate.logs",
-                   "crate.tokenizer", "crate.plots", "crate.cluster"],
+                   "crate.tokenizer", "crate.plots", "crate.cluster", "crate.objectstore"],
     "model": ["crate.model", "crate.model.__main__", "crate.model.build", "crate.model.checkpoint", "crate.model.config",
               "crate.model.crate", "crate.model.gpt", "crate.model.hooks", "crate.model.lm"],
     "services": ["crate.data", "crate.data.config", "crate.data.documents", "crate.data.packing", "crate.data.ray_engine",
@@ -42,7 +43,7 @@ LAYERS = {
                 "crate.results.viewer", "crate.results.viewer.build"],
     "bench": ["crate.bench", "crate.bench.data", "crate.bench.interp", "crate.bench.train"],
     "cli": ["crate.cli"],
-    "ops": ["crate.ops", "crate.ops.stack"],
+    "ops": ["crate.ops", "crate.ops.config", "crate.ops.raynode", "crate.ops.stack"],
 }
 LAYER_OF = {module: rank for rank, modules in enumerate(LAYERS.values()) for module in modules}
 # "module:attribute" strings that a registry resolves lazily (interp's features and backends): imports too.
@@ -138,24 +139,3 @@ def test_platform_is_not_an_importable_package():
                          cwd=CRATE.parent, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip().count(".") == 2, out.stderr
     assert not list((CRATE.parent / "platform").glob("*.py"))
-
-
-@pytest.mark.integration
-def test_the_model_and_the_single_process_trainer_run_with_torch_alone(tmp_path):
-    script = f"""
-import sys
-
-sys.modules.update({{name: None for name in {ORCHESTRATION!r}}})   # any import of them fails
-import torch
-from crate.model import build_model
-logits, loss = build_model("crate-tiny")(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))
-from crate.config import load_config
-from crate.train import PretrainConfig, launch
-cfg = load_config(PretrainConfig, "smoke", ["train.launcher=local", "data.engine=local", "train.engine=torch",
-                                            "train.storage_path={tmp_path}", "train.run_name=torch-only"])
-print(launch(cfg).metrics["step"])
-"""
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "6"
-    assert "without tracking" in out.stderr  # MLflow missing: the job says so and goes on

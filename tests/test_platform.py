@@ -51,9 +51,10 @@ def named(docs, kind: str, name: str) -> dict:
 
 
 def pinned(requirement: str) -> str:
-    """'ray[default]==2.60.0' in pyproject's dependencies -> '2.60.0'."""
+    """'ray[default]==2.60.0' in pyproject's cluster extra (the orchestration stack) -> '2.60.0'."""
     name = requirement.split("[")[0]
-    (spec,) = [d for d in PYPROJECT["project"]["dependencies"] if re.match(rf"{re.escape(name)}[\[=<>~ ]", d)]
+    cluster = PYPROJECT["project"]["optional-dependencies"]["cluster"]
+    (spec,) = [d for d in cluster if re.match(rf"{re.escape(name)}[\[=<>~ ]", d)]
     return spec.split("==")[1].split(";")[0].strip()
 
 
@@ -265,6 +266,7 @@ def test_image_installs_the_pinned_package_as_the_manifests_user():
     assert SpecifierSet(torch.removeprefix("torch")).contains(dockerfile_arg("TORCH_VERSION"))
     assert dockerfile_arg("DEEPSPEED_VERSION") == pinned("deepspeed")
     assert re.search(r'pip install "\.\[platform[,\]]', DOCKERFILE)  # ray, mlflow and the rest as pyproject pins them
+    assert "crate-lm-platform[cluster]" in PYPROJECT["project"]["optional-dependencies"]["platform"]
     assert re.search(r"^FROM \$\{CUDA_IMAGE\}$", DOCKERFILE, re.M) and ":latest" not in DOCKERFILE
     user = re.findall(r"^USER (\d+):(\d+)$", DOCKERFILE, re.M)[-1]
     for where, pod in pod_specs(render("overlays/gpu-prod")):
@@ -310,6 +312,36 @@ def test_every_ray_container_gets_the_tracking_uri_and_the_checkpoint_storage(ov
     assert resolve_tracking_uri() == uri
     monkeypatch.setenv("CRATE_STORAGE_PATH", path := storage.pop())
     assert TrainConfig().storage_path == path
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_object_store_settings_are_the_ones_the_code_and_the_tests_use(overlay):
+    """One source for the S3 store's names (crate.objectstore: what the code, the local stack and the multi-node
+    tests use): the manifests' buckets, URIs, endpoint variables and credentials Secret are those."""
+    from crate import objectstore as store
+
+    docs = render(overlay)
+    platform = named(docs, "ConfigMap", "crate-platform")["data"]
+    server = named(docs, "ConfigMap", "mlflow-server")["data"]
+    assert platform[store.STORAGE_VAR] == store.STORAGE_URI
+    assert server[store.ARTIFACTS_VAR] == store.ARTIFACTS_URI
+    readers = [where for where, container, _ in containers(docs)
+               if {"secretRef": {"name": store.CREDENTIALS_SECRET}} in container.get("envFrom", [])]
+    assert any("RayCluster/" in w for w in readers) and any("Deployment/mlflow" in w for w in readers), readers
+    if overlay.endswith("gpu-prod"):  # AWS's own endpoint; the Secret is created outside the repository
+        assert store.ENDPOINT_VAR not in platform
+        (secret,) = [d for d in yaml.safe_load_all((K8S / overlay / "secrets.example.yaml").read_text())
+                     if d["metadata"]["name"] == store.CREDENTIALS_SECRET]
+        assert set(secret["stringData"]) == set(store.CREDENTIAL_VARS)
+        return
+    endpoint = platform[store.ENDPOINT_VAR]
+    assert server[store.MLFLOW_ENDPOINT_VAR] == endpoint
+    assert set(named(docs, "Secret", store.CREDENTIALS_SECRET)["data"]) == set(store.CREDENTIAL_VARS)
+    (job,) = [d for d in of_kind(docs, "Job") if "create_bucket" in json.dumps(d)]
+    script = job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    assert f'endpoint_url="{endpoint}"' in script
+    buckets = re.search(r"for bucket in \(([^)]*)\)", script).group(1)
+    assert {b.strip().strip('"') for b in buckets.split(",")} == set(store.BUCKETS)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -10,9 +10,9 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
+import tomllib
 from importlib import metadata
 from pathlib import Path
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e  # the README's commands in a fresh clone
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 # What the test walks; a change to the README's commands must come here too.
-QUICKSTART = "pip install torch==2.13.0 -e . && python jobs/pretrain.py"
+QUICKSTART = "pip install torch==2.13.0 -e '.[cluster]' && python jobs/pretrain.py"
 MLFLOW_UI = "mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts"
 TESTS = "platform/test"
 CHAIN = """python jobs/interpret.py --checkpoint runs/crate-tiny-*/checkpoint_00000150/model.pt --corpus stdlib://val --metric tar,random
@@ -52,18 +52,6 @@ def test_the_readme_names_the_commands_this_test_walks():
     assert f"\n{TESTS}\n" in (ROOT / ".ci" / "run").read_text()  # CI runs the README's test command, verbatim
 
 
-def fresh_copy(target: Path) -> Path:
-    """The repository as a clone of it holds it, uncommitted work included (tracked and untracked, not ignored)."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, check=True, timeout=60).stdout.decode().split("\0")
-    for name in filter(None, files):
-        source = ROOT / name
-        if source.is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / name)
-    return target
-
-
 def user_env(clone: Path) -> dict[str, str]:
     """A user's shell: nothing of the platform's set; the suite's venv first on PATH, the clone as the install."""
     env = {key: os.environ[key] for key in KEPT if key in os.environ}
@@ -73,13 +61,17 @@ def user_env(clone: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
+def quickstart(tmp_path_factory, repository_copy):
     """The README's first command, run once in a fresh copy: (the copy, its completed process)."""
     install, command = (part.strip() for part in QUICKSTART.split("&&"))
-    # the install is a no-op here: the pinned torch and this package are what the environment has
+    # the install is a no-op here: the pinned torch, this package and the extras it names are what the environment has
     pins = dict(re.findall(r"(\S+)==(\S+)", install))
     assert metadata.version("torch").split("+")[0] == pins["torch"] and metadata.version("crate-lm-platform")
-    clone = fresh_copy(tmp_path_factory.mktemp("user") / "crate-lm")
+    extras = re.search(r"-e '\.\[([\w,]+)\]'", install).group(1).split(",")
+    optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for requirement in (r for extra in extras for r in optional[extra]):
+        metadata.version(re.split(r"[\[=<>~ ;]", requirement)[0])  # PackageNotFoundError if the extra is missing
+    clone = repository_copy(tmp_path_factory.mktemp("user") / "crate-lm")
     out = subprocess.run(command, shell=True, cwd=clone, env=user_env(clone), capture_output=True, text=True,
                          timeout=1400)
     return clone, out

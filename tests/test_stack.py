@@ -20,7 +20,8 @@ import requests
 
 from crate.config import load_config
 from crate.errors import ConfigError
-from crate.ops.stack import StackConfig, StackState, main, stack_processes
+from crate.ops.config import StackConfig
+from crate.ops.stack import StackState, main, stack_processes
 from crate.tracking import resolve_tracking_uri
 from test_security import RAY_PROCESSES, assert_loopback_only, listening_sockets, session_processes
 

@@ -23,13 +23,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Annotated, Any, Iterator
 
 from crate.cluster import connect_ray
 from crate.data.config import DataConfig
 from crate.data.shards import pretokenize
 from crate.data.sources import resolve_input
 from crate.data.stream import read_blocks, train_batches
+from crate.config import Range
 from crate.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,20 +41,17 @@ H100_TOKENS_PER_S = 480_000  # the CRATE-12L training goal per H100
 @dataclass
 class DataBenchmarkConfig:
     corpus: str = ""  # default: the shared Pile stand-in when present, else the built-in corpus
-    files: int = 2  # raw files for the per-core, scaling and pretokenized runs
-    context: int = 1024
-    micro_batch_size: int = 8
-    read_tasks: list[int] = field(default_factory=lambda: [1, 2])  # Ray engine concurrency to compare
-    object_store_mb: int = 100  # the Ray instance's object store for the whole benchmark
+    files: Annotated[int, Range(1)] = 2  # raw files for the per-core, scaling and pretokenized runs
+    context: Annotated[int, Range(1)] = 1024  # tokens per example (data.context)
+    micro_batch_size: Annotated[int, Range(1)] = 8  # examples per batch read
+    # Ray engine concurrency to compare
+    read_tasks: Annotated[list[int], Range(1)] = field(default_factory=lambda: [1, 2])
+    object_store_mb: Annotated[int, Range(80)] = 100  # the Ray instance's object store for the whole benchmark
     memory_run: bool = True  # stream the whole corpus through the capped object store
 
     def __post_init__(self) -> None:
-        if self.files < 1 or self.context < 1 or self.micro_batch_size < 1:
-            raise ConfigError("files", "files, context and micro_batch_size must be >= 1")
-        if not self.read_tasks or min(self.read_tasks) < 1:
-            raise ConfigError("read_tasks", f"must list counts >= 1, got {self.read_tasks}")
-        if self.object_store_mb < 80:
-            raise ConfigError("object_store_mb", "Ray needs at least 80 MB")
+        if not self.read_tasks:
+            raise ConfigError("read_tasks", "must list at least one count")
 
 
 def benchmark_data(cfg: DataBenchmarkConfig) -> Iterator[dict[str, Any]]:

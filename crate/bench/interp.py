@@ -36,12 +36,12 @@ from crate.interp.records import write_records
 @dataclass
 class RecordsBenchmarkConfig:
     preset: str = "crate-12l"  # model preset (random weights) when no checkpoint is given
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # a model checkpoint to time instead of the preset
     corpus: str | None = None  # a crate.data corpus URI; None: seeded random token ids
-    device: str = "auto"
-    seed: int = 0
-    records: CollectionConfig = field(default_factory=lambda: CollectionConfig(windows="centered"))
-    output: str = "benchmark_records.json"
+    device: str = "auto"  # auto: cuda when available
+    seed: int = 0  # random weights and token ids
+    records: CollectionConfig = field(default_factory=lambda: CollectionConfig(windows="centered"))  # what is collected
+    output: str = "benchmark_records.json"  # the result, as JSON
 
     def __post_init__(self) -> None:
         if self.records.windows == "auto":

@@ -17,11 +17,11 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Annotated, Iterator
 
 import torch
 
-from crate.config import load_config
+from crate.config import Range, load_config
 from crate.model import build_model, resolve_device
 from crate.train.config import PretrainConfig
 from crate.train.engine import DeepSpeedEngine, TorchEngine, resolve_precision
@@ -31,14 +31,14 @@ from crate.train.runtime import single_process_env
 
 @dataclass
 class StepBenchmarkConfig:
-    presets: list[str] = dataclasses.field(default_factory=lambda: ["crate-tiny", "gpt-tiny"])
+    presets: list[str] = dataclasses.field(default_factory=lambda: ["crate-tiny", "gpt-tiny"])  # models, side by side
     recipe: str = "quickstart"  # the pretraining recipe whose engine settings the platform step uses
     steps: str = "core,platform"  # which steps to measure
     micro_batch_size: int | None = None  # default: the recipe's
     context: int | None = None  # default: the recipe's data.context
     compile: bool | None = None  # default: on for CUDA, off on CPU (compiling takes minutes on 2 cores)
-    warmup: int = 3
-    iters: int = 10
+    warmup: Annotated[int, Range(0)] = 3  # untimed steps first
+    iters: Annotated[int, Range(1)] = 10  # timed steps per configuration
 
 
 def matmul_ceiling(device: torch.device, precision: str, n: int | None = None) -> float:

@@ -25,7 +25,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from crate.data.config import DataConfig
+from crate.data.config import ReadingConfig
 from crate.data.sources import MissingFile, Retry, SourceError, Unit
 from crate.tokenizer import EOT_TOKEN, gpt2_tokenizer
 
@@ -79,7 +79,7 @@ class ReadOptions:
     retry: Retry = Retry()
 
     @classmethod
-    def of(cls, cfg: DataConfig) -> "ReadOptions":
+    def of(cls, cfg: ReadingConfig) -> "ReadOptions":
         return cls(cfg.text_field, frozenset(cfg.include_sets), frozenset(cfg.exclude_sets),
                    cfg.max_document_bytes, Retry(cfg.retries, cfg.retry_backoff_s))
 

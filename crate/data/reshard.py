@@ -18,7 +18,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from crate.data.config import DataConfig, MiB
+from crate.data.config import MiB, ReadingConfig
 from crate.data.documents import ReadOptions, Start, records
 from crate.data.shards import map_files, progress_bar
 from crate.data.sources import Unit, resolve_input
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 ROW_GROUP_BYTES = 16 * MiB  # text per Parquet row group: the granularity of column reads and of resume
 
 
-def reshard(corpus: str, out: str | os.PathLike, cfg: DataConfig, file_bytes: int = 256 * MiB,
+def reshard(corpus: str, out: str | os.PathLike, cfg: ReadingConfig, file_bytes: int = 256 * MiB,
             use_ray: bool = True, progress: bool = True) -> dict[str, int]:
     """Convert `corpus` into Parquet parts under `out`; returns the merged record counts."""
     source = resolve_input(corpus, cfg, raw=True)

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from crate.cluster import connect_ray
-from crate.data.config import DataConfig, MiB
+from crate.data.config import MiB, ReadingConfig
 from crate.data.documents import ReadOptions, Start, documents
 from crate.data.packing import StreamStats
 from crate.data.sources import INDEX_FILE, SourceError, Unit, resolve_input
@@ -105,7 +105,7 @@ class TokenShards:
 # ---- writing ---------------------------------------------------------------------------------------------
 
 
-def pretokenize(corpus: str, out: str | os.PathLike, cfg: DataConfig, shard_bytes: int = 64 * MiB,
+def pretokenize(corpus: str, out: str | os.PathLike, cfg: ReadingConfig, shard_bytes: int = 64 * MiB,
                 use_ray: bool = True, progress: bool = True) -> dict:
     """Tokenize `corpus` into shards under `out` (resumable); returns the index. Filters of `cfg` apply."""
     source = resolve_input(corpus, cfg, raw=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from crate.data.config import DataConfig
+from crate.data.config import ReadingConfig
 from crate.errors import ConfigError
 from crate.retry import GaveUp, RetryPolicy, TryAgain
 
@@ -91,7 +91,7 @@ class Corpus:
         return self.shards is not None
 
 
-def resolve(uri: str, cfg: DataConfig) -> Corpus:
+def resolve(uri: str, cfg: ReadingConfig) -> Corpus:
     """The files behind a corpus URI, sorted (the corpus's natural order); raises SourceError."""
     retry = Retry(cfg.retries, cfg.retry_backoff_s)
     scheme, sep, rest = uri.partition("://")
@@ -103,7 +103,7 @@ def resolve(uri: str, cfg: DataConfig) -> Corpus:
     return resolve_files(uri, retry)
 
 
-def resolve_input(uri: str, cfg: DataConfig, field: str = "corpus", raw: bool = False) -> Corpus:
+def resolve_input(uri: str, cfg: ReadingConfig, field: str = "corpus", raw: bool = False) -> Corpus:
     """`resolve` for a job's input: one that cannot be listed (or, with `raw`, that is pretokenized) is a
     ConfigError on `field`, raised before any work."""
     try:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from crate.data.config import DataConfig
+from crate.data.config import ReadingConfig
 from crate.data.documents import ReadOptions, Start, records, tokenize
 from crate.data.shards import TokenShards
 from crate.data.sources import SourceError, resolve
@@ -53,10 +53,10 @@ class CorpusStats:
         return "\n".join(lines)
 
 
-def corpus_stats(paths: list[str], cfg: DataConfig | None = None, progress: bool = True) -> CorpusStats:
+def corpus_stats(paths: list[str], cfg: ReadingConfig | None = None, progress: bool = True) -> CorpusStats:
     from tqdm import tqdm
 
-    cfg = cfg or DataConfig()
+    cfg = cfg or ReadingConfig()
     options = ReadOptions.of(cfg)
     sums: dict[str, Counter] = defaultdict(Counter)
     result = CorpusStats(pl.DataFrame())

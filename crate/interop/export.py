@@ -28,7 +28,7 @@ class ExportConfig:
     # --to hf: a training checkpoint directory (its model.pt), a save_model file or the paper's released layout;
     # --to native: a Hugging Face directory (CRATE-LM or GPT-2)
     checkpoint: str = ""
-    to: Literal["hf", "native"] = "hf"
+    to: Literal["hf", "native"] = "hf"  # hf: a Hugging Face directory; native: a model file
     output: str = ""  # --to hf: the directory to write; --to native: the model file to write
     tokenizer: bool = True  # --to hf: save GPT-2's tokenizer with the model (needs encoder.json + vocab.bpe)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from typing import Annotated, Literal
 
-from crate.config import Flag
+from crate.config import Flag, Range
 from crate.errors import ConfigError
 from crate.interp.features import check_feature_spec
 from crate.interp.protocols import PROTOCOL_RULES, RANDOM_ONLY, metric_groups
@@ -23,31 +23,29 @@ ANTHROPIC_QUANTILE_EDGES = [i / 12 for i in range(12)]  # 11 bins of width 1/12;
 class CollectionConfig:
     """Which activation records are kept per feature (paper §5: `interpret/activations_crate_overcomplete.py`)."""
 
-    blocks: int = 8000  # the first `blocks` blocks of the corpus (paper: 8000 × 1024 tokens of Pile validation)
-    block_length: int | None = None  # tokens per block = one forward context; default: the model's (paper: 1024)
-    window: int = 64  # tokens per record
+    # the first `blocks` blocks of the corpus (paper: 8000 × 1024 tokens of Pile validation)
+    blocks: Annotated[int, Range(1)] = 8000
+    # tokens per block = one forward context; default: the model's (paper: 1024)
+    block_length: Annotated[int | None, Range(1)] = None
+    window: Annotated[int, Range(1)] = 64  # tokens per record
     # the top/random/quantile units are tokens and a record is the `window` tokens around one, [t - w/2, t + w/2):
     # stream: cut from the flattened token stream, so it may run into the neighbouring block and is truncated at
     #   the stream's start and end (the paper's `activations_crate_overcomplete.py`); centered: shifted to stay
     #   inside its block. fragments: the block is cut into aligned, non-overlapping windows and a fragment's
     #   activation is its max (OpenAI's excerpts). auto: the protocol's (crate.interp.protocols.PROTOCOL_RULES).
     windows: Literal["auto", "stream", "centered", "fragments"] = "auto"
-    top: int = 50  # highest-activation units per feature
-    random: int = 50  # uniformly sampled units per feature (seeded)
+    top: Annotated[int, Range(1)] = 50  # highest-activation units per feature
+    random: Annotated[int, Range(1)] = 50  # uniformly sampled units per feature (seeded)
     quantile_edges: list[float] = field(default_factory=lambda: list(PAPER_QUANTILE_EDGES))  # bin b: [e_b, e_b+1)
-    per_quantile: int = 20  # sampled units per quantile bin
-    quantile_pool: int = 256  # uniform pool the quantile bins are estimated and drawn from (beyond the random ones)
-    batch_blocks: int = 16  # blocks per forward pass
+    per_quantile: Annotated[int, Range(0)] = 20  # sampled units per quantile bin
+    # uniform pool the quantile bins are estimated and drawn from (beyond the random ones)
+    quantile_pool: Annotated[int, Range(0)] = 256
+    batch_blocks: Annotated[int, Range(1)] = 16  # blocks per forward pass
 
     def __post_init__(self) -> None:
-        for name in ("blocks", "block_length", "window", "top", "random", "batch_blocks"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         edges = self.quantile_edges
         if edges and (len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])) or edges[0] < 0 or edges[-1] > 1):
             raise ConfigError("quantile_edges", f"need >= 2 strictly increasing values in [0, 1], got {edges}")
-        if self.per_quantile < 0 or self.quantile_pool < 0:
-            raise ConfigError("per_quantile", "per_quantile and quantile_pool must be >= 0")
         if self.n_bins and self.per_quantile > self.quantile_pool:
             raise ConfigError("quantile_pool", f"must be >= per_quantile ({self.per_quantile})")
         if self.block_length is None:  # checked again once the model's context fills it in (`for_context`)
@@ -86,7 +84,7 @@ def anthropic_collection() -> CollectionConfig:
 class BackendConfig:
     """Who explains and simulates. `kind` picks the backend; the other fields apply where they say."""
 
-    kind: Literal["tokenset", "http", "hf"] = "tokenset"
+    kind: Literal["tokenset", "http", "hf"] = "tokenset"  # tokenset: offline baseline; http: OpenAI-compatible server; hf: in-process
     explainer_model: str | None = None  # http: model name at the endpoint; hf: local model directory
     simulator_model: str | None = None  # default: the explainer model (paper: Mistral-7B explains, Llama-2-7B simulates)
     # OpenAI-compatible HTTP
@@ -94,7 +92,7 @@ class BackendConfig:
     api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key (never logged or stored)
     # echo: legacy /completions with echo + logprobs; prompt_logprobs: vLLM's; sampled: chat-only, no logprobs
     simulation: Literal["echo", "prompt_logprobs", "sampled"] = "echo"
-    explain_endpoint: Literal["chat", "completions"] = "chat"
+    explain_endpoint: Literal["chat", "completions"] = "chat"  # which API asks for explanations
     # how the simulator's expected value is read at each position: "full" (the softmax restricted to "0".."10";
     # hf only) or "top-K" (the K most likely next tokens, a position whose top K holds no value token reads 0; http
     # asks the server for K logprobs). auto: the protocol's — the paper's fork read the top 5 (crate-paper: top-5),
@@ -103,27 +101,27 @@ class BackendConfig:
     # prompt text: fork (the paper's fork of neuron_explainer, verbatim), openai (neuron_explainer 0.0.1), crate-v1
     # (this project's earlier format); auto: the protocol's
     prompt_format: str = "auto"
-    request_timeout_s: float = 60.0  # per attempt
+    request_timeout_s: Annotated[float, Range(0, exclusive_low=True)] = 60.0  # per attempt
     request_deadline_s: float = 180.0  # per request, all its attempts and waits together
-    max_attempts: int = 6  # per request: timeouts, connection errors, 429 and 5xx are retried
-    backoff_s: float = 1.0  # first retry waits up to this (full jitter), doubling per attempt
-    backoff_max_s: float = 30.0
+    max_attempts: Annotated[int, Range(1)] = 6  # per request: timeouts, connection errors, 429 and 5xx are retried
+    backoff_s: Annotated[float, Range(0)] = 1.0  # first retry waits up to this (full jitter), doubling per attempt
+    backoff_max_s: float = 30.0  # the longest wait between attempts
     # circuit breaker (per backend client): after `breaker_failures` failed attempts in a row (timeouts, connection
     # errors, 5xx) every call fails at once for `breaker_cooldown_s`, then one trial call decides
-    breaker_failures: int = 3
-    breaker_cooldown_s: float = 30.0
+    breaker_failures: Annotated[int, Range(1)] = 3  # failed attempts in a row that open the breaker
+    breaker_cooldown_s: Annotated[float, Range(0)] = 30.0  # how long an open breaker fails calls at once
     # in-process Hugging Face causal LM (local files only; never downloads)
     explainer_gguf: str | None = None  # a GGUF file inside explainer_model's directory (transformers' gguf_file=)
-    simulator_gguf: str | None = None
+    simulator_gguf: str | None = None  # the same for simulator_model
     load_in_4bit: bool = False  # bitsandbytes NF4 (CUDA); the paper ran both models in 4-bit
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     device: str = "auto"  # auto: cuda if available
     # generation of explanations (OpenAI and the paper: one sample, temperature 1, top_p 1, 60 tokens)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_explanation_tokens: int = 60
+    temperature: Annotated[float, Range(0)] = 1.0  # sampling temperature of explanations
+    top_p: Annotated[float, Range(0, 1, exclusive_low=True)] = 1.0  # nucleus sampling of explanations
+    max_explanation_tokens: Annotated[int, Range(1)] = 60  # longest explanation generated
     # offline token-set baseline
-    tokenset_size: int = 5  # tokens in a token-set explanation
+    tokenset_size: Annotated[int, Range(1)] = 5  # tokens in a token-set explanation
 
     def __post_init__(self) -> None:
         if self.kind in ("http", "hf") and not self.explainer_model:
@@ -135,17 +133,10 @@ class BackendConfig:
         if self.kind == "http" and self.reading == "full":
             raise ConfigError("reading", "full needs every token's probability, which an HTTP server does not return; "
                                          "use top-K (a server returns at most 20) or the hf backend")
-        for name in ("max_attempts", "max_explanation_tokens", "tokenset_size", "breaker_failures"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.request_timeout_s <= 0 or self.backoff_s < 0 or self.backoff_max_s < self.backoff_s:
-            raise ConfigError("request_timeout_s", "need request_timeout_s > 0 and 0 <= backoff_s <= backoff_max_s")
+        if self.backoff_max_s < self.backoff_s:
+            raise ConfigError("backoff_max_s", f"must be >= backoff_s ({self.backoff_s})")
         if self.request_deadline_s < self.request_timeout_s:
             raise ConfigError("request_deadline_s", f"must be >= request_timeout_s ({self.request_timeout_s})")
-        if self.breaker_cooldown_s < 0:
-            raise ConfigError("breaker_cooldown_s", f"must be >= 0, got {self.breaker_cooldown_s}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError("temperature", "need temperature >= 0 and 0 < top_p <= 1")
 
     @property
     def simulator(self) -> str | None:
@@ -164,25 +155,21 @@ class WorkersConfig:
     """Ray actors. Collection shards the block stream over `collect_actors` (0: in the driver process); scoring runs
     a pool of `actors` backend actors with `concurrency` neurons in flight each."""
 
-    collect_actors: int = 0
-    collect_gpus: float = 0.0  # per collection actor; on a cluster: 1 (the driver runs on the GPU-less head)
-    actors: int = 2  # 0: score in the driver process (no Ray), `concurrency` features in flight on threads
-    concurrency: int | None = None  # features in flight per actor; default: 4 (http, tokenset), 1 (hf: one per model)
-    gpus_per_actor: float = 0.0  # per scoring actor; hf on a cluster: 1 (a 7B model on CPU is hours per feature)
-    cpus_per_actor: float = 1.0
-    gpu_wait_s: float = 600.0  # actors that ask for GPUs must start within this (an autoscaler adds GPU nodes)
+    collect_actors: Annotated[int, Range(0)] = 0  # Ray actors that record activations; 0: the driver process
+    # per collection actor; on a cluster: 1 (the driver runs on the GPU-less head)
+    collect_gpus: Annotated[float, Range(0)] = 0.0
+    # 0: score in the driver process (no Ray), `concurrency` features in flight on threads
+    actors: Annotated[int, Range(0)] = 2
+    # features in flight per actor; default: 4 (http, tokenset), 1 (hf: one per model)
+    concurrency: Annotated[int | None, Range(1)] = None
+    # per scoring actor; hf on a cluster: 1 (a 7B model on CPU is hours per feature)
+    gpus_per_actor: Annotated[float, Range(0)] = 0.0
+    cpus_per_actor: Annotated[float, Range(0)] = 1.0  # per scoring actor
+    # actors that ask for GPUs must start within this (an autoscaler adds GPU nodes)
+    gpu_wait_s: Annotated[float, Range(0, exclusive_low=True)] = 600.0
     max_actor_restarts: int = 2  # a crashed actor is restarted and its in-flight neurons retried
-    compact_every: int = 500  # rows between compactions of the results database (and its mirror)
-
-    def __post_init__(self) -> None:
-        if self.collect_actors < 0 or self.actors < 0 or self.compact_every < 1:
-            raise ConfigError("actors", "need collect_actors >= 0, actors >= 0, compact_every >= 1")
-        if self.concurrency is not None and self.concurrency < 1:
-            raise ConfigError("concurrency", f"must be >= 1, got {self.concurrency}")
-        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0 or self.collect_gpus < 0:
-            raise ConfigError("gpus_per_actor", "resources must be >= 0")
-        if not self.gpu_wait_s > 0:
-            raise ConfigError("gpu_wait_s", f"must be > 0, got {self.gpu_wait_s}")
+    # rows between compactions of the results database (and its mirror)
+    compact_every: Annotated[int, Range(1)] = 500
 
 
 METRICS_BY_PROTOCOL = {"crate-paper": ("tar", "random", "anthropic"), "openai": ("tar", "top", "random")}
@@ -198,21 +185,23 @@ class InterpConfig:
     # (hook:blocks.{l}.ista.hook_dtx, hook:transformer.h.{l}.mlp.act); sae:PATH, an SAE from jobs/train_sae.py
     features: str = "neurons"
     layers: list[int] | None = None  # default: every layer
-    protocol: Literal["crate-paper", "openai"] = "crate-paper"
+    protocol: Literal["crate-paper", "openai"] = "crate-paper"  # the paper's explain/simulate/score, or OpenAI's
     # crate-paper's random metric: separate (its own explanation and a simulation of random[0,2,4,6,8] alone, the
     # paper's Random-only run) or rescore (the random excerpts of the TaR simulation); auto: the protocol's
     random_only: Literal["auto", "separate", "rescore"] = "auto"
     metrics: list[str] = field(default_factory=lambda: ["tar"])  # crate-paper: tar random anthropic; openai: tar top random
-    sample: int | None = None  # score a seeded sample of this many features per layer (with a CI on the layer mean)
+    # score a seeded sample of this many features per layer (with a CI on the layer mean)
+    sample: Annotated[int | None, Range(1)] = None
     seed: int = 0  # random records, neuron sample, explanation sampling
-    max_failed_share: float = 0.05  # the job fails (exit 1) when more of its result rows failed; a rerun retries them
+    # the job fails (exit 1) when more of its result rows failed; a rerun retries them
+    max_failed_share: Annotated[float, Range(0, 1)] = 0.05
     output_dir: str | None = None  # default: ./interp/<run>@<step>-<model_sha256[:12]>, one folder per model
     device: str = "auto"  # collection in the driver process: auto = cuda if available
     records: CollectionConfig = field(default_factory=CollectionConfig)  # for tar / random / top
     anthropic_records: CollectionConfig = field(default_factory=anthropic_collection)  # for anthropic
-    backend: BackendConfig = field(default_factory=BackendConfig)
-    workers: WorkersConfig = field(default_factory=WorkersConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)  # who explains and simulates
+    workers: WorkersConfig = field(default_factory=WorkersConfig)  # the Ray actors that record and score
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # the MLflow run
 
     def __post_init__(self) -> None:
         if not self.checkpoint:
@@ -225,10 +214,6 @@ class InterpConfig:
         if not self.metrics or unknown:
             raise ConfigError("metrics", f"{unknown or 'none'}: the {self.protocol} protocol scores {', '.join(allowed)} "
                                          f"(all metrics: {', '.join(METRICS)})")
-        if not 0 <= self.max_failed_share <= 1:
-            raise ConfigError("max_failed_share", f"must be in [0, 1], got {self.max_failed_share}")
-        if self.sample is not None and self.sample < 1:
-            raise ConfigError("sample", f"must be >= 1, got {self.sample}")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise ConfigError("layers", f"must be non-negative layer indices, got {self.layers}")
         if self.workers.concurrency is None:  # one HF model answers one call at a time; HTTP servers batch

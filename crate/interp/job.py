@@ -41,6 +41,7 @@ from crate.interp.scoring import failed_rows
 from crate.interp.store import DATABASE_FILE, LOG_FILE, RESULTS_FILE, ResultStore
 from crate.interp.subject import Subject
 from crate.model import resolve_device
+from crate.objectstore import STORAGE_VAR
 from crate.plots import save
 from crate.tracking.job import TrackedJob
 
@@ -101,7 +102,7 @@ class InterpretabilityJob:
         self._check_corpus()
         self._check_backend()
         # under a local CRATE_STORAGE_PATH (the stack's persistent folder) when it is set, else the working dir
-        storage = os.environ.get("CRATE_STORAGE_PATH", "")
+        storage = os.environ.get(STORAGE_VAR, "")
         default = Path("" if "://" in storage else storage) / "interp" / self.subject.folder
         self.out = Path(cfg.output_dir or default).resolve()  # on the driver
         self._check_output()

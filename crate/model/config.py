@@ -16,13 +16,13 @@ MAX_BLOCK_SIZE = 65536  # longer contexts are refused before the position table 
 
 @dataclass
 class ModelConfig:
-    arch: Literal["crate", "gpt"] = "crate"
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
+    arch: Literal["crate", "gpt"] = "crate"  # CRATE-LM (ISTA blocks) or the GPT-2 baseline
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads; must divide n_embd
+    n_embd: int = 768  # width d of the residual stream
     block_size: int = 1024  # context length (learned absolute positions)
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
-    dropout: float = 0.0
+    dropout: float = 0.0  # on attention, residual and MLP outputs (the paper trains with 0)
 
     # CRATE's ISTA block: sparse coding of LN(Z) against an overcomplete dictionary D.
     ista_step_size: float = 0.1  # η

@@ -28,13 +28,17 @@ The same two services the cluster runs (k8s/), as local processes:
   carries `CRATE_STACK_ID` in its environment. Ray's agents rewrite their title and environment, and a job's
   driver runs in a session of its own, so no single marker finds them all; SIGKILL follows a grace period.
 - `up` is idempotent: a healthy stack is left alone; a half-dead one is cleaned up and started again.
+- `up --nodes N` (`nodes=N`): N - 1 worker nodes join the head (crate.ops.raynode: raylets of their own on
+  loopback, `node_cpus` CPUs each, their own temp dir and scratch under the stack's Ray temp dir, the resource
+  `crate_worker_node`), and the stack adds an S3 store (crate.objectstore, moto, on `s3.port`; its buckets written
+  to `<dir>/s3` at every change and at `down`, reloaded at `up`): jobs keep their runs in
+  `s3://crate-checkpoints/runs`, MLflow its artifacts in `s3://crate-mlflow/artifacts`, since no node reads
+  another's disk. `s3.enabled=true` adds the store to a single-node stack.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import ipaddress
 import json
 import logging
 import os
@@ -50,143 +54,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from crate.cluster import LOOPBACK, LOOPBACK_RAY_ENV
-from crate.config import dump_yaml, load_config
+from crate.cli import config_parser, parse_config, setup_logging
+from crate.cluster import LOOPBACK
+from crate.config import load_config
 from crate.errors import ConfigError
 from crate.files import write_atomic
+from crate.ops.config import STACK_FLAGS, StackConfig
+from crate.ops.raynode import WORKER_NODE
 
 log = logging.getLogger(__name__)
 
 STACK_ID_VAR = "CRATE_STACK_ID"
 STATE_FILE = "stack.json"
 ENV_FILE = "env"
-TOKEN_FILE = "ray_token"
-RUNS_DIR = "runs"
-
-
-@dataclass
-class RayHeadConfig:
-    port: int = 6379  # GCS
-    dashboard_port: int = 8265  # dashboard + job submission server
-    client_port: int = 10001  # Ray Client (ray://)
-    dashboard_agent_port: int = 52365
-    num_cpus: int | None = None  # default: every core
-    num_gpus: int | None = None  # default: every visible GPU
-    object_store_memory_mb: int | None = None  # default: Ray's (30% of RAM)
-
-    def __post_init__(self) -> None:
-        for name in ("num_cpus", "num_gpus", "object_store_memory_mb"):
-            value = getattr(self, name)
-            if value is not None and value < (1 if name == "object_store_memory_mb" else 0):
-                raise ConfigError(name, f"must be positive, got {value}")
-
-
-@dataclass
-class MlflowServerConfig:
-    port: int = 5000
-    backend_store_uri: str | None = None  # default: sqlite:///<dir>/mlflow.db; or postgresql://user:pw@host/db
-    artifacts_destination: str | None = None  # default: <dir>/artifacts; or s3://bucket/prefix
-    workers: int = 1
-
-    def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ConfigError("workers", f"must be >= 1, got {self.workers}")
-        scheme = (self.backend_store_uri or "sqlite:").split(":", 1)[0].split("+", 1)[0]
-        if scheme not in ("sqlite", "postgresql", "mysql"):
-            raise ConfigError("backend_store_uri", f"must be a sqlite://, postgresql:// or mysql:// URI, got "
-                                                   f"{self.backend_store_uri!r}")
-
-
-@dataclass
-class StackConfig:
-    dir: str = ".stack"  # state, logs, env file, SQLite store and artifacts
-    host: str = "127.0.0.1"
-    startup_timeout_s: float = 180.0
-    ray: RayHeadConfig = field(default_factory=RayHeadConfig)
-    mlflow: MlflowServerConfig = field(default_factory=MlflowServerConfig)
-
-    def __post_init__(self) -> None:
-        try:
-            unspecified = ipaddress.ip_address(self.host).is_unspecified
-        except ValueError:
-            unspecified = True
-        if unspecified:
-            raise ConfigError("host", f"must be one IP address of this machine (127.0.0.1: loopback only; another "
-                                      f"one: Ray with token auth), got {self.host!r}")
-        if self.startup_timeout_s <= 0:
-            raise ConfigError("startup_timeout_s", f"must be > 0, got {self.startup_timeout_s}")
-        ports = {"ray.port": self.ray.port, "ray.dashboard_port": self.ray.dashboard_port,
-                 "ray.client_port": self.ray.client_port, "ray.dashboard_agent_port": self.ray.dashboard_agent_port,
-                 "mlflow.port": self.mlflow.port}
-        seen: dict[int, str] = {}
-        for name, port in ports.items():
-            if not 1 <= port <= 65535:
-                raise ConfigError(name, f"must be a TCP port (1-65535), got {port}")
-            if port in seen:
-                raise ConfigError(name, f"port {port} is already used by {seen[port]}")
-            seen[port] = name
-
-    @property
-    def root(self) -> Path:
-        return Path(self.dir).resolve()
-
-    @property
-    def loopback(self) -> bool:
-        return ipaddress.ip_address(self.host).is_loopback
-
-    @property
-    def mlflow_host(self) -> str:
-        """MLflow has no auth: it listens on loopback, whatever Ray binds to."""
-        return self.host if self.loopback else LOOPBACK
-
-    @property
-    def token_path(self) -> Path | None:
-        """Ray's auth token, when Ray listens beyond loopback."""
-        return None if self.loopback else self.root / TOKEN_FILE
-
-    @property
-    def storage_path(self) -> Path:
-        """Where jobs keep checkpoints, sweep state and interpretability outputs (CRATE_STORAGE_PATH)."""
-        return self.root / RUNS_DIR
-
-    @property
-    def ray_address(self) -> str:
-        return f"{self.host}:{self.ray.port}"
-
-    @property
-    def dashboard_url(self) -> str:
-        return f"http://{self.host}:{self.ray.dashboard_port}"
-
-    @property
-    def tracking_uri(self) -> str:
-        return f"http://{self.mlflow_host}:{self.mlflow.port}"
-
-    def ray_env(self) -> dict[str, str]:
-        """What every Ray process and client needs: on loopback no token (nothing beyond 127.0.0.1 can connect)
-        and no multi-node support, which is what keeps Ray from swapping 127.0.0.1 for the host's network
-        address; beyond loopback, token auth with the stack's token."""
-        env = {"RAY_USAGE_STATS_ENABLED": "0", "CRATE_STORAGE_PATH": str(self.storage_path)}
-        if self.token_path is None:
-            return env | {"RAY_AUTH_MODE": "disabled"} | LOOPBACK_RAY_ENV
-        # nodes may join: a loopback setting inherited from the shell must not leak in
-        return env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path),
-                      "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
-
-    @property
-    def backend_store_uri(self) -> str:
-        return self.mlflow.backend_store_uri or f"sqlite:///{self.root / 'mlflow.db'}"
-
-    @property
-    def artifacts_destination(self) -> str:
-        return self.mlflow.artifacts_destination or str(self.root / "artifacts")
-
-    def exports(self) -> dict[str, str]:
-        """What a shell (or a test) exports to use the stack."""
-        return {
-            "RAY_ADDRESS": self.ray_address,  # drivers (ray.init) and the jobs CLI
-            "RAY_API_SERVER_ADDRESS": self.dashboard_url,  # the jobs CLI/SDK prefer it over RAY_ADDRESS
-            "MLFLOW_TRACKING_URI": self.tracking_uri,
-        } | self.ray_env()
 
 
 class StackError(RuntimeError):
@@ -237,9 +117,17 @@ def _auth_headers(config: StackConfig) -> dict[str, str]:
 
 
 HEALTH: dict[str, Callable[[StackConfig], str]] = {
+    "s3": lambda c: f"{c.s3_endpoint}/",  # lists the buckets
     "mlflow": lambda c: f"{c.tracking_uri}/health",
     "ray": lambda c: f"{c.dashboard_url}/api/version",  # served by the dashboard that also hosts the job server
 }
+
+
+def services(config: StackConfig) -> list[str]:
+    """The stack's services, in start order: the store first (MLflow writes its artifacts there), worker nodes
+    last (they join the head)."""
+    return ((["s3"] if config.object_store else []) + ["mlflow", "ray"]
+            + [f"node{i}" for i in range(1, config.nodes)])
 
 
 def _alive(pid: int, stack_id: str) -> bool:
@@ -257,12 +145,14 @@ def service_status(state: StackState) -> dict[str, str]:
     """service -> "running" | "unhealthy" | "stopped"."""
     config = state.stack_config()
     status = {}
-    for service, health_url in HEALTH.items():
+    for service in services(config):
         pid = state.pids.get(service)
         if pid is None or not _alive(pid, state.stack_id):
             status[service] = "stopped"
+        elif service not in HEALTH:  # a worker node: it stops itself when one of its processes dies
+            status[service] = "running"
         else:
-            status[service] = "running" if _http_ok(health_url(config), _auth_headers(config)) else "unhealthy"
+            status[service] = "running" if _http_ok(HEALTH[service](config), _auth_headers(config)) else "unhealthy"
     return status
 
 
@@ -334,7 +224,8 @@ def up(config: StackConfig) -> StackState:
     _check_startable(config)
 
     (root / "logs").mkdir(parents=True, exist_ok=True)
-    config.storage_path.mkdir(parents=True, exist_ok=True)
+    if not config.object_store:
+        Path(config.storage_path).mkdir(parents=True, exist_ok=True)
     if config.token_path is not None:
         _ensure_token(config.token_path)
     stack_id = uuid.uuid4().hex[:8]
@@ -342,14 +233,22 @@ def up(config: StackConfig) -> StackState:
     ray_temp_dir = tempfile.mkdtemp(prefix=f"crate-stack-{stack_id}-", dir="/tmp")
     state = StackState(stack_id, dataclasses.asdict(config), ray_temp_dir)
     env = _service_env(stack_id)
+    ray_env = env | config.ray_env() | {"MLFLOW_TRACKING_URI": config.tracking_uri}
     try:
-        state.pids["mlflow"] = _spawn(_mlflow_command(config), env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-                                      root / "logs" / "mlflow.log")
+        if config.object_store:  # first: MLflow's artifacts and the nodes' checkpoints go there
+            state.pids["s3"] = _spawn(_s3_command(config), env, root / "logs" / "s3.log")
+            state.save(root)
+            _wait_healthy(config, state, ["s3"])
+        state.pids["mlflow"] = _spawn(_mlflow_command(config), env | config.s3_env()
+                                      | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, root / "logs" / "mlflow.log")
         state.save(root)
-        state.pids["ray"] = _spawn(_ray_command(config, ray_temp_dir), env | config.ray_env()
-                                   | {"MLFLOW_TRACKING_URI": config.tracking_uri}, root / "logs" / "ray.log")
+        state.pids["ray"] = _spawn(_ray_command(config, ray_temp_dir), ray_env, root / "logs" / "ray.log")
         state.save(root)
-        _wait_healthy(config, state)
+        _wait_healthy(config, state, ["mlflow", "ray"])
+        for node in (service for service in services(config) if service not in HEALTH):
+            state.pids[node] = _spawn(_node_command(config, ray_temp_dir, node), ray_env, root / "logs" / f"{node}.log")
+        state.save(root)
+        _wait_for_nodes(config, state)
     except BaseException:
         down(root)
         raise
@@ -376,9 +275,12 @@ def down(root: Path, grace_s: float = 10.0) -> bool:
         known.update({p.pid: p for p in stack_processes(state) if p.pid not in known})
         return [p for p in known.values() if _running(p)]
 
-    # Ray first (its jobs may still be logging to MLflow). `ray start --block` stops its own processes in order on
-    # SIGTERM; the MLflow CLI does not pass SIGTERM on to its uvicorn child, so that one gets its whole group.
-    for service, stop in (("ray", _signal), ("mlflow", _signal_group)):
+    # Ray first, worker nodes before the head (its jobs may still be logging to MLflow). `ray start --block` and
+    # crate.ops.raynode stop their own processes in order on SIGTERM; the MLflow CLI does not pass SIGTERM on to its
+    # uvicorn child, so that one gets its whole group; the S3 store writes its buckets to disk on SIGTERM.
+    nodes = [service for service in state.pids if service.startswith("node")]
+    for service, stop in [*((node, _signal) for node in nodes), ("ray", _signal), ("mlflow", _signal_group),
+                          ("s3", _signal)]:
         pid = state.pids.get(service)
         if pid is not None and _alive(pid, state.stack_id):
             stop(pid, signal.SIGTERM)
@@ -450,7 +352,8 @@ def _check_startable(config: StackConfig) -> None:
              "ray.dashboard_port": (config.host, config.ray.dashboard_port),
              "ray.client_port": (config.host, config.ray.client_port),
              "ray.dashboard_agent_port": (config.host, config.ray.dashboard_agent_port),
-             "mlflow.port": (config.mlflow_host, config.mlflow.port)}
+             "mlflow.port": (config.mlflow_host, config.mlflow.port),
+             **({"s3.port": (LOOPBACK, config.s3.port)} if config.object_store else {})}
     for name, (host, port) in ports.items():
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -488,6 +391,21 @@ def _mlflow_command(config: StackConfig) -> list[str]:
             "--artifacts-destination", config.artifacts_destination]
 
 
+def _s3_command(config: StackConfig) -> list[str]:
+    return [sys.executable, "-m", "crate.objectstore", "--port", str(config.s3.port), "--state-dir",
+            str(config.root / "s3"), "--snapshot-interval-s", str(config.s3.snapshot_interval_s)]
+
+
+def _node_command(config: StackConfig, temp_dir: str, node: str) -> list[str]:
+    """A worker node (crate.ops.raynode) with its own Ray temp dir and scratch (TMPDIR) under the stack's temp dir,
+    and a custom resource named after it (`node1`, ...) that places a task on exactly this node."""
+    scratch = Path(temp_dir) / node
+    (scratch / "tmp").mkdir(parents=True, exist_ok=True)
+    return [sys.executable, "-m", "crate.ops.raynode", "--address", config.ray_address, "--num-cpus",
+            str(config.node_cpus), "--temp-dir", str(scratch), "--tmpdir", str(scratch / "tmp"),
+            "--resources", json.dumps({node: 1})]
+
+
 def _ray_command(config: StackConfig, temp_dir: str) -> list[str]:
     ray = config.ray
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
@@ -510,9 +428,9 @@ def _spawn(command: list[str], env: dict[str, str], log_path: Path) -> int:
     return process.pid
 
 
-def _wait_healthy(config: StackConfig, state: StackState) -> None:
+def _wait_healthy(config: StackConfig, state: StackState, names: list[str]) -> None:
     deadline = time.monotonic() + config.startup_timeout_s
-    pending = dict(HEALTH)
+    pending = {name: HEALTH[name] for name in names}
     while pending:
         for service, health_url in list(pending.items()):
             if not _alive(state.pids[service], state.stack_id):
@@ -525,6 +443,30 @@ def _wait_healthy(config: StackConfig, state: StackState) -> None:
             raise StackError(f"{', '.join(pending)} not healthy after {config.startup_timeout_s:.0f} s; logs in "
                              f"{config.root / 'logs'}")
         time.sleep(0.5)
+
+
+def alive_nodes(config: StackConfig) -> int:
+    """How many Ray nodes the head's dashboard counts alive (0 when it does not answer)."""
+    import requests
+
+    try:
+        reply = requests.get(f"{config.dashboard_url}/nodes?view=summary", headers=_auth_headers(config), timeout=5)
+        return sum(node["raylet"]["state"] == "ALIVE" for node in reply.json()["data"]["summary"])
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _wait_for_nodes(config: StackConfig, state: StackState) -> None:
+    deadline = time.monotonic() + config.startup_timeout_s
+    while alive_nodes(config) < config.nodes:
+        for node in (name for name in state.pids if name.startswith("node")):
+            if not _alive(state.pids[node], state.stack_id):
+                raise StackError(f"{node} exited during startup; its log:\n{_tail(config.root / 'logs' / f'{node}.log')}")
+        if time.monotonic() > deadline:
+            raise StackError(f"{alive_nodes(config)} of {config.nodes} Ray nodes alive after "
+                             f"{config.startup_timeout_s:.0f} s; logs in {config.root / 'logs'}")
+        time.sleep(0.5)
+    log.info("%d Ray nodes are up", config.nodes)
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -555,6 +497,10 @@ def describe(root: Path) -> tuple[str, int]:
         f"dashboard + jobs {config.dashboard_url}",
         f"mlflow  {status['mlflow']:<9} pid {state.pids.get('mlflow')}  {config.tracking_uri}  "
         f"(store {config.backend_store_uri}, artifacts {config.artifacts_destination})",
+        *([f"s3      {status['s3']:<9} pid {state.pids.get('s3')}  {config.s3_endpoint}  (buckets kept in "
+            f"{config.root / 's3'})"] if config.object_store else []),
+        *(f"{node:<7} {status[node]:<9} pid {state.pids.get(node)}  Ray worker node ({config.node_cpus} CPUs, "
+          f"resources {WORKER_NODE}, {node})" for node in services(config) if node.startswith("node")),
         f"runs    {config.storage_path}  (CRATE_STORAGE_PATH: checkpoints, sweeps, interp outputs; kept by down)",
         "auth    Ray " + (f"token in {config.token_path}" if config.token_path else "off (loopback only)")
         + ", MLflow none (loopback only)",
@@ -565,33 +511,15 @@ def describe(root: Path) -> tuple[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="platform/stack",
-        description="A real Ray head and MLflow server on loopback (see README: Platform).",
-        epilog="overrides are dotted.key=value, e.g. mlflow.port=5001 ray.num_cpus=2 "
-               "mlflow.backend_store_uri=postgresql://user:pw@127.0.0.1/mlflow")
-    parser.add_argument("action", choices=["up", "down", "status"])
-    parser.add_argument("--config", help="YAML file with StackConfig fields")
-    parser.add_argument("--dir", help="stack directory (default .stack; same as dir=...)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    overrides = list(args.overrides) + ([f"dir={args.dir}"] if args.dir else [])
-    try:
-        config = load_config(StackConfig, args.config, overrides)
-    except ConfigError as error:
-        from crate.cli import error_line
-
-        parser.exit(2, error_line(parser.prog, error))
-    if args.print_config:
-        sys.stdout.write(dump_yaml(config))
-        return 0
-    if args.action == "status":
+    setup_logging()
+    parser = config_parser(StackConfig, "A real Ray head and MLflow server on loopback (docs/platform.md).",
+                           flags=STACK_FLAGS, commands=("up", "down", "status"), prog="platform/stack")
+    config, args = parse_config(StackConfig, parser.description, argv, flags=STACK_FLAGS, parser=parser)
+    if args.command == "status":
         report, code = describe(config.root)
         print(report)
         return code
-    if args.action == "down":
+    if args.command == "down":
         try:
             print("stopped" if down(config.root) else f"no stack was running in {config.root}")
         except StackError as error:

@@ -22,9 +22,11 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import polars as pl
 
+from crate.config import Range
 from crate.errors import ConfigError
 from crate.interp.aggregate import EXCLUDE_LAST_FROM, across_layers, layer_stats, scored_layers
 from crate.plots import pyplot, save
@@ -42,17 +44,16 @@ PAPER_RULE, ALL_LAYERS = "paper", "all"
 @dataclass
 class CompareConfig:
     results: list[str] = field(default_factory=list)  # results.parquet files, or interpretability output dirs
-    output_dir: str = "comparison"
+    output_dir: str = "comparison"  # where table2.md, table2.csv and layers.png go
     metrics: list[str] = field(default_factory=list)  # restrict to these metrics (default: all present)
     protocol: str | None = None  # restrict to one protocol (default: all present)
-    exclude_last_from: int = EXCLUDE_LAST_FROM  # models with at least this many layers drop their last layer
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # models with at least this many layers drop their last layer
+    exclude_last_from: Annotated[int, Range(2)] = EXCLUDE_LAST_FROM
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # the MLflow run
 
     def __post_init__(self) -> None:
         if not self.results:
             raise ConfigError("results", "give at least one results table: compare.py RESULTS...")
-        if self.exclude_last_from < 2:
-            raise ConfigError("exclude_last_from", f"must be >= 2, got {self.exclude_last_from}")
 
 
 @dataclass

@@ -25,11 +25,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from crate.config import Range
 from crate.errors import ConfigError
 from crate.plots import pyplot, save
 from crate.files import replacing, write_atomic
@@ -49,22 +50,21 @@ class SteerConfig:
     value: float | None = None  # the clamp value; the paper's magnitudes are not published
     sweep: list[float] = field(default_factory=list)  # several clamp values, one effect each (overrides value)
     prompt: str = "1 2 3 4 5"  # the paper's steering prompt
-    top_tokens: int = 10  # most-increased and most-decreased next tokens to report
-    new_tokens: int = 20  # greedy continuation length, with and without the clamp
-    top_explained: int = 0  # steer each of the K best-scored neurons of `results` instead of `neurons`
+    top_tokens: Annotated[int, Range(1)] = 10  # most-increased and most-decreased next tokens to report
+    new_tokens: Annotated[int, Range(0)] = 20  # greedy continuation length, with and without the clamp
+    # steer each of the K best-scored neurons of `results` instead of `neurons`
+    top_explained: Annotated[int, Range(0)] = 0
     results: str | None = None  # an interpretability results table (parquet)
     metric: str | None = None  # which metric ranks neurons for top_explained (default: the table's first)
-    output_dir: str = "steering"
+    output_dir: str = "steering"  # where steering.json and its table go
     device: str = "auto"  # auto: cuda when available
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # the MLflow run
 
     def __post_init__(self) -> None:
         if not self.checkpoint:
             raise ConfigError("checkpoint", "a model checkpoint is required (--checkpoint PATH)")
         if self.value is None and not self.sweep:
             raise ConfigError("value", "give a clamp value (--value V) or several (--sweep V1,V2,...)")
-        if self.top_explained < 0:
-            raise ConfigError("top_explained", f"must be >= 0, got {self.top_explained}")
         if self.top_explained and not self.results:
             raise ConfigError("results", "--top-explained needs an interpretability results table (--results PATH)")
         if self.top_explained and self.neurons:
@@ -77,8 +77,6 @@ class SteerConfig:
             raise ConfigError("layers", "give either --layer L or --layers all, not both")
         if self.site == "attn" and self.top_explained:
             raise ConfigError("site", "--top-explained picks scored neurons; 'attn' steering needs channels (--neuron I)")
-        if self.top_tokens < 1 or self.new_tokens < 0:
-            raise ConfigError("top_tokens", "top_tokens must be >= 1 and new_tokens >= 0")
 
     @property
     def values(self) -> list[float]:

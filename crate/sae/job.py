@@ -18,11 +18,13 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 
 from crate.data.config import DataConfig
+from crate.config import Range
 from crate.errors import ConfigError
 from crate.plots import pyplot, save
 from crate.model.checkpoint import load_data
@@ -41,16 +43,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainSAEConfig:
     checkpoint: str = ""  # the model whose neurons the SAE encodes
-    layer: int | None = None
+    layer: Annotated[int | None, Range(0)] = None  # the layer whose site the SAE encodes; required
     site: str = NEURONS  # the hook point it encodes, {l} = layer (e.g. blocks.{l}.hook_resid_post; docs/model.md)
-    sae: SAETrainConfig = field(default_factory=SAETrainConfig)
+    sae: SAETrainConfig = field(default_factory=SAETrainConfig)  # the SAE and its training (the paper's §5)
     data: DataConfig = field(default_factory=lambda: DataConfig(engine="local"))  # train: activation stream, val: evaluation
-    blocks_per_forward: int = 4  # token blocks per model forward pass
-    eval_blocks: int = 64  # held-out blocks (data.val) for the evaluation
+    blocks_per_forward: Annotated[int, Range(1)] = 4  # token blocks per model forward pass
+    eval_blocks: Annotated[int, Range(1)] = 64  # held-out blocks (data.val) for the evaluation
     output_dir: str | None = None  # default: sae-<checkpoint stem>-layer<L>
     device: str = "auto"  # auto: cuda when available
     resume: bool = True  # continue from output_dir/train_state.pt when it exists
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # the MLflow run
 
     @classmethod
     def defaults_for(cls, raw: dict) -> dict:
@@ -60,13 +62,11 @@ class TrainSAEConfig:
     def __post_init__(self) -> None:
         if not self.checkpoint:
             raise ConfigError("checkpoint", "a model checkpoint is required (--checkpoint PATH)")
-        if self.layer is None or self.layer < 0:
+        if self.layer is None:
             raise ConfigError("layer", "the layer whose neurons to encode is required (--layer L)")
         if self.site.count(LAYER) != 1 or not self.site.startswith("blocks."):
             raise ConfigError("site", f"{self.site!r}: a hook point of a block with {LAYER} for its index, e.g. "
                                       f"blocks.{LAYER}.hook_resid_post (docs/model.md)")
-        if self.blocks_per_forward < 1 or self.eval_blocks < 1:
-            raise ConfigError("blocks_per_forward", "blocks_per_forward and eval_blocks must be >= 1")
 
     @property
     def out(self) -> Path:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Annotated, Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
+from crate.config import Range
 from crate.errors import ConfigError
 from crate.sae.model import SAEConfig, SparseAutoencoder
 
@@ -28,32 +29,27 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SAETrainConfig:
-    expansion: int = 16  # n_features = expansion · d_in
-    l1_coefficient: float = 8e-5  # α
-    lr: float = 4e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    batch_size: int = 4096  # activations per step (the paper's 4 × 1024 tokens)
-    steps: int = 100_000
-    resample_at: list[int] = field(default_factory=lambda: [10_000, 20_000, 50_000, 75_000])  # + 100k in the paper, = its end
-    dead_window: int = 5_000  # a feature that has not fired for this many steps is dead
-    resample_inputs: int = 2**17  # activations scored to choose the resampled atoms (Anthropic: 819,200)
+    expansion: Annotated[int, Range(1)] = 16  # n_features = expansion · d_in
+    l1_coefficient: Annotated[float, Range(0)] = 8e-5  # α
+    lr: Annotated[float, Range(0, exclusive_low=True)] = 4e-4  # Adam's learning rate (the paper's)
+    beta1: Annotated[float, Range(0, 1, exclusive_high=True)] = 0.9  # Adam's first-moment decay
+    beta2: Annotated[float, Range(0, 1, exclusive_high=True)] = 0.999  # Adam's second-moment decay
+    batch_size: Annotated[int, Range(1)] = 4096  # activations per step (the paper's 4 × 1024 tokens)
+    steps: Annotated[int, Range(1)] = 100_000  # optimizer steps
+    # + 100k in the paper, = its end
+    resample_at: Annotated[list[int], Range(1)] = field(default_factory=lambda: [10_000, 20_000, 50_000, 75_000])
+    dead_window: Annotated[int, Range(1)] = 5_000  # a feature that has not fired for this many steps is dead
+    # activations scored to choose the resampled atoms (Anthropic: 819,200)
+    resample_inputs: Annotated[int, Range(1)] = 2**17
     buffer_size: int = 2**19  # shuffle buffer, in activations (the paper's)
-    log_every: int = 100
-    checkpoint_every: int = 2_000
-    seed: int = 0
+    log_every: Annotated[int, Range(1)] = 100  # steps between progress lines and MLflow points
+    checkpoint_every: Annotated[int, Range(1)] = 2_000  # steps between resumable checkpoints in output_dir
+    seed: int = 0  # the SAE's initialisation and the shuffle buffer
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "steps", "dead_window", "resample_inputs", "log_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.buffer_size < 2 * self.batch_size:
             raise ConfigError("buffer_size", f"must hold at least two batches ({2 * self.batch_size}), "
                                              f"got {self.buffer_size}")
-        if self.lr <= 0 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ConfigError("lr", "lr must be > 0 and the Adam betas in [0, 1)")
-        if any(step < 1 for step in self.resample_at):
-            raise ConfigError("resample_at", f"resampling steps must be >= 1, got {self.resample_at}")
 
 
 class SAETrainer:

@@ -12,13 +12,11 @@ are scheduled, scored and placed. Everything is validated at load time, before R
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
-from crate.config import check_name, from_dict, merge, read_source, to_dict
+from crate.config import Range, check_name, field_type, flatten, from_dict, merge, nest, read_source, to_dict
 from crate.errors import ConfigError
 from crate.train.config import PretrainConfig
 
@@ -76,41 +74,27 @@ class Dimension:
 @dataclass
 class SchedulerConfig:
     kind: Literal["asha", "fifo"] = "asha"  # asha: stop the worst trials early on `metric`; fifo: run all to the end
-    grace_period: int = 1000  # training steps before ASHA may stop a trial (its first rung)
-    reduction_factor: float = 3.0  # ASHA keeps the best 1/reduction_factor of the trials at every rung
-
-    def __post_init__(self) -> None:
-        if self.grace_period < 1:
-            raise ConfigError("grace_period", f"must be >= 1, got {self.grace_period}")
-        if self.reduction_factor <= 1:
-            raise ConfigError("reduction_factor", f"must be > 1, got {self.reduction_factor}")
+    grace_period: Annotated[int, Range(1)] = 1000  # training steps before ASHA may stop a trial (its first rung)
+    # ASHA keeps the best 1/reduction_factor of the trials at every rung
+    reduction_factor: Annotated[float, Range(1, exclusive_low=True)] = 3.0
 
 
 @dataclass
 class SearchConfig:
     algorithm: Literal["random", "optuna"] = "random"  # random: Tune's generator (grids expanded); optuna: TPE
-    num_samples: int = 1  # random/optuna: trials drawn; grids: repeats of the whole grid
-    seed: int = 0
+    num_samples: Annotated[int, Range(1)] = 1  # random/optuna: trials drawn; grids: repeats of the whole grid
+    seed: int = 0  # the search algorithm's
     points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)  # trials run first, e.g. the paper's default
-
-    def __post_init__(self) -> None:
-        if self.num_samples < 1:
-            raise ConfigError("num_samples", f"must be >= 1, got {self.num_samples}")
 
 
 @dataclass
 class ProxyConfig:
     """The interpretability proxy scored on a completed trial's final model (`crate.interp.proxy_score`)."""
 
-    enabled: bool = True
-    blocks: int = 64  # validation blocks of `data.context` tokens the neurons are recorded on
-    neurons_per_layer: int = 64  # seeded sample of neurons per layer
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("blocks", "neurons_per_layer"):
-            if getattr(self, name) < 1:
-                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+    enabled: bool = True  # score the proxy on every completed trial
+    blocks: Annotated[int, Range(1)] = 64  # validation blocks of `data.context` tokens the neurons are recorded on
+    neurons_per_layer: Annotated[int, Range(1)] = 64  # seeded sample of neurons per layer
+    seed: int = 0  # the neuron sample
 
 
 @dataclass
@@ -121,14 +105,17 @@ class SweepConfig:
     # dotted `trial` field -> Dimension. YAML writes `model.ista_sparsity: {grid: [...]}`; an override
     # `space.model.ista_sparsity={loguniform: [0.01, 1]}` replaces that dimension, `...=null` drops it.
     space: dict[str, Any] = field(default_factory=dict)
-    metric: str = "val/loss"
-    mode: Literal["min", "max"] = "min"
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    proxy: ProxyConfig = field(default_factory=ProxyConfig)
-    max_concurrent_trials: int = 1  # checked against what the cluster can place before any trial starts
-    trial_cpus: float = 0.25  # the trial's own driver (a Tune actor): it launches Ray Train, then scores the proxy
-    max_failures: int = 1  # retries of a failing trial; then it is marked failed and the sweep goes on
+    metric: str = "val/loss"  # what the scheduler and the search compare trials on (reported at every evaluation)
+    mode: Literal["min", "max"] = "min"  # whether lower or higher `metric` is better
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)  # how trials are stopped early
+    search: SearchConfig = field(default_factory=SearchConfig)  # how trial points are drawn
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)  # the interpretability proxy of each final model
+    # checked against what the cluster can place before any trial starts
+    max_concurrent_trials: Annotated[int, Range(1)] = 1
+    # the trial's own driver (a Tune actor): it launches Ray Train, then scores the proxy
+    trial_cpus: Annotated[float, Range(0, exclusive_low=True)] = 0.25
+    # retries of a failing trial; then it is marked failed and the sweep goes on
+    max_failures: Annotated[int, Range(0)] = 1
     cluster_cpus: float | None = None  # most CPUs the cluster will ever have (autoscaling); default: what it has now
     cluster_gpus: float | None = None  # the same for GPUs
 
@@ -165,12 +152,6 @@ class SweepConfig:
                               f"ASHA's first rung ({self.scheduler.grace_period} steps) must come at or before the last "
                               f"evaluation before a trial ends (step {self.last_eval_before_end} of "
                               f"{self.trial.train.max_steps}, every {self.trial.train.eval_interval}), or it never stops one")
-        if self.max_concurrent_trials < 1:
-            raise ConfigError("max_concurrent_trials", f"must be >= 1, got {self.max_concurrent_trials}")
-        if self.trial_cpus <= 0:
-            raise ConfigError("trial_cpus", f"must be > 0, got {self.trial_cpus}")
-        if self.max_failures < 0:
-            raise ConfigError("max_failures", f"must be >= 0, got {self.max_failures}")
 
     @property
     def last_eval_before_end(self) -> int:
@@ -193,17 +174,10 @@ class SweepConfig:
         return points + max(self.search.num_samples - points, 0) * grid
 
 
-def flat_space(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_space(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Dotted keys and nested mappings (what a dotted override makes) to dotted keys. Later entries win, so an
     override replaces the YAML's dimension whole; a None value (an entry to drop) is kept for the caller."""
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        nested = isinstance(value, Mapping) and not DIMENSION_KINDS & set(value)
-        for inner, dimension in (flat_space(value, dotted).items() if nested else [(dotted, value)]):
-            flat.pop(inner, None)
-            flat[inner] = dimension
-    return flat
+    return flatten(raw, keep=lambda mapping: bool(DIMENSION_KINDS & set(mapping)))
 
 
 def check_trial(trial: PretrainConfig) -> None:
@@ -223,7 +197,10 @@ def check_space(space: Mapping[str, Dimension], trial: PretrainConfig) -> None:
     if not space:
         raise ConfigError("space", "is empty: name at least one trial field to search, e.g. model.ista_sparsity")
     for key, dim in space.items():
-        field_type(key)
+        try:
+            field_type(PretrainConfig, key, "trial config")
+        except ConfigError as error:
+            raise error.under("space") from None
         if key == "model.preset":
             raise ConfigError("space.model.preset", "a preset sets many fields at once; search the fields themselves")
         if key in ISTA_FIELDS and trial.model.arch != "crate":
@@ -242,36 +219,13 @@ def check_point(point: Mapping[str, Any], space: Mapping[str, Dimension], trial:
     trial_config(trial, point, path)
 
 
-def field_type(key: str) -> Any:
-    """The type of the PretrainConfig field at a dotted key; ConfigError if no leaf field has that name."""
-    cls: Any = PretrainConfig
-    parts = key.split(".")
-    for depth, part in enumerate(parts):
-        names = {f.name for f in dataclasses.fields(cls)}
-        if part not in names:
-            raise ConfigError(f"space.{key}", f"not a trial config field; {'.'.join(parts[:depth]) or 'the config'} "
-                                              f"has: {', '.join(sorted(names))}")
-        cls = typing.get_type_hints(cls)[part]
-        if dataclasses.is_dataclass(cls) != (depth < len(parts) - 1):
-            raise ConfigError(f"space.{key}", "must name a single field, not a section" if depth == len(parts) - 1
-                              else f"{part} is a value, not a section")
-    return cls
-
-
 def trial_config(base: PretrainConfig, params: Mapping[str, Any], path: str = "trial") -> PretrainConfig:
     """`base` with dotted `params` set, validated; errors name `path` and the offending value."""
     changes: dict[str, Any] = {}
     for key, value in params.items():
-        changes = merge(changes, nested(key, value))
+        changes = merge(changes, nest(key, value))
     try:
         return from_dict(PretrainConfig, merge(to_dict(base), changes))
     except ConfigError as error:
         assignments = ", ".join(f"{key}={value!r}" for key, value in params.items())
         raise ConfigError(path, f"{assignments}: {error}") from None
-
-
-def nested(key: str, value: Any) -> dict[str, Any]:
-    """"a.b.c", v -> {"a": {"b": {"c": v}}}."""
-    for part in reversed(key.split(".")):
-        value = {part: value}
-    return value

@@ -27,6 +27,15 @@ def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
     return tensor
 
 
+def all_gather(value, world_size: int) -> list:
+    """Every rank's `value` (picklable), in rank order; `[value]` in a single process. A collective."""
+    if dist.is_available() and dist.is_initialized() and world_size > 1:
+        values = [None] * world_size
+        dist.all_gather_object(values, value)
+        return values
+    return [value]
+
+
 class NeuronStatistics:
     """Accumulates per-layer neuron (and, for CRATE, LASSO) statistics through forward hooks."""
 

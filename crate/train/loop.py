@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 from collections import Counter
@@ -37,7 +38,7 @@ from crate.train.checkpoint import (MODEL_FILE, checkpoint_run_id, load_weights_
 from crate.train.config import PretrainConfig
 from crate.train.engine import build_engine
 from crate.train.errors import TrainingDiverged
-from crate.train.evaluate import all_reduce, evaluate
+from crate.train.evaluate import all_gather, all_reduce, evaluate
 from crate.train.metrics import LossHistory, Throughput, peak_flops
 from crate.train.runtime import RayRuntime
 from crate.train.schedule import learning_rate
@@ -79,6 +80,12 @@ def raise_returned_error(returned: dict[str, Any] | None) -> None:
         raise FINAL_ERRORS[returned["error"]](*returned["args"])
 
 
+def chain_digest(previous: str, tokens: torch.Tensor) -> str:
+    """sha256 of the previous digest (hex, "" at the start) and a batch's token ids: a digest of every block so far,
+    in order."""
+    return hashlib.sha256(bytes.fromhex(previous) + tokens.cpu().numpy().astype("int64").tobytes()).hexdigest()
+
+
 def run_training(job: dict[str, Any], runtime) -> dict[str, float]:
     """Train until `max_steps` (or the token budget ends the stream); returns the final metrics."""
     trainer = Trainer(from_dict(PretrainConfig, job["config"]), RunInfo(**job["run"]), runtime)
@@ -110,6 +117,11 @@ class Trainer:
         self.mixture: dict[str, int] = dict(saved.get("mixture", {}))  # tokens per pile_set_name, this rank
         self.data_state = resume.data_state if resume else None
         self.loss: float | None = saved.get("loss")  # the last step's loss, averaged over the workers
+        self.nodes = all_gather(runtime.node_id, self.world_size)  # the node each rank runs on, in rank order
+        # A hash chain over every block this rank trained on, in order, carried across resumes at the same world
+        # size: two runs with equal digests saw the same blocks in the same order on every rank.
+        digests = saved.get("data_digests") or []
+        self.data_digest = digests[self.rank] if len(digests) == self.world_size else ""
         self.skipped_in_a_row = 0
         self.skipped_before = self.engine.skipped_steps
         self.resume = resume
@@ -188,6 +200,7 @@ class Trainer:
             batch = next(self.batches, None)
             if batch is None:
                 return None
+            self.data_digest = chain_digest(self.data_digest, batch.tokens)
             tokens = batch.tokens.to(self.device, non_blocking=True)
             losses.append(self.engine.forward_backward(tokens[:, :-1], tokens[:, 1:]))
             self.data_state = batch.state
@@ -281,7 +294,8 @@ class Trainer:
         t = self.cfg.train
         return {"step": self.step, "tokens_seen": self.tokens_seen, "engine": t.engine, "zero_stage": t.zero_stage,
                 "mlflow_run_id": self.tracker.run_id, "run_name": self.run.name, "history": self.history.to_dict(),
-                "mixture": self.mixture, "metrics": metrics, "loss": self.loss, "config": to_dict(self.cfg)}
+                "mixture": self.mixture, "metrics": metrics, "loss": self.loss, "config": to_dict(self.cfg),
+                "nodes": self.nodes, "data_digests": all_gather(self.data_digest, self.world_size)}
 
     def finish(self) -> None:
         if self.rank != 0:

@@ -51,6 +51,7 @@ class LocalRuntime:
     """A single process without Ray (hosts with torch alone)."""
 
     rank, world_size, local_rank = 0, 1, 0
+    node_id = "local"  # no Ray: one process on this host
 
     def __init__(self, run_dir: str | os.PathLike, keep_checkpoints: int):
         self.run_dir = Path(run_dir)
@@ -97,12 +98,14 @@ class RayRuntime:
     """A Ray Train worker: rank and world from the train context, checkpoints through `ray.train.report`."""
 
     def __init__(self):
+        import ray
         import ray.train
 
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.local_rank = context.get_local_rank()
+        self.node_id = ray.get_runtime_context().get_node_id()  # the Ray node this worker runs on
 
     def device(self, use_gpu: bool) -> torch.device:
         import ray.train.torch

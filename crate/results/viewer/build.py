@@ -23,13 +23,14 @@ import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable
 
 import polars as pl
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from crate.config import Range
 from crate.errors import ConfigError
 from crate.files import write_atomic
 from crate.results.tables import distinct_labels, feature_label, metric_order
@@ -44,18 +45,15 @@ STATIC = Path(__file__).parent / "static"
 class ViewerConfig:
     inputs: list[str] = field(default_factory=list)  # interpretability output directories (jobs/interpret.py)
     steering: list[str] = field(default_factory=list)  # steering.json files (jobs/steer.py)
-    output_dir: str = "viewer"
-    top_excerpts: int = 10  # top-activating excerpts shown per feature
-    random_excerpts: int = 5  # random excerpts shown per feature
-    chunk_size: int = 128  # features per excerpt file
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output_dir: str = "viewer"  # where the static site goes (open its index.html)
+    top_excerpts: Annotated[int, Range(0)] = 10  # top-activating excerpts shown per feature
+    random_excerpts: Annotated[int, Range(0)] = 5  # random excerpts shown per feature
+    chunk_size: Annotated[int, Range(1)] = 128  # features per excerpt file
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # the MLflow run
 
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ConfigError("inputs", "give at least one interpretability output directory: view.py DIR...")
-        for name in ("top_excerpts", "random_excerpts", "chunk_size"):
-            if getattr(self, name) < 0 or (name == "chunk_size" and self.chunk_size < 1):
-                raise ConfigError(name, f"must be >= {1 if name == 'chunk_size' else 0}, got {getattr(self, name)}")
 
 
 @dataclass
