@@ -22,6 +22,9 @@ from crate.interp.scoring import score_task
 SECRET = "sk-test-not-for-logs-31337"
 TOKEN_PATTERN = re.compile(r"\t|\n|[^\t\n]+")
 FIND = "the main thing this neuron does is find "
+# A good request must answer within this on a loaded 2-core machine (a 0.4 s limit timed out good requests there
+# and counted an extra attempt); an injected "timeout" sleeps past it.
+TIMEOUT_S = 2.0
 
 
 class FakeOpenAI:
@@ -43,7 +46,7 @@ class FakeOpenAI:
                 payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append((self.path, self.headers.get("Authorization"), payload))
                 fault = fake.faults.popleft() if fake.faults else None
-                time.sleep(fake.latency_s + (1.0 if fault == "timeout" else 0.0))
+                time.sleep(fake.latency_s + (TIMEOUT_S + 1.0 if fault == "timeout" else 0.0))
                 if fault in ("429", "500", "400"):
                     return self._send(int(fault), b'{"error": "injected"}', {"Retry-After": "0"})
                 if fault == "garbage":
@@ -156,7 +159,7 @@ def token_neuron(token: str = " cat") -> FeatureRecords:
 
 def backend_config(server, **overrides) -> BackendConfig:
     fields = dict(kind="http", explainer_model="fake-model", base_url=server.url, api_key_env="FAKE_OPENAI_KEY",
-                  prompt_format="crate-v1", request_timeout_s=0.4, max_attempts=6, backoff_s=0.01, backoff_max_s=0.02)
+                  prompt_format="crate-v1", request_timeout_s=TIMEOUT_S, max_attempts=6, backoff_s=0.01, backoff_max_s=0.02)
     return BackendConfig(**{**fields, **overrides})
 
 
