@@ -1,6 +1,7 @@
 """`platform/stack up --nodes 3`, for real: a Ray head and two worker nodes on loopback, the S3 store and MLflow
 with its artifact root in the store; a task on each worker node writes to the bucket and an MLflow artifact lands
-there; `down` stops every process; after `up` the bucket and the artifact are still there."""
+there; the README's multi-node `ray job submit` command, as written, trains on the two worker nodes with its
+checkpoint in the bucket; `down` stops every process; after `up` the bucket and the artifact are still there."""
 
 import os
 import socket
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 STACK = REPO / "platform" / "stack"
+README = REPO / "README.md"
 
 WRITE = """
 import ray, mlflow, tempfile, pathlib
@@ -52,6 +54,25 @@ print("READ OK")
 """
 
 
+CHECKPOINTED = """
+import sys
+from crate.objectstore import STORAGE_URI, list_files
+files = list_files(f"{STORAGE_URI}/{sys.argv[1]}")
+assert any(f.endswith("/model.pt") for f in files), files
+print("CHECKPOINT OK")
+"""
+
+
+def readme_submit_command() -> str:
+    """The `ray job submit` command of the README's "Several nodes" section, continuation lines joined, as a user
+    pastes it."""
+    section = README.read_text().split("\n## Several nodes\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    lines = [line for line in block.splitlines() if line.startswith("ray job submit ")]
+    assert len(lines) == 1, f"expected one `ray job submit` command in the README's Several nodes block: {block}"
+    return lines[0]
+
+
 def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     try:
@@ -76,6 +97,15 @@ def in_stack_shell(stack_dir: Path, script: str, *args: str) -> subprocess.Compl
                            sys.executable, script, *args], capture_output=True, text=True, timeout=300, env=env)
 
 
+def submit_readme_job(stack_dir: Path, run_name: str) -> subprocess.CompletedProcess:
+    """The README's `ray job submit` command, typed from the repository in a shell that sourced the stack's env."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "AWS_", "PYTHONPATH"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    command = f"{readme_submit_command()} train.run_name={run_name}"
+    return subprocess.run(["bash", "-c", f"set -a; . {stack_dir}/env; set +a; {command}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
 def test_a_stack_of_three_nodes_keeps_its_bucket_and_artifacts_across_down_and_up(tmp_path):
     gcs, dashboard, client, agent, mlflow, s3 = free_ports(6)
     up = ["up", "--nodes", "3", "--dir", str(tmp_path / "stack"), "ray.num_cpus=1", "node_cpus=1",
@@ -89,6 +119,13 @@ def test_a_stack_of_three_nodes_keeps_its_bucket_and_artifacts_across_down_and_u
         wrote = in_stack_shell(tmp_path / "stack", WRITE)
         assert wrote.returncode == 0, wrote.stdout + wrote.stderr[-4000:]
         run_id = wrote.stdout.split("RUN ", 1)[1].split()[0]
+        # the README's multi-node pretraining, as written: two workers on the two worker nodes, checkpoints in
+        # the bucket
+        trained = submit_readme_job(tmp_path / "stack", "readme-nodes")
+        assert trained.returncode == 0 and "succeeded" in trained.stdout, \
+            trained.stdout[-6000:] + trained.stderr[-3000:]
+        checkpointed = in_stack_shell(tmp_path / "stack", CHECKPOINTED, "readme-nodes")
+        assert "CHECKPOINT OK" in checkpointed.stdout, checkpointed.stdout + checkpointed.stderr[-4000:]
     finally:
         state = StackState.load(tmp_path / "stack")
         stopped = stack("down", "--dir", str(tmp_path / "stack"))
