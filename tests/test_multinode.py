@@ -17,7 +17,7 @@ import pytest
 
 from crate.config import load_config
 from crate.data import train_batches
-from crate.model import load_model
+from crate.model import load_checkpoint
 from crate.objectstore import ARTIFACTS_URI, STORAGE_URI, LocalObjectStore, list_files, read_text
 from crate.train import PretrainConfig, launch
 from crate.train.loop import chain_digest
@@ -213,8 +213,7 @@ def test_zero3_shards_land_in_the_bucket_and_a_run_resumes_by_name_on_a_fresh_cl
     state = trainer_state("zero3", 6)
     assert [step for step, _ in losses(state)] == list(range(1, 7))
     assert set(state["nodes"]) <= {cluster.nodes.node_id(w) for w in cluster.workers}
-    model = load_model(result.model_file)  # straight from the bucket
-    assert model.checkpoint_metadata["step"] == 6
+    assert load_checkpoint(result.model_file).metadata["step"] == 6  # straight from the bucket
 
 
 def test_mlflow_keeps_the_runs_checkpoint_and_plots_in_the_bucket(mlflow_server, tmp_path):
@@ -225,8 +224,8 @@ def test_mlflow_keeps_the_runs_checkpoint_and_plots_in_the_bucket(mlflow_server,
     client = MlflowClient(tracking_uri=mlflow_server)
     [run] = client.search_runs([client.get_experiment_by_name("crate-lm").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["crate.run_name"] == "zero3"
-    model = load_model(client.download_artifacts(run.info.run_id, "model/model.pt", str(tmp_path)))
-    assert model.checkpoint_metadata["step"] == 6 and model.checkpoint_metadata["mlflow_run_id"] == run.info.run_id
+    metadata = load_checkpoint(client.download_artifacts(run.info.run_id, "model/model.pt", str(tmp_path))).metadata
+    assert metadata["step"] == 6 and metadata["mlflow_run_id"] == run.info.run_id
     plot = Path(client.download_artifacts(run.info.run_id, "plots/loss_curve.png", str(tmp_path)))
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stored = list_files(ARTIFACTS_URI)

@@ -58,13 +58,19 @@ def test_ctrl_c_and_sigterm_kill_the_run(config):
         with TrackedJob(config.tracking, "toy", "toy", code_version="c") as job:
             raise KeyboardInterrupt
     assert status(config, job.run_id) == "KILLED"
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(JobTerminated):
-        with TrackedJob(config.tracking, "toy", "toy", code_version="c") as terminated:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(10)  # the handler interrupts it
-    assert status(config, terminated.run_id) == "KILLED"
-    assert signal.getsignal(signal.SIGTERM) is before  # the job's handler is gone with the job
+    # a job's process starts with Python's default; a Ray driver of an earlier test leaves its own handler behind
+    # (which the job would leave alone, and which would end the test process)
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(JobTerminated):
+            with TrackedJob(config.tracking, "toy", "toy", code_version="c") as terminated:
+                assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # never signal the test process itself
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)  # the handler interrupts it
+        assert status(config, terminated.run_id) == "KILLED"
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the job's handler is gone with the job
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_a_rerun_in_the_same_folder_reopens_its_run_per_scope(config, tmp_path):
