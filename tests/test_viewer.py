@@ -177,3 +177,17 @@ def test_two_models_that_share_a_label_are_two_entries(tmp_path):
         write_parquet(table(RESULTS_SCHEMA, rows), tmp_path / name / "results.parquet", RESULTS_SCHEMA)
     entries = find_entries([tmp_path / "one", tmp_path / "other"])
     assert sorted(e.model for e in entries) == [f"run@5-{'a' * 12}", f"run@5-{'b' * 12}"]
+
+
+def test_a_stream_window_cut_at_the_streams_end_shows_only_its_tokens(tmp_path):
+    """crate-paper's stream windows store the positions past the token stream's ends as token -1 (crate.interp.
+    records); the viewer shows the window without them instead of failing to decode -1."""
+    import pyarrow.parquet as pq
+
+    from crate.results.viewer.build import read_excerpt_records
+
+    path = tmp_path / "layer_00.parquet"
+    pq.write_table(pa.table({"neuron": [0], "kind": ["top"], "rank": [0], "tokens": [[-1, -1, 464, 3290]],
+                             "activations": [[float("nan"), float("nan"), 0.5, 2.0]]}), path)
+    [(tokens, activations)] = read_excerpt_records(path, ViewerConfig(inputs=[str(tmp_path)]))[0]["top"]
+    assert tokens == [464, 3290] and activations == [0.5, 2.0]

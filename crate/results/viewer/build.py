@@ -231,7 +231,8 @@ def read_excerpt_records(path: Path, config: ViewerConfig) -> dict[int, dict[str
     out: dict[int, dict[str, list]] = defaultdict(lambda: {"top": [], "random": []})
     columns = table.to_pydict()
     for neuron, kind, tokens, acts in zip(columns["neuron"], columns["kind"], columns["tokens"], columns["activations"]):
-        out[neuron][kind].append((tokens, acts))
+        shown = [(token, act) for token, act in zip(tokens, acts) if token >= 0]  # -1: past a stream window's ends
+        out[neuron][kind].append(([token for token, _ in shown], [act for _, act in shown]))
     return out
 
 
