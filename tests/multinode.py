@@ -16,17 +16,10 @@ import time
 from pathlib import Path
 
 from crate.ops.raynode import WORKER_NODE  # every worker node has 1; the head has none
+from ports import free_port
 RAY_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "CRATE_RAY_STARTED_HERE", "RAY_AUTH_MODE", "RAY_TMPDIR")
 HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_timeout_ms": 1000,
                  "health_check_failure_threshold": 4}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class MultiNodeCluster:

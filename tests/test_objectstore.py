@@ -3,7 +3,6 @@ the environment alone, and whose buckets survive a restart of the service."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import pytest
 
 from crate.objectstore import (BUCKETS, CHECKPOINT_BUCKET, ENDPOINT_VAR, STORAGE_URI, LocalObjectStore, client_env,
                                filesystem, list_files, read_text)
+from ports import free_port
 
 pytestmark = pytest.mark.integration  # a server
 
@@ -34,12 +34,6 @@ def test_pyarrow_reaches_the_store_through_the_environment_alone(monkeypatch):
         keys = [o["Key"] for o in store.client().list_objects_v2(Bucket=CHECKPOINT_BUCKET)["Contents"]]
         assert {"runs/run/a.txt", "runs/run/b.txt"} <= set(keys)
         assert {b["Name"] for b in store.client().list_buckets()["Buckets"]} == set(BUCKETS)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_service(port, state_dir):

@@ -23,6 +23,7 @@ from crate.errors import ConfigError
 from crate.ops.config import StackConfig
 from crate.ops.stack import StackState, main, stack_processes
 from crate.tracking import resolve_tracking_uri
+from ports import free_ports
 from test_security import RAY_PROCESSES, assert_loopback_only, listening_sockets, session_processes
 
 pytestmark = pytest.mark.e2e  # the local stack's processes, its MLflow UI in a browser
@@ -33,17 +34,6 @@ SMOKE_STEPS = 6  # crate/recipes/smoke.yaml: train.max_steps
 BROWSER_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage", "--window-size=1400,1000"]
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def free_port_overrides() -> list[str]:

@@ -4,7 +4,6 @@ there; the README's multi-node `ray job submit` command, as written, trains on t
 checkpoint in the bucket; `down` stops every process; after `up` the bucket and the artifact are still there."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from crate.ops.stack import StackState, stack_processes
+from ports import free_ports
 
 pytestmark = pytest.mark.e2e
 
@@ -71,17 +71,6 @@ def readme_submit_command() -> str:
     lines = [line for line in block.splitlines() if line.startswith("ray job submit ")]
     assert len(lines) == 1, f"expected one `ray job submit` command in the README's Several nodes block: {block}"
     return lines[0]
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def stack(*args: str) -> subprocess.CompletedProcess:
